@@ -1,0 +1,22 @@
+"""tuneless: training without choosing a learning rate.
+
+Learning-rate-free optimizers as drop-in ``torch.optim.Optimizer``s, a benchmark against an
+oracle-tuned baseline, and the Rosenbrock race. Re-exports only.
+"""
+
+from .errors import (InvalidArgumentError, LossRequiredError, SparseGradientError, SpecError,
+                     UnknownArgumentError, UnknownNameError, WrongModeError)
+from .optim import OPTIMIZERS, STEP_SIZE_KEY, SPS, Momo, Polyak, SPSMax, TunelessOptimizer, effective_lrs
+from .registry import available, available_schedulers, create, create_scheduler, learning_rate_free
+from .schedules import LossProportionalLR
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS",
+    "Polyak", "SPS", "SPSMax", "Momo",
+    "LossProportionalLR",
+    "create", "available", "learning_rate_free", "create_scheduler", "available_schedulers",
+    "InvalidArgumentError", "UnknownArgumentError", "UnknownNameError", "SpecError",
+    "LossRequiredError", "SparseGradientError", "WrongModeError",
+]

@@ -1,0 +1,238 @@
+"""The shared base of every tuneless optimizer.
+
+What every tuneless optimizer gets from :class:`TunelessOptimizer`:
+
+* **Arguments.** Unknown keyword arguments are refused with the closest valid name
+  (``Prodigy(p, wieght_decay=0.1)`` raises ``UnknownArgumentError: ... did you mean
+  'weight_decay'?``). Values are checked by :mod:`tuneless._validate`, one message format.
+* **The loss.** ``step(closure=None, *, loss=None)``: a method whose step size needs the loss
+  (Polyak, SPS, MoMo) takes it from either and raises :class:`~tuneless.errors.LossRequiredError`
+  when it has neither. Every optimizer accepts both, so training loops need no special case.
+* **The learned step size**, published for logging in every param group under the one name
+  :data:`STEP_SIZE_KEY` (``group["effective_lr"]``): a 0-d tensor kept on the parameters'
+  device, so that stepping never synchronizes with the host; reading it (``float(...)`` or
+  :meth:`TunelessOptimizer.effective_lrs`) is what synchronizes.
+* **``lr`` is a multiplier** (1.0 by default for learning-rate-free methods) that torch's lr
+  schedulers drive as usual; the learned quantity is stored under its own keys.
+* **Parameters without a gradient are skipped**, ``p.grad`` is never modified, and sparse
+  gradients are refused with :class:`~tuneless.errors.SparseGradientError`.
+* **Two implementations, chosen in one place.** Each optimizer writes a readable
+  per-parameter function (the ground truth) and a vectorized one (``torch._foreach_*`` with
+  batched reductions). :meth:`TunelessOptimizer._use_foreach` chooses, from the group's
+  ``foreach`` flag (``None`` means vectorized).
+* **One place for global reductions.** Every sum over all parameters (norms, dot products)
+  goes through :meth:`TunelessOptimizer._global_sum`, which is where sharded and
+  multi-process training is handled.
+* **One evaluation hook.** :meth:`TunelessOptimizer.evaluation_point` is a context manager
+  under which the parameters hold the point that should be evaluated (the averaged point for
+  Schedule-Free); for most methods it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .._validate import refuse_unknown_kwargs
+from ..errors import LossRequiredError, SparseGradientError
+
+__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "local_tensor", "effective_lrs"]
+
+#: The key under which every tuneless optimizer publishes, in each param group, the step size
+#: it applied at its last step (the group's ``lr`` multiplier included), as a 0-d tensor on the
+#: parameters' device. For per-coordinate methods (Adam-like) it is the scalar in front of the
+#: normalized direction.
+STEP_SIZE_KEY = "effective_lr"
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local part of ``t``: a DTensor's shard on this rank, or ``t`` itself."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
+def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The step size of each param group, for logging (synchronizes with the device).
+
+    Works for any optimizer: tuneless ones report :data:`STEP_SIZE_KEY`, others their ``lr``.
+    """
+    out = []
+    for group in optimizer.param_groups:
+        value = group.get(STEP_SIZE_KEY, group.get("lr", float("nan")))
+        out.append(float(value))
+    return out
+
+
+class TunelessOptimizer(torch.optim.Optimizer):
+    """Base class of every tuneless optimizer (see the module docstring for the contract)."""
+
+    #: True when the step size is computed from the loss (a closure or ``loss=`` is required).
+    requires_loss: ClassVar[bool] = False
+    #: the name under which :func:`tuneless.create` finds the class
+    registry_name: ClassVar[str] = ""
+    #: True when the defaults need no learning rate (``lr`` is only a multiplier, 1.0)
+    learning_rate_free: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__tuneless_checked__", False):
+            cls.__init__ = refuse_unknown_kwargs(init)  # type: ignore[method-assign]
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        defaults = dict(defaults)
+        defaults.setdefault("foreach", None)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model (running ``backward``)
+                and returns the loss.
+            loss: the loss of the current minibatch, already back-propagated; a tensor (kept
+                on its device, no synchronization) or a number. Give either this or a closure.
+
+        Returns:
+            The loss (the closure's, or the one passed), as given.
+        """
+        if closure is not None and loss is not None:
+            raise ValueError(f"{type(self).__name__}.step: give either a closure or loss=, not both")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        loss_tensor = None
+        if loss is not None:
+            loss_tensor = self._as_loss_tensor(loss)
+        elif self.requires_loss:
+            raise LossRequiredError(
+                f"{type(self).__name__} computes its step size from the loss: call "
+                f"optimizer.step(loss=loss) after loss.backward(), or optimizer.step(closure)"
+            )
+        self._check_gradients()
+        self._update(loss_tensor)
+        return loss
+
+    def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - abstract
+        """Apply one update; ``loss`` is a 0-d tensor (statistics dtype) or None."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _check_gradients(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None and g.is_sparse:
+                    raise SparseGradientError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter of shape {tuple(p.shape)}); use dense gradients or torch.optim.SparseAdam"
+                    )
+
+    @staticmethod
+    def _params_with_grad(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters of ``group`` that have a gradient, and their gradients (local shards)."""
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(local_tensor(p.grad))
+        return params, grads
+
+    def _use_foreach(self, group: dict[str, Any]) -> bool:
+        """The one place where the implementation is chosen: vectorized unless ``foreach=False``."""
+        flag = group.get("foreach")
+        return True if flag is None else bool(flag)
+
+    def _first_param(self) -> Tensor:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p
+        raise ValueError(f"{type(self).__name__} has no parameters")
+
+    def _stat_dtype(self) -> torch.dtype:
+        """The dtype of global statistics: float64 if any parameter is float64, else float32."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype == torch.float64:
+                    return torch.float64
+        return torch.float32
+
+    def _stat_device(self) -> torch.device:
+        return local_tensor(self._first_param()).device
+
+    def _scalar(self, value: float) -> Tensor:
+        """A fresh 0-d tensor for optimizer scalars, on the parameters' device."""
+        return torch.tensor(value, dtype=self._stat_dtype(), device=self._stat_device())
+
+    def _as_loss_tensor(self, loss: Any) -> Tensor:
+        dtype, device = self._stat_dtype(), self._stat_device()
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{type(self).__name__}.step: loss must be a scalar (one element); got shape {tuple(loss.shape)}"
+                )
+            return loss.detach().reshape(()).to(device=device, dtype=dtype)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=dtype, device=device)
+        raise TypeError(
+            f"{type(self).__name__}.step: loss must be a tensor or a number; got {type(loss).__name__}"
+        )
+
+    def _global_sum(self, partial_sums: Tensor) -> Tensor:
+        """Sum per-process partial sums over every process that holds a part of the parameters.
+
+        ``partial_sums`` is a 1-D tensor of statistics summed over this process's (local) part
+        of the parameters; all of a step's statistics travel in one collective. In one process,
+        or under DDP (replicated parameters, already averaged gradients), it is returned as is.
+        """
+        from .. import distributed as _dist  # local import: torch.distributed is optional
+
+        return _dist.global_sum(self, partial_sums)
+
+    def _publish_step_size(self, group: dict[str, Any], value: Tensor) -> None:
+        """Publish the step size this group applied, under :data:`STEP_SIZE_KEY`."""
+        group[STEP_SIZE_KEY] = value.detach()
+
+    # ------------------------------------------------------------------ user-facing extras
+
+    def effective_lrs(self) -> list[float]:
+        """The step size each param group applied at its last step (synchronizes)."""
+        return effective_lrs(self)
+
+    @contextlib.contextmanager
+    def evaluation_point(self) -> Iterator[None]:
+        """Context under which the parameters hold the point to evaluate.
+
+        For most methods that is the current iterate and this does nothing; averaging methods
+        (Schedule-Free) swap in their averaged point and swap back on exit.
+        """
+        yield
+
+    def __repr__(self) -> str:  # shorter than torch's multi-line repr, same information
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            keys = sorted(k for k in group if k != "params" and not isinstance(group[k], Tensor))
+            items = ", ".join(f"{k}={group[k]!r}" for k in keys)
+            lines.append(f"  group {i}: {len(group['params'])} tensors, {items}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def finite_or_zero(step: Tensor, *values: Tensor) -> Tensor:
+    """``step`` where ``step`` and every value are finite, else 0 (no host sync)."""
+    ok = torch.isfinite(step)
+    for v in values:
+        ok = ok & torch.isfinite(v)
+    return torch.where(ok, step, torch.zeros_like(step))
+
+
+def is_nonnegative_finite(x: float) -> bool:
+    return math.isfinite(x) and x >= 0

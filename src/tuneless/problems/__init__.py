@@ -1,0 +1,33 @@
+"""Problems with a known minimum or a fixed budget, shared by the race and the benchmark."""
+
+from __future__ import annotations
+
+from .._validate import close_matches
+from ..errors import UnknownNameError
+from ..registry import check_kwargs
+from ..spec import Spec, parse_spec
+from .analytic import AnalyticFunction, Beale, Quadratic, Rastrigin, Rosenbrock, RosenbrockND
+from .base import Problem, ProblemInstance
+
+__all__ = ["Problem", "ProblemInstance", "AnalyticFunction", "Rosenbrock", "RosenbrockND", "Beale",
+           "Quadratic", "Rastrigin", "PROBLEMS", "get_problem", "available_problems"]
+
+#: Every problem class, by registry name.
+PROBLEMS: dict[str, type[Problem]] = {cls.name: cls for cls in (Rosenbrock, RosenbrockND, Beale, Quadratic, Rastrigin)}
+
+
+def available_problems(kind: str | None = None) -> list[str]:
+    return sorted(n for n, c in PROBLEMS.items() if kind is None or c.kind == kind)
+
+
+def get_problem(spec: str | Spec) -> Problem:
+    """The problem named by ``spec`` (``"rosenbrock"``, ``"quadratic:condition=1e4"``)."""
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
+    cls = PROBLEMS.get(parsed.name.lower())
+    if cls is None:
+        hints = close_matches(parsed.name, list(PROBLEMS))
+        msg = f"unknown problem {parsed.name!r}"
+        msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
+        raise UnknownNameError(msg + f" Available: {', '.join(sorted(PROBLEMS))}.")
+    check_kwargs(f"problem {cls.name!r}", cls.__init__, parsed.kwargs, skip=1)
+    return cls(**parsed.kwargs)

@@ -1,0 +1,64 @@
+"""The one interface every problem implements, shared by the race and the benchmark.
+
+A :class:`Problem` describes what to optimize (its name, step budget and, where known, its
+minimum); :meth:`Problem.instantiate` builds a seeded, deterministic :class:`ProblemInstance`
+holding the parameters, the training loss of each step (a minibatch where the task has data)
+and an evaluation (full loss, error to the known minimum, held-out metrics).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["Problem", "ProblemInstance"]
+
+
+class ProblemInstance(ABC):
+    """A built problem: parameters, a training loss per step, and an evaluation."""
+
+    #: the tensors (or param groups) an optimizer is given
+    params: list[Tensor]
+
+    @abstractmethod
+    def loss(self, step: int) -> Tensor:
+        """The training loss at ``step`` (a minibatch where the task has data), with grad."""
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, float]:
+        """Metrics at the current parameters: at least ``loss``; ``error`` where the minimum is known."""
+
+    def position(self) -> Tensor | None:
+        """The current point, for trajectories (analytic functions), else None."""
+        return None
+
+
+class Problem(ABC):
+    """A named problem with a step budget; see the module docstring."""
+
+    #: registry name
+    name: ClassVar[str]
+    #: one-line description
+    description: ClassVar[str] = ""
+    #: default number of steps (the fixed budget of the benchmark)
+    default_steps: ClassVar[int] = 1000
+    #: "analytic" or "learning"
+    kind: ClassVar[str] = "analytic"
+
+    #: the minimum value of the training objective, when known (else None)
+    min_value: float | None = None
+
+    @abstractmethod
+    def instantiate(self, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", start: Any = None) -> ProblemInstance:
+        """Build a fresh instance (same seed, same instance)."""
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this problem."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()!r})"

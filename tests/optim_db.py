@@ -1,0 +1,84 @@
+"""The table of optimizer descriptions every generic test is parametrized over.
+
+One :class:`OptimizerInfo` per optimizer configuration. Rows live in ``tests/optim_rows/``,
+one module per family, each exporting ``ROWS``; this module collects them all. Adding an
+optimizer = adding one row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class ErrorInput:
+    """Constructor kwargs that must fail with ``error`` whose message matches ``match``."""
+
+    kwargs: dict[str, Any]
+    error: type[BaseException]
+    match: str
+
+
+@dataclass
+class OptimizerInfo:
+    """How to build and test one optimizer.
+
+    Attributes:
+        cls: the optimizer class (or the wrapper class for wrappers).
+        kwargs: a valid configuration; ``extra_kwargs`` are further valid ones, each tested too.
+        error_inputs: invalid configurations with the expected error.
+        factory: builds the optimizer from (params, **kwargs); default ``cls(params, **kwargs)``.
+            Wrappers (Mechanic, Schedule-Free wrapper) build their base optimizer here.
+        misspelt: a keyword that must be refused with a suggestion (``None``: skip only when
+            the class takes ``**kwargs`` by design, never for tuneless classes).
+        global_step_size: the step size comes from statistics over all parameters.
+        lr_is_multiplier: the step of a group scales exactly with its ``lr`` at the first step.
+        supports_bf16: runs on bfloat16 parameters.
+        downhill_steps: steps after which the test loss must be lower than at the start.
+        id: test id (defaults to the class name).
+    """
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    extra_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    error_inputs: list[ErrorInput] = field(default_factory=list)
+    factory: Callable[..., torch.optim.Optimizer] | None = None
+    misspelt: str | None = "weight_decy"
+    global_step_size: bool = True
+    lr_is_multiplier: bool = True
+    supports_bf16: bool = True
+    downhill_steps: int = 20
+    foreach_rtol: float = 1e-9
+    id: str | None = None
+
+    def build(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
+        kwargs = {**self.kwargs, **overrides}
+        if self.factory is not None:
+            return self.factory(params, **kwargs)
+        return self.cls(params, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.id or self.cls.__name__
+
+    @property
+    def requires_loss(self) -> bool:
+        return bool(getattr(self.cls, "requires_loss", False))
+
+
+def _collect() -> list[OptimizerInfo]:
+    from tests import optim_rows
+
+    rows: list[OptimizerInfo] = []
+    for mod in sorted(pkgutil.iter_modules(optim_rows.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"tests.optim_rows.{mod.name}")
+        rows.extend(module.ROWS)
+    return rows
+
+
+OPTIM_DB: list[OptimizerInfo] = _collect()

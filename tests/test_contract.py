@@ -1,0 +1,352 @@
+"""The contract every optimizer keeps: each generic test runs over every row of OPTIM_DB."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import re
+
+import pytest
+import torch
+
+from tests.optim_db import OPTIM_DB, OptimizerInfo
+from tuneless import STEP_SIZE_KEY, LossRequiredError, SparseGradientError, UnknownArgumentError
+from tuneless.optim.base import TunelessOptimizer
+
+ROWS = [pytest.param(info, id=info.name) for info in OPTIM_DB]
+CONFIGS = [
+    pytest.param(info, kw, id=f"{info.name}-{i}")
+    for info in OPTIM_DB
+    for i, kw in enumerate([info.kwargs] + info.extra_kwargs)
+]
+
+
+# ----------------------------------------------------------------------------- a small model
+
+
+class Model:
+    """Three tensors of different shapes; a smooth, non-convex loss whose minimum is 0."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter((0.5 * torch.randn(4, 3, generator=g, dtype=torch.float64)).to(dtype))
+        self.b = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+        self.v = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64).to(dtype))
+        self.x = torch.randn(16, 3, generator=g, dtype=torch.float64).to(dtype)
+        w_true = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        self.y = torch.tanh(self.x.to(torch.float64) @ w_true.T + 0.1).to(dtype)  # realizable: min 0
+        self.v_target = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=torch.float64).to(dtype)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [self.w, self.b, self.v]
+
+    def loss(self) -> torch.Tensor:
+        pred = torch.tanh(self.x @ self.w.T + self.b)
+        return ((pred - self.y) ** 2).mean() + 0.5 * ((self.v - self.v_target) ** 2).sum()
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+
+def step(opt: torch.optim.Optimizer, model: Model) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    loss = model.loss()
+    loss.backward()
+    if isinstance(opt, TunelessOptimizer) or getattr(opt, "accepts_loss", False):
+        opt.step(loss=loss)
+    else:
+        opt.step()
+    return loss.detach()
+
+
+def run(info: OptimizerInfo, steps: int, dtype=torch.float64, groups=None, **overrides):
+    model = Model(dtype)
+    params = model.params if groups is None else groups(model)
+    opt = info.build(params, **overrides)
+    losses = [step(opt, model) for _ in range(steps)]
+    return model, opt, losses
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_bad_arguments_raise_the_stated_error(info: OptimizerInfo) -> None:
+    assert info.error_inputs, f"{info.name}: the table must list at least one invalid configuration"
+    for case in info.error_inputs:
+        with pytest.raises(case.error, match=case.match):
+            info.build(Model().params, **case.kwargs)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_unknown_keyword_is_refused_with_a_suggestion(info: OptimizerInfo) -> None:
+    assert info.misspelt is not None
+    with pytest.raises(UnknownArgumentError, match=r"unknown keyword argument .*did you mean"):
+        info.build(Model().params, **{info.misspelt: 0.1})
+
+
+# ----------------------------------------------------------------------------- stepping
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_a_few_steps_go_downhill(info: OptimizerInfo, kwargs) -> None:
+    model = Model()
+    opt = info.build(model.params, **kwargs)
+    first = model.loss().item()
+    for _ in range(info.downhill_steps):
+        step(opt, model)
+    with torch.no_grad(), opt.evaluation_point() if hasattr(opt, "evaluation_point") else _null():
+        last = model.loss().item()
+    assert last < first, f"{info.name}{kwargs}: loss went from {first} to {last}"
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_loss_requirement(info: OptimizerInfo) -> None:
+    model = Model()
+    opt = info.build(model.params)
+    model.loss().backward()
+    if info.requires_loss:
+        with pytest.raises(LossRequiredError, match=r"step\(loss=loss\)"):
+            opt.step()
+    else:
+        opt.step()  # no loss needed
+    # a closure works for everyone and its loss is returned
+    def closure():
+        opt.zero_grad()
+        loss = model.loss()
+        loss.backward()
+        return loss
+
+    returned = opt.step(closure)
+    assert isinstance(returned, torch.Tensor) and returned.numel() == 1
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_vectorized_matches_per_parameter_path(info: OptimizerInfo, kwargs) -> None:
+    m1, _, _ = run(info, 12, **{**kwargs, "foreach": True})
+    m2, _, _ = run(info, 12, **{**kwargs, "foreach": False})
+    for a, b in zip(m1.params, m2.params):
+        torch.testing.assert_close(a, b, rtol=info.foreach_rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_resume_from_checkpoint_is_bit_exact(info: OptimizerInfo, kwargs) -> None:
+    k, n = 4, 4
+    full, _, _ = run(info, k + n, **kwargs)
+    model = Model()
+    opt = info.build(model.params, **kwargs)
+    for _ in range(k):
+        step(opt, model)
+    buffer = io.BytesIO()
+    torch.save({"model": model.snapshot(), "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = Model()
+    with torch.no_grad():
+        for p, s in zip(resumed.params, saved["model"]):
+            p.copy_(s)
+    opt2 = info.build(resumed.params, **kwargs)
+    opt2.load_state_dict(saved["optim"])
+    for _ in range(n):
+        step(opt2, resumed)
+    for a, b in zip(full.params, resumed.params):
+        assert torch.equal(a, b), f"{info.name}: resumed trajectory differs from the uninterrupted one"
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_state_dict_round_trip(info: OptimizerInfo) -> None:
+    _, opt, _ = run(info, 3)
+    sd = opt.state_dict()
+    model = Model()
+    opt2 = info.build(model.params)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    sd2 = opt2.state_dict()
+    assert _flatten(sd) == _flatten(sd2)
+
+
+def _flatten(obj, prefix=""):
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}/{i}"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = (tuple(obj.shape), obj.dtype, obj.detach().cpu().to(torch.float64).flatten().tolist())
+    else:
+        out[prefix] = obj
+    return out
+
+
+# ----------------------------------------------------------------------------- groups, lr, schedulers
+
+
+def _two_groups(lr_a: float, lr_b: float):
+    def groups(model: Model):
+        return [{"params": [model.w, model.b], "lr": lr_a}, {"params": [model.v], "lr": lr_b}]
+
+    return groups
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_param_groups_with_different_lr(info: OptimizerInfo) -> None:
+    base = Model().snapshot()
+    # a group with lr = 0 does not move; the other does
+    model, opt, _ = run(info, 3, groups=_two_groups(1.0, 0.0))
+    assert not torch.equal(model.w, base[0])
+    assert torch.equal(model.v, base[2]), f"{info.name}: a group with lr=0 moved"
+    assert len(opt.param_groups) == 2
+    if info.lr_is_multiplier:
+        # the first step of a group scales exactly with its lr
+        m1, _, _ = run(info, 1, groups=_two_groups(1.0, 1.0))
+        m2, _, _ = run(info, 1, groups=_two_groups(1.0, 0.25))
+        d1 = m1.v - base[2]
+        d2 = m2.v - base[2]
+        torch.testing.assert_close(d2, 0.25 * d1, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_lr_scheduler_changes_the_step(info: OptimizerInfo) -> None:
+    model = Model()
+    opt = info.build(model.params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 if t < 3 else 0.0)
+    for _ in range(3):
+        step(opt, model)
+        sched.step()
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)
+    frozen = model.snapshot()
+    for _ in range(2):
+        step(opt, model)
+        sched.step()
+    for a, b in zip(model.params, frozen):
+        assert torch.equal(a, b), f"{info.name}: lr scheduled to 0 still moved the parameters"
+
+
+# ----------------------------------------------------------------------------- dtypes, frozen params, grads
+
+
+@pytest.mark.parametrize("info", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dtype_is_kept(info: OptimizerInfo, dtype) -> None:
+    if dtype is torch.bfloat16 and not info.supports_bf16:
+        pytest.fail(f"{info.name} must support bfloat16")
+    model, opt, losses = run(info, 5, dtype=dtype)
+    for p in model.params:
+        assert p.dtype == dtype
+        assert torch.isfinite(p.float()).all()
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert value.dtype == dtype, f"{info.name}: a state buffer is {value.dtype} for {dtype} params"
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_parameter_without_gradient_is_untouched(info: OptimizerInfo) -> None:
+    model = Model()
+    frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = info.build(model.params + [frozen])
+    for _ in range(4):
+        step(opt, model)  # `frozen` never gets a gradient
+    assert torch.equal(frozen, torch.ones(3, dtype=torch.float64))
+    assert frozen.grad is None
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_gradient_is_not_modified(info: OptimizerInfo) -> None:
+    model = Model()
+    opt = info.build(model.params)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model.loss()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.params]
+        opt.step(loss=loss) if isinstance(opt, TunelessOptimizer) else opt.step()
+        for p, g in zip(model.params, grads):
+            assert torch.equal(p.grad, g), f"{info.name} modified p.grad"
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_sparse_gradient_is_refused(info: OptimizerInfo) -> None:
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = info.build([p])
+    p.grad = torch.sparse_coo_tensor([[0, 2]], torch.tensor([1.0, 2.0], dtype=torch.float64), (4,))
+    with pytest.raises(SparseGradientError, match="sparse"):
+        opt.step(loss=torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_step_size_is_published_on_the_device(info: OptimizerInfo) -> None:
+    model, opt, _ = run(info, 2, groups=_two_groups(1.0, 0.5))
+    for group in opt.param_groups:
+        value = group[STEP_SIZE_KEY]
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+        assert value.device == model.w.device
+        assert torch.isfinite(value) and value >= 0
+    assert len(opt.effective_lrs()) == 2
+
+
+# ----------------------------------------------------------------------------- copying
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_deepcopy_and_pickle(info: OptimizerInfo) -> None:
+    _, opt, _ = run(info, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert type(clone) is type(opt)
+        assert _flatten(clone.state_dict()) == _flatten(opt.state_dict())
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+class SyncCounter:
+    """Counts Python-level device-to-host reads of tensors (item, bool, float, int, tolist, numpy)."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+    def __enter__(self):
+        self.count = 0
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for name, fn in self.saved.items():
+            def counted(t, *a, _fn=fn, **k):
+                self.count += 1
+                return _fn(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_a_step_makes_no_host_sync(info: OptimizerInfo, kwargs) -> None:
+    for foreach in (True, False):
+        model = Model()
+        opt = info.build(model.params, **{**kwargs, "foreach": foreach})
+        step(opt, model)  # state initialization may read values once
+        opt.zero_grad()
+        loss = model.loss()
+        loss.backward()
+        with SyncCounter() as counter:
+            opt.step(loss=loss) if isinstance(opt, TunelessOptimizer) else opt.step()
+        assert counter.count == 0, f"{info.name} (foreach={foreach}) synchronized {counter.count} times in a step"
+
+
+def test_sync_counter_counts() -> None:
+    with SyncCounter() as counter:
+        float(torch.tensor(1.0))
+        bool(torch.tensor(True))
+    assert counter.count == 2
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
