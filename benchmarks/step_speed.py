@@ -1,0 +1,869 @@
+#!/usr/bin/env python
+"""Step-speed benchmark: how fast is one optimizer step, and how close to the physical limit.
+
+For every optimizer in the tuneless registry (discovered at run time, torch's own entries
+included) and for the authors' reference packages that are installed, on two parameter sets
+(many small tensors of transformer shapes; a few large tensors), this measures:
+
+* the step time as a ratio to ``torch.optim.Adam(foreach=True)`` and to
+  ``torch.optim.Adam(fused=True)``, timed in the same interleaved repetitions;
+* the step time as a ratio to the optimizer's own memory-bandwidth bound
+  ``bytes moved per parameter x parameters / bandwidth``, the bandwidth measured in the same
+  repetitions with an in-place ``a.add_(b)`` over a large buffer (12 bytes per element), and
+  the bytes per parameter taken from :data:`BOUND_BYTES` (documented per optimizer);
+* the optimizer's state memory per parameter (bytes of every tensor in ``optimizer.state``
+  and ``param_groups``, nested optimizers included, divided by the number of parameters);
+* the device-to-host synchronizations per step (Python-level reads of tensor values).
+
+Method (``../shared/PERFORMANCE.md``): one thread, medians of interleaved repetitions, and
+ratios against baselines timed in the same block, never lone absolute times. Each candidate is
+timed in its own block together with the two Adam baselines and the bandwidth probe, in an
+order rotated at every repetition, so that every ratio in a row compares numbers taken at the
+same moment of a noisy shared machine. Gradients are fixed random tensors (the step is timed,
+not the backward pass); the loss passed to optimizers that need one is a constant 0-d tensor.
+Denormal floats are flushed to zero so that a slowly decaying buffer cannot make one
+optimizer look slow for a reason that has nothing to do with its code.
+
+This is a benchmark, not a test: it asserts nothing about time. Examples::
+
+    python benchmarks/step_speed.py --quick                      # smoke run, a minute
+    python benchmarks/step_speed.py --markdown --out benchmarks/results/step_speed.md
+    python benchmarks/step_speed.py --only prodigy,dog --markdown
+    python benchmarks/step_speed.py --spec "prodigy:slice_p=11" --only prodigy
+
+Progress goes to stderr; the table to stdout (plain text, or markdown with ``--markdown``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import inspect
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+import tuneless
+from tuneless import registry
+from tuneless.optim.base import TunelessOptimizer
+from tuneless.spec import parse_spec
+
+Shapes = list[tuple[int, ...]]
+StepFn = Callable[[], Any]
+
+# ----------------------------------------------------------------------------- parameter sets
+
+
+def transformer_shapes(d_model: int = 256, layers: int = 12, ffn_mult: int = 4) -> Shapes:
+    """16 tensors per layer, as in a pre-norm transformer block: q, k, v, o weights and biases,
+    two layer norms (weight, bias), and the two feed-forward matrices with their biases.
+
+    The default (d_model 256, 12 layers) gives 192 tensors and 9.48 M floats.
+    """
+    d, f = d_model, ffn_mult * d_model
+    layer: Shapes = [(d, d)] * 4 + [(d,)] * 4 + [(d,)] * 4 + [(d, f), (f,), (f, d), (d,)]
+    return layer * layers
+
+
+def large_shapes(scale: int = 1) -> Shapes:
+    """4 large tensors: an embedding table and three dense matrices (21.1 M floats at scale 1)."""
+    return [(32000 // scale, 512), (2048 // scale, 1024), (1024 // scale, 2048), (1024 // scale, 512)]
+
+
+def param_sets(quick: bool) -> dict[str, Shapes]:
+    if quick:
+        return {"many-small": transformer_shapes(d_model=64), "few-large": large_shapes(scale=32)}
+    return {"many-small": transformer_shapes(), "few-large": large_shapes()}
+
+
+def numel(shapes: Shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+# ----------------------------------------------------------------------------- bytes per parameter
+#
+# The bound of a step is (minimum bytes moved per parameter) x (parameters) / bandwidth, each
+# necessary read or write of a parameter-sized fp32 buffer counted once (4 bytes). Values
+# marked "PERFORMANCE.md" are that document's table (the lower end where it gives a range:
+# the bound is a minimum); "derived" ones are counted here from the algorithm's reads and
+# writes, in the fewest passes the algorithm allows (a global reduction whose result the
+# update needs forces one more read pass over what it reduces). The entry is chosen by the
+# optimizer's name, normalized (lowercase, letters and digits only); its function reads the
+# optimizer's own settings (momentum, slice, base optimizer) where they change the count.
+
+
+def norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@dataclass(frozen=True)
+class BoundEntry:
+    names: tuple[str, ...]
+    bytes: Callable[[torch.optim.Optimizer], float]
+    note: str
+    wrapper: bool = False  # the count includes a base optimizer's (named in the note)
+
+
+def _d(opt: torch.optim.Optimizer, key: str, default: Any = None) -> Any:
+    return opt.defaults.get(key, default)
+
+
+def _first_beta(opt: torch.optim.Optimizer, default: float = 0.9) -> float:
+    betas = _d(opt, "betas")
+    if isinstance(betas, (tuple, list)) and betas:
+        return float(betas[0])
+    return float(_d(opt, "beta1", default))
+
+
+def _slice(opt: torch.optim.Optimizer) -> int:
+    for key in ("slice_p", "slice", "slice_factor", "stride"):
+        value = _d(opt, key)
+        if isinstance(value, int) and value >= 1:
+            return value
+    return 1
+
+
+def _wrapper_base_bytes(opt: torch.optim.Optimizer) -> tuple[float, str]:
+    base = base_optimizer(opt)
+    if base is None:
+        return 28.0, "adam (base not found; Adam assumed)"
+    name = optimizer_name(base)
+    return bound_bytes(name, base)[0], name
+
+
+BOUND_BYTES: tuple[BoundEntry, ...] = (
+    BoundEntry(("sgd",), lambda o: 20.0 if _d(o, "momentum", 0) else 12.0,
+               "momentum 0: read p, g; write p (derived). With momentum: 20, PERFORMANCE.md"),
+    BoundEntry(("adam", "adamw"), lambda o: 36.0 if _d(o, "amsgrad", False) else 28.0,
+               "read p, g, m, v; write p, m, v (PERFORMANCE.md); +8 with amsgrad"),
+    BoundEntry(("adagrad",), lambda o: 20.0, "read p, g, sum; write p, sum (PERFORMANCE.md)"),
+    BoundEntry(("rmsprop",), lambda o: 20.0 + 8.0 * bool(_d(o, "momentum", 0)) + 8.0 * bool(_d(o, "centered", False)),
+               "read p, g, square average; write p, square average (PERFORMANCE.md); +8 per momentum / centered buffer"),
+    BoundEntry(("polyak", "sps", "spsmax"), lambda o: 16.0,
+               "derived: read g for ||g||^2 (4), then read p, g and write p (12)"),
+    BoundEntry(("momo",), lambda o: 28.0,
+               "derived: pass 1 reads p, g, d, writes d and reduces <g,x>, <d,x>, ||d||^2 (16); "
+               "pass 2 reads p, d, writes p (12)"),
+    BoundEntry(("dadaptsgd",), lambda o: 24.0 if _d(o, "momentum", 0) else 20.0,
+               "derived: read g, s, x0; write s, p (x = x0 - s; the step uses the previous d) = 20; "
+               "with momentum x = b x + (1-b) z also reads p: 24"),
+    BoundEntry(("dadaptadam",), lambda o: 36.0,
+               "read p, g, s, m, v; write p, s, m, v, the step using the previous d (PERFORMANCE.md)"),
+    BoundEntry(("dadaptadagrad",), lambda o: 28.0,
+               "derived: read g, alpha, s, x0; write alpha, s, p (x = x0 - s/sqrt(alpha); previous d)"),
+    BoundEntry(("prodigy",), lambda o: (28.0 if _first_beta(o) else 20.0) + 12.0 / _slice(o),
+               "read p, g, m, v, p0, s; write p, m, v, s = 40 (PERFORMANCE.md, lower end of 40-52); "
+               "p0 and s sliced: 28 + 12/slice; beta1 = 0 drops m (-8)"),
+    BoundEntry(("dog", "ldog"), lambda o: 20.0,
+               "read g for ||g||^2 (4), then read p, x0, g and write p with the distance folded "
+               "into the write pass (16) (PERFORMANCE.md, lower end of 20-24)"),
+    BoundEntry(("dowg",), lambda o: 20.0,
+               "derived, as DoG: read g for ||g||^2 (4); read p, x0, g, write p, distance folded (16)"),
+    BoundEntry(("cocob", "cocobbackprop"), lambda o: 48.0,
+               "derived: read p, g, x0, theta, G, L, reward (28); write p, theta, G, L, reward (20)"),
+    BoundEntry(("sgdschedulefree", "schedulefreesgd", "sfsgd"), lambda o: 20.0,
+               "read p, g, z; write p, z (PERFORMANCE.md)"),
+    BoundEntry(("adamwschedulefree", "schedulefreeadamw", "sfadamw", "adamschedulefree", "schedulefreeadam"),
+               lambda o: 28.0, "read p, g, z, v; write p, z, v (PERFORMANCE.md)"),
+    BoundEntry(("mechanic", "mechanize"), lambda o: _wrapper_base_bytes(o)[0] + 16.0,
+               "base optimizer plus the reference point: read x_ref with the update and the "
+               "<g, x - x_ref> pass, write p (PERFORMANCE.md: 44 over Adam)", wrapper=True),
+    BoundEntry(("schedulefreewrapper", "schedulefreewrap", "sfwrapper", "wrapschedulefree", "schedulefree"),
+               lambda o: _wrapper_base_bytes(o)[0] + 8.0,
+               "derived: base optimizer (stepping z) plus one more read and write of a parameter-sized buffer",
+               wrapper=True),
+    BoundEntry(("sgdhd", "hdsgd", "hypergradientsgd", "sgdhypergradient"),
+               lambda o: 24.0 + 8.0 * bool(_d(o, "momentum", 0)),
+               "derived: read g, previous g for <g, g_prev> (8); read p, g, write p, g_prev (16); +8 with momentum"),
+    BoundEntry(("adamhd", "hdadam", "hypergradientadam", "adamhypergradient"), lambda o: 40.0,
+               "derived: read g, m, v for <g, previous Adam direction> (12), then the Adam pass (28)"),
+)
+
+
+def _entry_for(name: str) -> BoundEntry | None:
+    key = norm_name(name)
+    for e in BOUND_BYTES:
+        if key in e.names:
+            return e
+    return None
+
+
+def bound_bytes(name: str, opt: torch.optim.Optimizer) -> tuple[float, str]:
+    """Minimum bytes moved per fp32 parameter by one step of ``opt`` (registered as ``name``),
+    and where the number comes from. An optimizer without an entry gets the generic estimate
+    12 + 8 x (parameter-sized state buffers): read p, g and each buffer, write p and each buffer.
+    """
+    e = _entry_for(name)
+    if e is not None:
+        note = e.note
+        if e.wrapper:
+            note = f"{note} [base: {_wrapper_base_bytes(opt)[1]}]"
+        return float(e.bytes(opt)), note
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    copies = round(state_bytes(opt) / max(n, 1) / 4)
+    return 12.0 + 8.0 * copies, (f"generic estimate (no entry for {name!r}): read p, g and each of the "
+                                 f"{copies} state buffers, write p and each buffer")
+
+
+# ----------------------------------------------------------------------------- introspection
+
+
+def nested_optimizers(opt: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """Optimizers held by ``opt`` (the base of a wrapper such as Mechanic), recursively."""
+    out: list[torch.optim.Optimizer] = []
+    for value in vars(opt).values():
+        if isinstance(value, torch.optim.Optimizer) and value is not opt:
+            out.append(value)
+            out.extend(nested_optimizers(value))
+    return out
+
+
+def base_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The base of a wrapper: a held optimizer, or ``opt`` itself when the wrapper subclasses
+    a torch optimizer (``mechanic_pytorch.mechanize(Adam)``)."""
+    held = nested_optimizers(opt)
+    if held:
+        return held[0]
+    for cls in type(opt).__mro__[1:]:
+        if cls.__module__.startswith("torch.optim.") and cls is not torch.optim.Optimizer:
+            return opt
+    return None
+
+
+def optimizer_name(opt: torch.optim.Optimizer) -> str:
+    """The registry name of ``opt``: a tuneless ``registry_name``, or the torch class name."""
+    name = getattr(opt, "registry_name", "") or ""
+    if name:
+        return name
+    for cls in type(opt).__mro__:
+        if cls.__module__.startswith("torch.optim.") and cls is not torch.optim.Optimizer:
+            return cls.__name__.lower()
+    return type(opt).__name__.lower()
+
+
+def _tensors(obj: Any, seen: set[int]) -> Iterable[Tensor]:
+    if isinstance(obj, Tensor):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, seen)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in ``opt.state`` and ``opt.param_groups`` (the parameters
+    themselves excluded), nested optimizers included; storages shared by several tensors are
+    counted once."""
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    param_storages = {p.untyped_storage().data_ptr() for g in opt.param_groups for p in g["params"]}
+    seen: set[int] = set(params)
+    storages: dict[int, int] = {}
+    for o in [opt, *nested_optimizers(opt)]:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+        for t in (*_tensors(dict(o.state), seen), *_tensors(groups, seen)):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in param_storages:
+                continue
+            storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
+    return sum(storages.values())
+
+
+# ----------------------------------------------------------------------------- sync counting
+
+
+def host_side_tensors(opt: torch.optim.Optimizer) -> set[int]:
+    """Tensors that torch.optim keeps on the host by design: the ``step`` counters of its
+    optimizers when neither ``capturable`` nor ``fused`` (they stay on the CPU even when the
+    parameters are on a GPU, so reading them is no device-to-host synchronization)."""
+    out: set[int] = set()
+    for o in [opt, *nested_optimizers(opt)]:
+        if not any(c.__module__.startswith("torch.optim.") and c is not torch.optim.Optimizer
+                   for c in type(o).__mro__):
+            continue
+        for group in o.param_groups:
+            if group.get("capturable") or group.get("fused"):
+                continue
+            for p in group["params"]:
+                step = o.state.get(p, {}).get("step") if isinstance(o.state.get(p), dict) else None
+                if isinstance(step, Tensor):
+                    out.add(id(step))
+    return out
+
+
+class SyncCounter:
+    """Counts Python-level reads of tensor values (item, bool, float, int, index, tolist,
+    numpy): each is a device-to-host synchronization on a GPU. Reads of the tensors in
+    ``ignore`` (ids of host-side tensors) are not counted. Same method as tests/test_contract.py."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+    def __init__(self, ignore: set[int] | None = None) -> None:
+        self.ignore = ignore or set()
+        self.count = 0
+
+    def __enter__(self) -> "SyncCounter":
+        self.count = 0
+        self.saved = {n: getattr(Tensor, n) for n in self.NAMES}
+        for name, fn in self.saved.items():
+            def counted(t: Tensor, *a: Any, _fn: Callable = fn, **k: Any) -> Any:
+                if id(t) not in self.ignore:
+                    self.count += 1
+                return _fn(t, *a, **k)
+
+            setattr(Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self.saved.items():
+            setattr(Tensor, name, fn)
+
+
+def count_syncs(opt: torch.optim.Optimizer, step: StepFn, steps: int = 1) -> float:
+    """Device-to-host reads per step, over ``steps`` steps (state already initialized)."""
+    with SyncCounter(host_side_tensors(opt)) as counter:
+        for _ in range(steps):
+            step()
+    return counter.count / steps
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Candidate:
+    """One optimizer to time: ``build(params)`` makes it."""
+
+    label: str                  # shown in the table
+    key: str                    # name used for the bytes table and for matching references
+    source: str                 # "tuneless", "torch" or "reference"
+    build: Callable[[list[Tensor]], torch.optim.Optimizer]
+    counterpart: tuple[str, ...] = ()  # references: normalized tuneless names it corresponds to
+
+
+def registry_candidates(only: Sequence[str] | None = None, specs: Sequence[str] = ()) -> list[Candidate]:
+    """Every registered optimizer (or those named in ``only``), built with its defaults through
+    :func:`tuneless.create`, plus one candidate per spec string in ``specs``."""
+    names = list(only) if only else registry.available()
+    out = []
+    for name in names:
+        e = registry.entry(name)  # raises UnknownNameError with close matches
+        out.append(Candidate(e.name, e.name, e.source, lambda ps, _n=e.name: tuneless.create(_n, ps)))
+    for spec in specs:
+        parsed = parse_spec(spec)
+        e = registry.entry(parsed.name)
+        out.append(Candidate(spec, e.name, e.source, lambda ps, _s=spec: tuneless.create(_s, ps)))
+    return out
+
+
+def _ref(module: str, attr: str, counterpart: tuple[str, ...], key: str,
+         make: Callable[[Any, list[Tensor]], torch.optim.Optimizer] | None = None,
+         label: str | None = None) -> Candidate | None:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    obj = getattr(mod, attr, None)
+    if obj is None:
+        return None
+
+    def build(ps: list[Tensor]) -> torch.optim.Optimizer:
+        opt = make(obj, ps) if make is not None else obj(ps)
+        if hasattr(opt, "train") and callable(opt.train):
+            opt.train()  # schedule-free: step() refuses to run in eval mode
+        return opt
+
+    return Candidate(label or f"{module}.{attr}", key, "reference", build, counterpart)
+
+
+def reference_candidates() -> list[Candidate]:
+    """The authors' packages that are installed, each with its defaults (Mechanic over
+    ``torch.optim.Adam(foreach=True)``, the base tuneless' Mechanic is compared with)."""
+    specs = [
+        _ref("dadaptation", "DAdaptSGD", ("dadaptsgd",), "dadaptsgd"),
+        _ref("dadaptation", "DAdaptAdam", ("dadaptadam",), "dadaptadam"),
+        _ref("dadaptation", "DAdaptAdaGrad", ("dadaptadagrad",), "dadaptadagrad"),
+        _ref("prodigyopt", "Prodigy", ("prodigy",), "prodigy"),
+        _ref("dog", "DoG", ("dog",), "dog"),
+        _ref("dog", "LDoG", ("ldog",), "ldog"),
+        _ref("dowg", "DoWG", ("dowg",), "dowg"),
+        _ref("parameterfree", "COCOB", ("cocob", "cocobbackprop"), "cocob"),
+        _ref("schedulefree", "SGDScheduleFree", ("sgdschedulefree", "schedulefreesgd", "sfsgd"), "sgdschedulefree"),
+        _ref("schedulefree", "AdamWScheduleFree",
+             ("adamwschedulefree", "schedulefreeadamw", "sfadamw"), "adamwschedulefree"),
+        _ref("mechanic_pytorch", "mechanize", ("mechanic",), "mechanic",
+             make=lambda mechanize, ps: mechanize(torch.optim.Adam)(ps, lr=1e-3, foreach=True),
+             label="mechanic_pytorch.mechanize(Adam foreach)"),
+    ]
+    return [c for c in specs if c is not None]
+
+
+def step_function(opt: torch.optim.Optimizer) -> StepFn:
+    """``opt.step`` with a constant loss for optimizers that accept one (Polyak needs it)."""
+    try:
+        takes_loss = isinstance(opt, TunelessOptimizer) or "loss" in inspect.signature(opt.step).parameters
+    except (TypeError, ValueError):
+        takes_loss = False
+    if takes_loss:
+        first = next(p for g in opt.param_groups for p in g["params"])
+        loss = torch.tensor(1.0, device=first.device)
+        return lambda: opt.step(loss=loss)
+    return opt.step
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # untested here: no GPU on the development machine
+        torch.cuda.synchronize(device)
+
+
+def make_params(shapes: Shapes, device: torch.device, seed: int = 0) -> list[Tensor]:
+    """Parameters with fixed random gradients (no autograd: only the step is timed)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter((0.02 * torch.randn(shape, generator=gen)).to(device))
+        p.grad = (1e-3 * torch.randn(shape, generator=gen)).to(device)
+        params.append(p)
+    return params
+
+
+@dataclass
+class Timed:
+    """Per-step times (seconds) of each subject of one block, one value per repetition."""
+
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def median(self, label: str) -> float:
+        return statistics.median(self.times[label])
+
+
+def time_interleaved(subjects: dict[str, StepFn], reps: int, steps_per_rep: int,
+                     device: torch.device) -> Timed:
+    """Time each subject for ``steps_per_rep`` calls per repetition, all subjects in every
+    repetition, in an order rotated each time; per-step times are kept per repetition."""
+    labels = list(subjects)
+    out = Timed({label: [] for label in labels})
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(reps):
+            k = r % len(labels)
+            for label in labels[k:] + labels[:k]:
+                fn = subjects[label]
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(steps_per_rep):
+                    fn()
+                synchronize(device)
+                out.times[label].append((time.perf_counter() - t0) / steps_per_rep)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return out
+
+
+class BandwidthProbe:
+    """In-place ``a.add_(b)`` over ``n`` floats: 12 bytes per element (read a, b; write a)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        # full, not zeros: calloc'd zero pages would be read from one shared page
+        self.a = torch.full((n,), 1e-3, device=device)
+        self.b = torch.full((n,), 1e-9, device=device)
+        self.bytes = 12 * n
+
+    def __call__(self) -> None:
+        self.a.add_(self.b)
+
+    def bandwidth(self, seconds: float) -> float:
+        return self.bytes / seconds
+
+
+def measure_bandwidth(n: int, reps: int = 5, device: torch.device | str = "cpu") -> float:
+    """Bytes per second of the in-place add, median of ``reps`` (after one warm-up)."""
+    device = torch.device(device)
+    probe = BandwidthProbe(n, device)
+    probe()
+    timed = time_interleaved({"probe": probe}, reps, 1, device)
+    return probe.bandwidth(timed.median("probe"))
+
+
+# ----------------------------------------------------------------------------- one block
+
+
+BASE_FOREACH, BASE_FUSED, PROBE, SUBJECT = "adam-foreach", "adam-fused", "probe", "subject"
+
+
+@dataclass
+class Row:
+    set: str
+    label: str
+    key: str
+    source: str
+    x_adam_foreach: float = math.nan
+    x_adam_fused: float = math.nan
+    x_bound: float = math.nan
+    bound_bytes: float = math.nan
+    bound_note: str = ""
+    state_bytes_per_param: float = math.nan
+    syncs_per_step: float = math.nan
+    median_step_ms: float = math.nan
+    bandwidth_gbs: float = math.nan
+    error: str | None = None
+    reference: str | None = None          # for tuneless rows: the matching reference's label
+    speedup_vs_reference: float = math.nan  # reference time / this time (via the Adam ratios)
+    ref_state_bytes_per_param: float = math.nan
+
+
+class Baselines:
+    """The two Adam baselines over their own copy of a parameter set, kept across blocks."""
+
+    def __init__(self, shapes: Shapes, device: torch.device) -> None:
+        self.opts = {
+            BASE_FOREACH: torch.optim.Adam(make_params(shapes, device, 1), foreach=True),
+            BASE_FUSED: torch.optim.Adam(make_params(shapes, device, 2), fused=True),
+        }
+        self.steps = {k: o.step for k, o in self.opts.items()}
+        for s in self.steps.values():
+            s()
+            s()
+        self.n = numel(shapes)
+
+
+def measure_block(candidate: Candidate, set_name: str, shapes: Shapes, baselines: Baselines,
+                  probe: BandwidthProbe, reps: int, steps_per_rep: int,
+                  device: torch.device) -> tuple[Row, Timed | None]:
+    """Build ``candidate`` over a fresh copy of ``shapes`` and time it against the baselines
+    and the bandwidth probe; fill one row (an ``error`` instead when it cannot run)."""
+    row = Row(set_name, candidate.label, candidate.key, candidate.source)
+    n = numel(shapes)
+    try:
+        params = make_params(shapes, device, 3)
+        opt = candidate.build(params)
+        step = step_function(opt)
+        step()  # state initialization
+        step()
+        row.syncs_per_step = count_syncs(opt, step)
+        row.state_bytes_per_param = state_bytes(opt) / n
+        row.bound_bytes, row.bound_note = bound_bytes(candidate.key, opt)
+        subjects = {PROBE: probe, **baselines.steps, SUBJECT: step}
+        timed = time_interleaved(subjects, reps, steps_per_rep, device)
+    except Exception as exc:  # a row says what failed; the benchmark goes on
+        row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return row, None
+    finally:
+        opt = params = step = None  # free the candidate's memory before the next block
+        gc.collect()
+    fill_ratios(row, timed, n, SUBJECT, probe)
+    return row, timed
+
+
+def fill_ratios(row: Row, timed: Timed, n: int, label: str, probe: BandwidthProbe) -> None:
+    t = timed.median(label)
+    bw = probe.bandwidth(timed.median(PROBE))
+    row.median_step_ms = 1e3 * t
+    row.bandwidth_gbs = bw / 1e9
+    row.x_adam_foreach = t / timed.median(BASE_FOREACH)
+    row.x_adam_fused = t / timed.median(BASE_FUSED)
+    row.x_bound = t / (row.bound_bytes * n / bw)
+
+
+def baseline_rows(set_name: str, blocks: list[Timed], baselines: Baselines, probe: BandwidthProbe) -> list[Row]:
+    """Rows of the two baselines: per-block ratios, median over the blocks."""
+    rows = []
+    for label, title in ((BASE_FOREACH, "torch.optim.Adam(foreach=True)"), (BASE_FUSED, "torch.optim.Adam(fused=True)")):
+        opt = baselines.opts[label]
+        row = Row(set_name, title, "adam", "baseline")
+        row.bound_bytes, row.bound_note = bound_bytes("adam", opt)
+        row.state_bytes_per_param = state_bytes(opt) / baselines.n
+        row.syncs_per_step = count_syncs(opt, baselines.steps[label])
+        per_block = []
+        for timed in blocks:
+            r = Row(set_name, title, "adam", "baseline", bound_bytes=row.bound_bytes)
+            fill_ratios(r, timed, baselines.n, label, probe)
+            per_block.append(r)
+        for attr in ("x_adam_foreach", "x_adam_fused", "x_bound", "median_step_ms", "bandwidth_gbs"):
+            values = [getattr(r, attr) for r in per_block]
+            setattr(row, attr, statistics.median(values) if values else math.nan)
+        rows.append(row)
+    return rows
+
+
+def link_references(rows: list[Row], candidates: list[Candidate]) -> None:
+    """For each tuneless row with a reference counterpart in the same set: the speed-up
+    (reference time / tuneless time, each through its own block's Adam-foreach ratio) and the
+    reference's state memory."""
+    counterpart = {c.label: c.counterpart for c in candidates if c.source == "reference"}
+    refs = [r for r in rows if r.source == "reference" and r.error is None]
+    for row in rows:
+        if row.source != "tuneless" or row.error is not None:
+            continue
+        for ref in refs:
+            if ref.set == row.set and norm_name(row.key) in counterpart.get(ref.label, ()):
+                row.reference = ref.label
+                row.speedup_vs_reference = ref.x_adam_foreach / row.x_adam_foreach
+                row.ref_state_bytes_per_param = ref.state_bytes_per_param
+
+
+def run_set(set_name: str, shapes: Shapes, candidates: list[Candidate], *, reps: int, steps_per_rep: int,
+            probe_numel: int, device: torch.device | str = "cpu",
+            progress: Callable[[str], None] = lambda s: None) -> list[Row]:
+    """Measure every candidate on one parameter set; the two baseline rows come first."""
+    device = torch.device(device)
+    probe = BandwidthProbe(probe_numel, device)
+    probe()
+    baselines = Baselines(shapes, device)
+    rows, blocks = [], []
+    for i, cand in enumerate(candidates, 1):
+        t0 = time.perf_counter()
+        row, timed = measure_block(cand, set_name, shapes, baselines, probe, reps, steps_per_rep, device)
+        rows.append(row)
+        if timed is not None:
+            blocks.append(timed)
+        status = row.error or (f"x{row.x_adam_foreach:.2f} Adam-foreach, x{row.x_bound:.2f} bound, "
+                               f"{row.state_bytes_per_param:.1f} B/param, {row.syncs_per_step:g} syncs")
+        progress(f"[{set_name} {i}/{len(candidates)}] {cand.label}: {status} ({time.perf_counter() - t0:.1f}s)")
+    out = baseline_rows(set_name, blocks, baselines, probe) + rows
+    del baselines, probe
+    gc.collect()
+    return out
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+ISSUE3 = {"dadaptsgd", "dadaptadam", "dadaptadagrad", "prodigy", "dog", "ldog", "dowg"}
+MAX_X_BOUND = 4.0
+ISSUE3_MIN_SPEEDUP = 1.3
+
+
+def check_targets(rows: list[Row]) -> list[str]:
+    """Tuneless optimizers missing a target: at most 4x their own bound on every set; on the
+    many-small set at least 1.3x faster than the authors' package (issue 3's methods) or
+    faster at all (the others); state per parameter no larger than the reference's."""
+    misses = []
+    for r in rows:
+        if r.source != "tuneless":
+            continue
+        if r.error is not None:
+            misses.append(f"{r.label} [{r.set}]: did not run ({r.error})")
+            continue
+        if not r.x_bound <= MAX_X_BOUND:
+            misses.append(f"{r.label} [{r.set}]: {r.x_bound:.2f}x its bound ({r.bound_bytes:g} B/param) > {MAX_X_BOUND:g}x")
+        if r.reference and r.set == "many-small":
+            need = ISSUE3_MIN_SPEEDUP if norm_name(r.key) in ISSUE3 else 1.0
+            if not r.speedup_vs_reference >= need:
+                misses.append(f"{r.label} [{r.set}]: {r.speedup_vs_reference:.2f}x faster than {r.reference} "
+                              f"(target >= {need:g}x)")
+        if r.reference and r.state_bytes_per_param > r.ref_state_bytes_per_param + 0.01:
+            misses.append(f"{r.label} [{r.set}]: state {r.state_bytes_per_param:.1f} B/param > "
+                          f"reference's {r.ref_state_bytes_per_param:.1f}")
+    return misses
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _f(x: float, fmt: str = ".2f") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+COLUMNS = ("optimizer", "source", "x Adam foreach", "x Adam fused", "x own bound", "bound B/param",
+           "state B/param", "syncs/step", "x faster than reference")
+
+
+def _cells(r: Row) -> list[str]:
+    if r.error is not None:
+        return [r.label, r.source, f"error: {r.error}", "", "", "", "", "", ""]
+    ref = f"{_f(r.speedup_vs_reference)} ({r.reference})" if r.reference else ""
+    return [r.label, r.source, _f(r.x_adam_foreach), _f(r.x_adam_fused), _f(r.x_bound), _f(r.bound_bytes, "g"),
+            _f(r.state_bytes_per_param, ".1f"), _f(r.syncs_per_step, "g"), ref]
+
+
+def _set_title(set_name: str, sets: dict[str, Shapes]) -> str:
+    shapes = sets[set_name]
+    return f"{set_name}: {len(shapes)} tensors, {numel(shapes) / 1e6:.2f} M floats"
+
+
+def format_text(rows: list[Row], sets: dict[str, Shapes]) -> str:
+    out = []
+    for set_name in sets:
+        cells = [list(COLUMNS)] + [_cells(r) for r in rows if r.set == set_name]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        out.append(_set_title(set_name, sets))
+        out += ["  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells]
+        out.append("")
+    return "\n".join(out)
+
+
+def format_markdown(rows: list[Row], sets: dict[str, Shapes], meta: dict[str, Any]) -> str:
+    out = ["# Optimizer step speed", ""]
+    out += [f"- {k}: {v}" for k, v in meta.items()]
+    out += ["", "Ratios are medians over interleaved repetitions, against baselines timed in the same block; "
+            "'x own bound' divides the step time by (bytes per parameter x parameters / bandwidth), the "
+            "bandwidth measured in the same block with an in-place add. 'x faster than reference' is the "
+            "reference's step time over tuneless' (above 1: tuneless is faster). Syncs: Python-level reads of "
+            "tensor values per step (each a device-to-host synchronization on a GPU; torch's host-side step "
+            "counters excluded).", ""]
+    for set_name in sets:
+        out += [f"## {_set_title(set_name, sets)}", ""]
+        out.append("| " + " | ".join(COLUMNS) + " |")
+        out.append("|" + "---|" * len(COLUMNS))
+        for r in rows:
+            if r.set == set_name:
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")
+        bws = [r.bandwidth_gbs for r in rows if r.set == set_name and not math.isnan(r.bandwidth_gbs)]
+        if bws:
+            out += ["", f"In-place add bandwidth over the blocks: median {statistics.median(bws):.1f} GB/s "
+                    f"(min {min(bws):.1f}, max {max(bws):.1f})."]
+        out.append("")
+    misses = check_targets(rows)
+    out += ["## Targets", "",
+            f"Issues 3 and 4, applied to every tuneless optimizer: each step at most {MAX_X_BOUND:g}x its own bound "
+            f"on both sets; on the many-small set at least {ISSUE3_MIN_SPEEDUP:g}x faster than the authors' package "
+            "(issue 3's methods) or faster (the others); state per parameter no larger than the reference's.", ""]
+    out += [f"- MISSED: {m}" for m in misses] or ["- every tuneless optimizer measured meets them"]
+    out += ["", "## Bytes per parameter used for the bound", "", "| optimizer | bytes | counted |", "|---|---|---|"]
+    seen = set()
+    for r in rows:
+        if r.error is None and (r.key, r.bound_bytes) not in seen:
+            seen.add((r.key, r.bound_bytes))
+            out.append(f"| {r.key} | {r.bound_bytes:g} | {r.bound_note} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small parameter sets and few repetitions (smoke run)")
+    ap.add_argument("--only", default="", help="comma-separated registry names (default: every registered optimizer)")
+    ap.add_argument("--spec", action="append", default=[],
+                    help="also time this spec string, e.g. 'prodigy:slice_p=11' (repeatable)")
+    ap.add_argument("--references", choices=("auto", "all", "none"), default="auto",
+                    help="authors' packages to time: all, none, or auto (all, or those matching --only/--spec)")
+    ap.add_argument("--sets", default="", help="comma-separated parameter sets (default: many-small,few-large)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per block (default 9; 3 with --quick)")
+    ap.add_argument("--steps-per-rep", type=int, default=None, help="steps per repetition (default 2; 1 with --quick)")
+    ap.add_argument("--probe-floats", type=int, default=None,
+                    help="floats in the bandwidth probe (default 100M; 8M with --quick)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--device", default="cpu", help="device (default cpu; cuda is untested)")
+    ap.add_argument("--markdown", action="store_true", help="print the markdown table")
+    ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--json", default=None, help="also write the raw rows as JSON to this file")
+    return ap.parse_args(argv)
+
+
+def select_candidates(args: argparse.Namespace) -> list[Candidate]:
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    cands = registry_candidates(only or None, args.spec)
+    order = {"tuneless": 0, "torch": 1}
+    cands.sort(key=lambda c: order.get(c.source, 2))  # stable: alphabetical within a source
+    if args.references == "none":
+        return cands
+    refs = reference_candidates()
+    if args.references == "auto" and (only or args.spec):
+        wanted = {norm_name(c.key) for c in cands}
+        refs = [r for r in refs if wanted & set(r.counterpart) or norm_name(r.key) in wanted]
+    return cands + refs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    try:
+        return _run(args, argv)
+    finally:  # leave the process as found (main is also called from the smoke test)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    sets = param_sets(args.quick)
+    if args.sets:
+        chosen = [s.strip() for s in args.sets.split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in sets]
+        if unknown:
+            raise SystemExit(f"unknown parameter set(s) {unknown}; choose from {list(sets)}")
+        sets = {s: sets[s] for s in chosen}
+    reps = args.reps or (3 if args.quick else 9)
+    steps = args.steps_per_rep or (1 if args.quick else 2)
+    probe_numel = args.probe_floats or (8_000_000 if args.quick else 100_000_000)
+    candidates = select_candidates(args)
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    progress(f"{len(candidates)} optimizers x {len(sets)} parameter sets, {reps} reps x {steps} steps, "
+             f"{args.threads} thread(s), device {args.device}")
+    started = time.perf_counter()
+    rows: list[Row] = []
+    for set_name, shapes in sets.items():
+        rows += run_set(set_name, shapes, candidates, reps=reps, steps_per_rep=steps, probe_numel=probe_numel,
+                        device=args.device, progress=progress)
+    link_references(rows, candidates)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "tuneless": tuneless.__version__,
+        "CPU": f"{cpu_model()} ({torch.get_num_threads()} torch thread(s) of {_cpu_count()} CPUs)",
+        "device": args.device,
+        "repetitions": f"{reps} per block x {steps} steps, medians",
+        "command": "python benchmarks/step_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    text = format_markdown(rows, sets, meta)
+    print(text if args.markdown else format_text(rows, sets))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    for m in check_targets(rows):
+        progress(f"target missed: {m}")
+    progress(f"done in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

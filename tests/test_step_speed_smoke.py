@@ -1,0 +1,130 @@
+"""Smoke test of the step-speed benchmark (benchmarks/step_speed.py) on tiny sizes.
+
+Checks the structure and the sanity of what the benchmark reports (state memory, host-sync
+counts, bytes of the bound, ratios that are positive numbers), never timing itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("step_speed", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_speed"] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+ss = _load()
+
+SHAPES = ss.transformer_shapes(d_model=16, layers=2)  # 32 tensors, 6560 floats
+
+
+@pytest.fixture(scope="module")
+def rows():
+    refs = [c for c in ss.reference_candidates() if c.label == "dadaptation.DAdaptAdam"]
+    cands = ss.registry_candidates(["adam", "polyak"]) + refs
+    assert len(cands) == 3
+    out = ss.run_set("tiny", SHAPES, cands, reps=2, steps_per_rep=1, probe_numel=1 << 16)
+    return {r.label: r for r in out}
+
+
+def test_rows_structure_and_positive_ratios(rows) -> None:
+    assert list(rows) == ["torch.optim.Adam(foreach=True)", "torch.optim.Adam(fused=True)", "adam", "polyak",
+                          "dadaptation.DAdaptAdam"]
+    for r in rows.values():
+        assert r.error is None, r
+        assert r.set == "tiny"
+        for value in (r.x_adam_foreach, r.x_adam_fused, r.x_bound, r.bandwidth_gbs, r.median_step_ms):
+            assert math.isfinite(value) and value > 0, r
+    assert rows["torch.optim.Adam(foreach=True)"].x_adam_foreach == 1.0
+    assert rows["torch.optim.Adam(fused=True)"].x_adam_fused == 1.0
+
+
+def test_state_memory_per_parameter(rows) -> None:
+    # torch Adam: exp_avg and exp_avg_sq (8 B/param in fp32) plus a 4-byte step per tensor
+    n, tensors = ss.numel(SHAPES), len(SHAPES)
+    for label in ("torch.optim.Adam(foreach=True)", "torch.optim.Adam(fused=True)", "adam"):
+        assert rows[label].state_bytes_per_param == pytest.approx(8 + 4 * tensors / n, rel=1e-9)
+    assert rows["dadaptation.DAdaptAdam"].state_bytes_per_param == pytest.approx(12, abs=0.1)  # s, m, v
+    assert rows["polyak"].state_bytes_per_param < 1  # only scalars
+
+
+def test_sync_counts(rows) -> None:
+    for label in ("torch.optim.Adam(foreach=True)", "torch.optim.Adam(fused=True)", "adam", "polyak"):
+        assert rows[label].syncs_per_step == 0, label
+    # the authors' D-Adapt Adam reads two scalars per tensor (.item() per dot product and norm)
+    assert rows["dadaptation.DAdaptAdam"].syncs_per_step == 2 * len(SHAPES)
+
+
+def test_bound_bytes(rows) -> None:
+    assert rows["adam"].bound_bytes == 28
+    assert rows["polyak"].bound_bytes == 16
+    assert rows["dadaptation.DAdaptAdam"].bound_bytes == 36
+    params = ss.make_params([(10, 10)], torch.device("cpu"))
+    opt = torch.optim.Adam(params)
+    opt.step()
+    nbytes, note = ss.bound_bytes("an-unlisted-optimizer", opt)
+    assert nbytes == 12 + 8 * 2 and "generic" in note  # two state buffers: m, v
+    assert ss.bound_bytes("Prodigy", torch.optim.Adam(params, betas=(0.9, 0.999)))[0] == 40
+
+
+def test_sync_counter_ignores_host_side_step_counters() -> None:
+    params = ss.make_params([(4, 4), (3,)], torch.device("cpu"))
+    opt = torch.optim.Adam(params, foreach=True)
+    opt.step()
+    with ss.SyncCounter() as raw:  # torch's foreach Adam reads its CPU step counters
+        opt.step()
+    assert raw.count > 0
+    assert ss.count_syncs(opt, opt.step) == 0
+    with ss.SyncCounter() as counter:
+        float(torch.tensor(1.0))
+    assert counter.count == 1
+
+
+def test_references_linked_and_targets_checked() -> None:
+    row = ss.Row("many-small", "dadapt_adam", "dadapt_adam", "tuneless", x_adam_foreach=1.0, x_bound=5.0,
+                 bound_bytes=36, state_bytes_per_param=16.0)
+    ref = ss.Row("many-small", "dadaptation.DAdaptAdam", "dadaptadam", "reference", x_adam_foreach=2.0,
+                 x_bound=9.0, state_bytes_per_param=12.0)
+    cands = [c for c in ss.reference_candidates() if c.label == "dadaptation.DAdaptAdam"]
+    ss.link_references([row, ref], cands)
+    assert row.reference == "dadaptation.DAdaptAdam"
+    assert row.speedup_vs_reference == 2.0
+    misses = ss.check_targets([row, ref])
+    assert len(misses) == 2  # 5x its bound, and more state than the reference
+    assert "5.00x its bound" in misses[0] and "state 16.0" in misses[1]
+    row.x_adam_foreach = 1.8  # only 1.11x faster: issue 3 asks 1.3x
+    ss.link_references([row, ref], cands)
+    assert any("1.11x faster than dadaptation.DAdaptAdam (target >= 1.3x)" in m for m in ss.check_targets([row]))
+
+
+def test_command_line_writes_markdown_and_json(tmp_path, capsys) -> None:
+    out, js = tmp_path / "speed.md", tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    rc = ss.main(["--quick", "--only", "polyak", "--references", "none", "--sets", "few-large", "--reps", "1",
+                  "--probe-floats", "100000", "--markdown", "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # main restores the process settings
+    text = out.read_text()
+    assert "| polyak | tuneless |" in text and "torch: " + torch.__version__ in text
+    assert text in capsys.readouterr().out
+    assert '"label": "polyak"' in js.read_text()
+    with pytest.raises(tuneless_errors().UnknownNameError, match="did you mean"):
+        ss.main(["--quick", "--only", "polyac", "--references", "none"])
+
+
+def tuneless_errors():
+    import tuneless.errors
+
+    return tuneless.errors
