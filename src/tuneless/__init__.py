@@ -6,7 +6,7 @@ oracle-tuned baseline, and the Rosenbrock race. Re-exports only.
 
 from .errors import (InvalidArgumentError, LossRequiredError, SparseGradientError, SpecError,
                      UnknownArgumentError, UnknownNameError, WrongModeError)
-from .optim import OPTIMIZERS, STEP_SIZE_KEY, SPS, Momo, Polyak, SPSMax, TunelessOptimizer, effective_lrs
+from .optim import OPTIMIZERS, STEP_SIZE_KEY, SPS, Momo, MomoStar, Polyak, SPSMax, TunelessOptimizer, effective_lrs
 from .registry import available, available_schedulers, create, create_scheduler, learning_rate_free
 from .schedules import LossProportionalLR
 
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS",
-    "Polyak", "SPS", "SPSMax", "Momo",
+    "Polyak", "SPS", "SPSMax", "Momo", "MomoStar",
     "LossProportionalLR",
     "create", "available", "learning_rate_free", "create_scheduler", "available_schedulers",
     "InvalidArgumentError", "UnknownArgumentError", "UnknownNameError", "SpecError",

@@ -1,7 +1,7 @@
 """Rows of the Polyak family."""
 
 from tests.optim_db import ErrorInput, OptimizerInfo
-from tuneless import SPS, InvalidArgumentError, Momo, Polyak, SPSMax
+from tuneless import SPS, InvalidArgumentError, Momo, MomoStar, Polyak, SPSMax
 
 ROWS = [
     OptimizerInfo(
@@ -43,5 +43,15 @@ ROWS = [
         ],
         misspelt="weight_decy",
         lr_is_multiplier=False,  # lr caps the step size (min(lr, Polyak-type step))
+    ),
+    OptimizerInfo(
+        MomoStar,
+        kwargs=dict(),
+        extra_kwargs=[dict(beta=0.0, lower_bound=-1.0)],
+        error_inputs=[
+            ErrorInput(dict(lr=float("inf")), InvalidArgumentError, r"MomoStar: lr = inf is invalid"),
+        ],
+        misspelt="lowerbound",
+        lr_is_multiplier=False,
     ),
 ]

@@ -41,7 +41,7 @@ from .. import _validate as v
 from ._batched import add_scaled_, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop
 from .base import TunelessOptimizer, finite_or_zero, local_tensor
 
-__all__ = ["Polyak", "SPS", "SPSMax", "Momo"]
+__all__ = ["Polyak", "SPS", "SPSMax", "Momo", "MomoStar"]
 
 
 def polyak_step_size(loss: Tensor, f_star: float, sq_grad_norm: Tensor, c: float, max_step: float | None) -> Tensor:
@@ -347,3 +347,22 @@ class Momo(TunelessOptimizer):
     def f_star_estimates(self) -> list[Tensor]:
         """The current lower-bound estimate of each param group (0-d tensors, no sync)."""
         return [g.get("f_star_estimate", torch.tensor(g["lower_bound"])) for g in self.param_groups]
+
+
+class MomoStar(Momo):
+    r"""MoMo*: :class:`Momo` that learns the unknown optimal value f* online (``estimate_lower_bound=True``).
+
+    The variant for losses whose minimum is unknown and not 0 (noisy regression, label
+    noise). ``lower_bound`` must still be a true lower bound of the loss (0 for non-negative
+    losses): the estimate is reset towards it by halving, as in the paper.
+
+    .. warning:: The estimate is a heuristic, not a certified bound: on ill-conditioned problems
+       it can overshoot f* for a while, and the step then shrinks until a reset lowers it again.
+    """
+
+    registry_name = "momo_star"
+
+    def __init__(self, params: Any, lr: float = 1.0, *, beta: float = 0.9, lower_bound: float = 0.0,
+                 weight_decay: float = 0.0, foreach: bool | None = None) -> None:
+        super().__init__(params, lr, beta=beta, lower_bound=lower_bound, estimate_lower_bound=True,
+                         weight_decay=weight_decay, foreach=foreach)
