@@ -1,0 +1,185 @@
+"""What a benchmark sweep runs: the presets, the methods, and one task per run.
+
+A :class:`Suite` is a list of problems with their step budgets, the seeds, the methods (run
+spec strings) and the oracle's grid. :func:`build_suite` resolves a preset and the command
+line's overrides into one, checking every name and spec *before* anything runs, so that a
+typo fails at once with the closest matches instead of after an hour of sweeping.
+
+Presets:
+
+* ``quick``: seven problems (the banana, two convex and four nonconvex learning tasks) on
+  short budgets, one seed, two grid points per decade: minutes on a 2-core CPU.
+* ``full``: every registered problem at its default budget, three seeds, three grid points
+  per decade.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+
+from .._validate import close_matches
+from ..errors import SpecError, UnknownNameError
+from ..problems import PROBLEMS, Problem, get_problem
+from ..registry import create, create_scheduler, entry, learning_rate_free, scheduler_entry
+from ..spec import parse_run_spec
+from .oracle import BASES, GridConfig, OracleBase
+
+__all__ = ["Suite", "Task", "PRESETS", "BASELINE_METHODS", "default_methods", "build_suite", "canonical_spec",
+           "problem_dtype", "BenchInputError"]
+
+#: untuned references run next to the learning-rate-free methods: Adam at its default lr
+BASELINE_METHODS: tuple[str, ...] = ("adam@cosine",)
+
+
+class BenchInputError(ValueError):
+    """A bad benchmark request (preset, seeds, steps, workers...)."""
+
+
+def default_methods() -> list[str]:
+    """Every learning-rate-free optimizer in the registry (at its defaults), then the untuned baselines."""
+    return learning_rate_free() + list(BASELINE_METHODS)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run: a method or an oracle grid point, on one problem, one seed, one budget."""
+
+    problem: str
+    spec: str
+    seed: int
+    steps: int
+    role: str = "method"
+    base: str | None = None
+    lr: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.problem}|{self.spec}|seed={self.seed}|steps={self.steps}"
+
+    def label(self) -> str:
+        return f"{self.spec} on {self.problem} (seed {self.seed})"
+
+
+@dataclass
+class Suite:
+    """A resolved sweep; see the module docstring."""
+
+    name: str
+    #: (canonical problem spec, steps)
+    problems: list[tuple[str, int]]
+    seeds: list[int]
+    #: canonical run specs
+    methods: list[str]
+    grid: GridConfig = field(default_factory=GridConfig)
+    bases: tuple[OracleBase, ...] = BASES
+
+    def method_tasks(self) -> list[Task]:
+        return [Task(p, m, s, n) for p, n in self.problems for m in self.methods for s in self.seeds]
+
+
+#: preset name -> (problems with budgets, seeds, grid)
+PRESETS: dict[str, tuple[tuple[tuple[str, int], ...], tuple[int, ...], GridConfig]] = {
+    "quick": (
+        (("rosenbrock", 1500), ("logreg_digits", 300), ("mlp_digits", 300), ("cnn_digits", 250),
+         ("char_lm", 300), ("least_squares", 400), ("matrix_factorization", 600)),
+        (0,),
+        GridConfig(points_per_decade=2),
+    ),
+    "full": (
+        (),  # every registered problem at its default budget
+        (0, 1, 2),
+        GridConfig(points_per_decade=3),
+    ),
+}
+
+
+def canonical_spec(text: str) -> str:
+    """Parse, check names and arguments, and return the canonical run spec string.
+
+    Builds the optimizer (and scheduler) on a dummy parameter so that invalid values are
+    refused now, with the optimizer's own message, rather than inside every run.
+    """
+    spec = parse_run_spec(text)
+    e = entry(spec.optimizer.name)
+    name = e.name if "." not in spec.optimizer.name else spec.optimizer.name
+    spec = replace(spec, optimizer=replace(spec.optimizer, name=name))
+    if spec.scheduler is not None:
+        se = scheduler_entry(spec.scheduler.name)
+        if "." not in spec.scheduler.name:
+            spec = replace(spec, scheduler=replace(spec.scheduler, name=se.name))
+    probe = torch.nn.Parameter(torch.zeros(2))
+    try:
+        opt = create(spec.optimizer, [probe])
+        if spec.scheduler is not None:
+            create_scheduler(spec.scheduler, opt, total_steps=10)
+    except (UnknownNameError, SpecError, TypeError, ValueError) as exc:
+        raise type(exc)(f"in spec {text!r}: {exc}") from exc
+    return str(spec)
+
+
+def problem_dtype(problem: Problem) -> torch.dtype:
+    """The dtype the benchmark runs ``problem`` in: float64 for analytic functions, else its own."""
+    if problem.kind == "analytic":
+        return torch.float64
+    return getattr(problem, "bench_dtype", torch.float32)
+
+
+def _resolve_problem(text: str) -> Problem:
+    return get_problem(text)
+
+
+def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
+                optimizers: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                steps: int | None = None, points_per_decade: int | None = None) -> Suite:
+    """Resolve ``preset`` and the overrides into a checked :class:`Suite`.
+
+    ``problems`` may name problems outside the preset (they run at their default budget);
+    ``steps`` replaces every budget; ``optimizers`` replaces the methods (spec strings).
+    """
+    if preset not in PRESETS:
+        hints = close_matches(preset, list(PRESETS))
+        msg = f"unknown suite preset {preset!r}"
+        msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
+        raise UnknownNameError(msg + f" Available: {', '.join(PRESETS)}.")
+    preset_problems, preset_seeds, grid = PRESETS[preset]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise BenchInputError(f"steps = {steps!r} is invalid; allowed: an integer >= 1")
+    budgets = {get_problem(p).spec(): n for p, n in preset_problems}
+    if problems is None:
+        names = [p for p, _ in preset_problems] or list(PROBLEMS)
+    else:
+        names = list(problems)
+        if not names:
+            raise BenchInputError("--problems is empty; name at least one problem")
+    resolved: list[tuple[str, int]] = []
+    for text in names:
+        prob = _resolve_problem(text)
+        n = budgets.get(prob.spec(), prob.default_steps) if steps is None else steps
+        if (prob.spec(), n) not in resolved:
+            resolved.append((prob.spec(), int(n)))
+    seed_list = list(preset_seeds if seeds is None else seeds)
+    if not seed_list:
+        raise BenchInputError("--seeds is empty; give at least one seed")
+    for s in seed_list:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise BenchInputError(f"seed = {s!r} is invalid; allowed: an integer >= 0")
+    seed_list = sorted(set(seed_list))
+    specs = default_methods() if optimizers is None else list(optimizers)
+    if not specs:
+        raise BenchInputError("--optimizers is empty; give at least one spec (e.g. prodigy) or leave it out")
+    methods: list[str] = []
+    for text in specs:
+        canon = canonical_spec(text)
+        if canon not in methods:
+            methods.append(canon)
+    if points_per_decade is not None:
+        grid = replace(grid, points_per_decade=points_per_decade)
+    return Suite(preset, resolved, seed_list, methods, grid)
+
+
+def is_min_known(problem: Problem) -> bool:
+    return problem.min_value is not None and math.isfinite(problem.min_value)
