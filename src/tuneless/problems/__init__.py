@@ -8,12 +8,14 @@ from ..registry import check_kwargs
 from ..spec import Spec, parse_spec
 from .analytic import AnalyticFunction, Beale, Quadratic, Rastrigin, Rosenbrock, RosenbrockND
 from .base import Problem, ProblemInstance
+from .learning import LEARNING_PROBLEMS
 
 __all__ = ["Problem", "ProblemInstance", "AnalyticFunction", "Rosenbrock", "RosenbrockND", "Beale",
            "Quadratic", "Rastrigin", "PROBLEMS", "get_problem", "available_problems"]
 
 #: Every problem class, by registry name.
-PROBLEMS: dict[str, type[Problem]] = {cls.name: cls for cls in (Rosenbrock, RosenbrockND, Beale, Quadratic, Rastrigin)}
+PROBLEMS: dict[str, type[Problem]] = {cls.name: cls for cls in (Rosenbrock, RosenbrockND, Beale, Quadratic, Rastrigin,
+                                                                *LEARNING_PROBLEMS)}
 
 
 def available_problems(kind: str | None = None) -> list[str]:
