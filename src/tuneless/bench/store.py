@@ -92,7 +92,9 @@ class StoreVersionError(StoreError):
 def encode_array(values: np.ndarray | None, dtype: str = "<f4") -> bytes | None:
     if values is None:
         return None
-    return zlib.compress(np.ascontiguousarray(values, dtype=dtype).tobytes(), 6)
+    with np.errstate(over="ignore"):  # a diverged curve's huge values become inf in float32, as they should
+        data = np.ascontiguousarray(values, dtype=dtype)
+    return zlib.compress(data.tobytes(), 6)
 
 
 def decode_array(blob: bytes | None, dtype: str = "<f4") -> np.ndarray:

@@ -26,7 +26,9 @@ The classifiers' objectives carry an L2 penalty on their weights (1e-3 for logis
 regression, 5e-4 for the MLPs and the CNN): the small models here would otherwise interpolate
 their training sets and drive the loss towards 0, where a ratio of losses measures noise.
 The two problems whose minimum is exactly 0 (``min_value = 0``) are scored on a log scale.
-Features are standardized with the training split's statistics. The char-level text is the
+Features are standardized with the training split's statistics. The scikit-learn datasets are
+read from the CSV files scikit-learn ships (``sklearn/datasets/data``) without importing
+scikit-learn, which takes longer than a whole run here. The char-level text is the
 one shipped with the running Python, so its numbers are comparable within one Python version.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -57,21 +60,46 @@ TEST_FRACTION = 0.25
 # ---------------------------------------------------------------------------- data (cached per process)
 
 
+_SKLEARN_FILES = {"digits": "digits.csv.gz", "wine": "wine_data.csv", "breast_cancer": "breast_cancer.csv"}
+
+
+def _sklearn_data_file(name: str) -> Path:
+    """The CSV file scikit-learn ships for ``name``, found without importing scikit-learn (seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the learning problems read scikit-learn's bundled datasets: pip install 'tuneless[bench]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / _SKLEARN_FILES[name]
+    if not path.exists():  # pragma: no cover - a scikit-learn that moved its data
+        raise FileNotFoundError(f"scikit-learn's {name} dataset is not at {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_dataset(name: str) -> tuple[Tensor, Tensor]:
+    """(features float64, labels int64) as ``sklearn.datasets.load_<name>`` returns them."""
+    import numpy as np
+
+    path = _sklearn_data_file(name)
+    if name == "digits":  # no header; 64 pixels then the label
+        data = np.loadtxt(path, delimiter=",")
+    else:  # a header line "n_samples,n_features,class names..."; features then the label
+        data = np.loadtxt(path, delimiter=",", skiprows=1)
+    return torch.as_tensor(data[:, :-1], dtype=torch.float64), torch.as_tensor(data[:, -1], dtype=torch.int64)
+
+
+def _split(n: int) -> tuple[Tensor, Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = int(round(TEST_FRACTION * n))
+    return perm[n_test:], perm[:n_test]
+
+
 @functools.lru_cache(maxsize=None)
 def _sklearn_dataset(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_train, y_train, x_test, y_test) in float64/int64, standardized with train statistics."""
-    try:
-        from sklearn import datasets
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the learning problems need scikit-learn: pip install 'tuneless[bench]'") from exc
-    loader = {"digits": datasets.load_digits, "wine": datasets.load_wine,
-              "breast_cancer": datasets.load_breast_cancer}[name]
-    x_np, y_np = loader(return_X_y=True)
-    x = torch.as_tensor(x_np, dtype=torch.float64)
-    y = torch.as_tensor(y_np, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test = int(round(TEST_FRACTION * len(y)))
-    test, train = perm[:n_test], perm[n_test:]
+    x, y = _raw_dataset(name)
+    train, test = _split(len(y))
     mean = x[train].mean(0)
     std = x[train].std(0)
     std = torch.where(std > 0, std, torch.ones_like(std))
@@ -82,14 +110,9 @@ def _sklearn_dataset(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 @functools.lru_cache(maxsize=None)
 def _digit_images() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Digits as (N, 1, 8, 8) images scaled to [0, 1], same split as :func:`_sklearn_dataset`."""
-    from sklearn import datasets
-
-    x_np, y_np = datasets.load_digits(return_X_y=True)
-    x = torch.as_tensor(x_np, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.as_tensor(y_np, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test = int(round(TEST_FRACTION * len(y)))
-    test, train = perm[:n_test], perm[n_test:]
+    x, y = _raw_dataset("digits")
+    x = x.reshape(-1, 1, 8, 8) / 16.0
+    train, test = _split(len(y))
     return x[train].contiguous(), y[train].contiguous(), x[test].contiguous(), y[test].contiguous()
 
 

@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmark tests: tiny suites that run in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tuneless.bench import ResultStore, Suite
+from tuneless.bench.oracle import GridConfig, OracleBase
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: narrow oracle grids (3 points each) so that a tiny sweep stays tiny
+TINY_BASES = (
+    OracleBase("adam", "adam:lr={lr}@cosine", -2.0, -1.0),
+    OracleBase("sgd", "sgd:lr={lr},momentum=0.9@cosine", -2.0, -1.0),
+)
+
+
+def tiny_suite(problems=(("logreg_wine", 40), ("rosenbrock", 60)), methods=("polyak", "sps"), seeds=(0,),
+               bases=TINY_BASES, grid=None) -> Suite:
+    return Suite("test", [(p, n) for p, n in problems], list(seeds), list(methods),
+                 grid or GridConfig(points_per_decade=2), bases)
+
+
+def snapshot(db: str | Path) -> dict[str, tuple]:
+    """key -> every stored column that a resumed sweep must leave untouched."""
+    with ResultStore(db, create=False) as store:
+        return {r.key: (r.id, r.created_at, r.status, repr(r.final), r.loss.tobytes(), r.step_size.tobytes())
+                for r in store.records()}
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    """Start ``python -m tuneless.cli_bench ARGS`` in its own process group."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "tuneless.cli_bench", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
