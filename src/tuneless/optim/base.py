@@ -23,6 +23,10 @@ What every tuneless optimizer gets from :class:`TunelessOptimizer`:
 * **One place for global reductions.** Every sum over all parameters (norms, dot products)
   goes through :meth:`TunelessOptimizer._global_sum`, which is where sharded and
   multi-process training is handled.
+* **Distributed checkpoints.** ``torch.distributed.checkpoint.state_dict.get_state_dict`` /
+  ``set_state_dict`` give a fresh optimizer its state by calling ``step()`` with lr = 0 and zero
+  gradients; every tuneless ``step`` (wrappers' included) recognizes that call and creates the
+  full state layout without moving anything (:meth:`TunelessOptimizer._initializing_state`).
 * **One evaluation hook.** :meth:`TunelessOptimizer.evaluation_point` is a context manager
   under which the parameters hold the point that should be evaluated (the averaged point for
   Schedule-Free); for most methods it does nothing.
@@ -31,6 +35,7 @@ What every tuneless optimizer gets from :class:`TunelessOptimizer`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -67,6 +72,24 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return out
 
 
+def _initializes_checkpoint_state(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``step`` so that ``torch.distributed.checkpoint``'s state initialization (a call of
+    ``step()`` with every lr 0 and zero gradients on a fresh optimizer) creates the state a real
+    step creates, moves nothing, and needs no loss (see ``TunelessOptimizer._initializing_state``)."""
+    if getattr(step, "__tuneless_checkpoint_aware__", False):
+        return step
+
+    @functools.wraps(step)
+    def wrapper(self: "TunelessOptimizer", closure: Callable[[], Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        if closure is None and not args and kwargs.get("loss") is None and self._is_state_initialization():
+            with self._initializing_state():
+                return step(self, loss=0.0)
+        return step(self, closure, *args, **kwargs)
+
+    wrapper.__tuneless_checkpoint_aware__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class TunelessOptimizer(torch.optim.Optimizer):
     """Base class of every tuneless optimizer (see the module docstring for the contract)."""
 
@@ -82,6 +105,9 @@ class TunelessOptimizer(torch.optim.Optimizer):
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "__tuneless_checked__", False):
             cls.__init__ = refuse_unknown_kwargs(init)  # type: ignore[method-assign]
+        step = cls.__dict__.get("step")
+        if step is not None:  # wrappers (Mechanic, ScheduleFree) define their own step
+            cls.step = _initializes_checkpoint_state(step)  # type: ignore[method-assign]
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = dict(defaults)
@@ -90,6 +116,7 @@ class TunelessOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ stepping
 
+    @_initializes_checkpoint_state
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """Perform one optimization step.
@@ -99,6 +126,8 @@ class TunelessOptimizer(torch.optim.Optimizer):
                 and returns the loss.
             loss: the loss of the current minibatch, already back-propagated; a tensor (kept
                 on its device, no synchronization) or a number. Give either this or a closure.
+                Methods that take their step size from it use the mean over the data-parallel
+                ranks (see :mod:`tuneless.distributed`).
 
         Returns:
             The loss (the closure's, or the one passed), as given.
@@ -111,6 +140,10 @@ class TunelessOptimizer(torch.optim.Optimizer):
         loss_tensor = None
         if loss is not None:
             loss_tensor = self._as_loss_tensor(loss)
+            if self.requires_loss:  # each data-parallel rank has its own loss: use their mean
+                from .. import distributed as _dist
+
+                loss_tensor = _dist.average_loss(self, loss_tensor)
         elif self.requires_loss:
             raise LossRequiredError(
                 f"{type(self).__name__} computes its step size from the loss: call "
@@ -119,6 +152,54 @@ class TunelessOptimizer(torch.optim.Optimizer):
         self._check_gradients()
         self._update(loss_tensor)
         return loss
+
+    def _is_state_initialization(self) -> bool:
+        """Whether this call of ``step()`` (no closure, no loss) is a checkpoint's state initialization.
+
+        ``get_state_dict`` / ``set_state_dict`` of ``torch.distributed.checkpoint.state_dict``
+        give a fresh optimizer (empty ``state``) its state, the layout a checkpoint is loaded
+        into, by calling ``step()`` with every ``lr`` set to 0, zero gradients and no loss.
+        Checked in that order; reading the gradients synchronizes, but only when every lr is 0
+        and the state is empty.
+        """
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if not isinstance(lr, (int, float, Tensor)) or float(lr) != 0:
+                return False
+        if self.state:
+            return False
+        grads = [local_tensor(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and not any(bool(torch.any(g != 0)) for g in grads)
+
+    @contextlib.contextmanager
+    def _initializing_state(self) -> Iterator[None]:
+        """Run a step that creates every buffer and param-group scalar a real step creates, and
+        leaves the parameters and the param-group values that existed before as they were.
+
+        A group with lr = 0 creates no state in most methods (it must not move), so the step
+        runs with every lr set to 1 (the gradients are 0); afterwards the parameters, the lrs
+        and every param-group value that existed before are restored (tensors in place, so
+        tensors shared between groups stay shared). What is new stays: the layout a checkpoint
+        is loaded into. Its values do not matter; the checkpoint overwrites them.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_params = [local_tensor(p).detach().clone() for p in params]
+        saved_groups = [{k: (v, v.detach().clone() if isinstance(v, Tensor) else None)
+                         for k, v in group.items() if k != "params"} for group in self.param_groups]
+        for group in self.param_groups:
+            lr = group["lr"]
+            group["lr"] = torch.ones_like(lr) if isinstance(lr, Tensor) else 1.0
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(params, saved_params):
+                    local_tensor(p).copy_(saved)
+                for group, entries in zip(self.param_groups, saved_groups):
+                    for key, (value, copy) in entries.items():
+                        if copy is not None:
+                            value.copy_(copy)
+                        group[key] = value
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - abstract
         """Apply one update; ``loss`` is a 0-d tensor (statistics dtype) or None."""
