@@ -128,3 +128,39 @@ def tuneless_errors():
     import tuneless.errors
 
     return tuneless.errors
+
+
+def test_an_interrupted_set_keeps_the_rows_measured() -> None:
+    def stop(params):
+        raise KeyboardInterrupt
+
+    cands = ss.registry_candidates(["polyak"]) + [ss.Candidate("stopper", "stopper", "torch", stop)]
+    with pytest.raises(ss.Interrupted) as info:
+        ss.run_set("tiny", SHAPES, cands, reps=1, steps_per_rep=1, probe_numel=1 << 12)
+    labels = [r.label for r in info.value.rows]
+    assert labels == ["torch.optim.Adam(foreach=True)", "torch.optim.Adam(fused=True)", "polyak"]
+    assert info.value.rows[-1].x_adam_foreach > 0
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """A minimal wrapper holding a base optimizer, as Mechanic and Schedule-Free do."""
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.base = base
+        super().__init__(base.param_groups, {})
+
+    def step(self, closure=None):
+        return self.base.step(closure)
+
+
+def test_a_wrapper_is_timed_against_its_base() -> None:
+    build = lambda ps: _Wrapper(torch.optim.SGD(ps, lr=0.1, momentum=0.9))  # noqa: E731
+    out = ss.run_set("tiny", SHAPES, [ss.Candidate("wrapped-sgd", "wrapped-sgd", "torch", build)],
+                     reps=2, steps_per_rep=1, probe_numel=1 << 12)
+    row = out[-1]
+    assert row.error is None and row.base_label == "sgd"
+    assert row.base_bound_bytes == 20  # SGD with momentum
+    assert row.x_base > 0 and math.isfinite(row.overhead_bytes)
+    assert row.state_bytes_per_param == pytest.approx(4)  # the base's momentum buffer is counted
+    text = ss.format_markdown(out, {"tiny": SHAPES}, {})
+    assert "## Wrappers over their base" in text and "| wrapped-sgd | tiny | sgd |" in text
