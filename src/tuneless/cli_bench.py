@@ -44,7 +44,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stats = run_bench(suite, str(db), backend=args.backend, workers=args.workers, address=args.address,
                           progress=None if args.quiet else Progress(), retry_failed=args.retry_failed)
     except (StoreError, BenchInputError, UnknownNameError, UnknownArgumentError, SpecError, InvalidArgumentError,
-            ImportError) as exc:
+            ImportError, ConnectionError) as exc:  # ConnectionError: a Ray address that does not answer
         return _fail("bench", exc)
     print(f"{stats.executed} runs made, {stats.skipped} reused from the store, {stats.failed} failed, "
           f"{stats.diverged} diverged, {stats.widened} grid widenings, in {stats.seconds:.0f}s", file=sys.stderr)

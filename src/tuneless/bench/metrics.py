@@ -3,8 +3,10 @@
 Definitions (each computed per problem and budget, then per method):
 
 * **Score** of a run: its final training loss at the evaluation point, minus the known
-  minimum where there is one (the *error*), floored at :data:`FLOOR`. A diverged or failed run
-  is scored as if it had made no progress: the score of its starting loss.
+  minimum where there is one (the *error*). An error a million times (:data:`SOLVED`) smaller
+  than the starting error counts as solved: scores are floored there, so that reaching 1e-9
+  rather than 1e-12 on a problem that starts at 10 is a tie, not a thousandfold gap. A diverged
+  or failed run is scored as if it had made no progress: the score of its starting loss.
 * **Oracle**: the (base, learning rate) with the best score, the geometric mean over seeds;
   a grid point with a diverged seed never wins.
 * **Gap** of a method: its score over the oracle's (geometric means over seeds). 1.0 matches
@@ -32,34 +34,53 @@ import numpy as np
 
 from .store import RunRecord
 
-__all__ = ["FLOOR", "run_score", "seed_score", "smooth", "ProblemOracle", "Cell", "MethodSummary", "BenchResults",
+__all__ = ["SOLVED", "FLOOR", "floor_of", "run_score", "seed_score", "smooth", "ProblemOracle", "Cell", "MethodSummary", "BenchResults",
            "compute_results", "STATUS_ORDER"]
 
-#: scores (errors) below this count as solved: the floor of the gap of min-known problems
-FLOOR = 1e-12
+#: an error this many times smaller than the starting error counts as solved (problems whose
+#: minimum is known): below it, differences are rounding and luck, not optimization
+SOLVED = 1e-6
+#: the smallest score at all (when no starting error is known)
+FLOOR = 1e-300
 #: a trailing mean over steps/SMOOTH_DIVISOR steps smooths minibatch curves
 SMOOTH_DIVISOR = 50
 STATUS_ORDER = ("ok", "diverged", "failed", "missing")
 
 
-def _quantity(loss: float | None, min_value: float | None) -> float:
+def _start(record: RunRecord, start: float | None = None) -> float | None:
+    if record.initial_loss is not None and math.isfinite(record.initial_loss):
+        return record.initial_loss
+    return start
+
+
+def floor_of(record: RunRecord, start: float | None = None) -> float:
+    """The score below which ``record``'s problem counts as solved: SOLVED x its starting error."""
+    if record.min_value is None:
+        return FLOOR
+    s = _start(record, start)
+    if s is None or not math.isfinite(s) or s - record.min_value <= 0:
+        return FLOOR
+    return SOLVED * (s - record.min_value)
+
+
+def _quantity(loss: float | None, min_value: float | None, floor: float) -> float:
     if loss is None or not math.isfinite(loss):
         return math.inf
     if min_value is not None:
-        return max(loss - min_value, FLOOR)
-    return max(loss, 1e-300)
+        return max(loss - min_value, floor)
+    return max(loss, floor)
 
 
 def run_score(record: RunRecord, *, penalize: bool = False, start: float | None = None) -> float:
     """The score of one run; ``inf`` if it did not finish cleanly, unless ``penalize`` (then its start)."""
+    floor = floor_of(record, start)
     if record.status == "ok":
-        value = _quantity(record.final_loss, record.min_value)
+        value = _quantity(record.final_loss, record.min_value, floor)
         if math.isfinite(value):
             return value
     if not penalize:
         return math.inf
-    initial = record.initial_loss if record.initial_loss is not None and math.isfinite(record.initial_loss) else start
-    value = _quantity(initial, record.min_value)
+    value = _quantity(_start(record, start), record.min_value, floor)
     return value if math.isfinite(value) else math.inf
 
 
@@ -68,6 +89,8 @@ def _geomean(values: Sequence[float]) -> float:
         return math.nan
     if any(not math.isfinite(v) for v in values):
         return math.inf
+    if len(values) == 1:
+        return float(values[0])
     return float(math.exp(sum(math.log(v) for v in values) / len(values)))
 
 
@@ -261,13 +284,15 @@ def _oracle(problem: str, steps: int, label: str, kind: str, min_known: bool,
     o.total_runs = len(runs)
     o.runs_per_seed = len(runs) / max(1, len(seeds))
     o.seconds = sum(r.train_seconds for r in runs)
-    best_spec, best = None, math.inf
+    best_spec, best, best_key = None, math.inf, (math.inf, math.inf)
     per_base: dict[str, list[tuple[float, float, str]]] = {}
     for spec, rs in by_spec.items():
         score = seed_score(rs) if len(rs) == len(seeds) else math.inf  # a point missing seeds cannot win
         per_base.setdefault(rs[0].base or "?", []).append((rs[0].lr or math.nan, score, spec))
-        if score < best:
-            best_spec, best = spec, score
+        # ties (several points solved the problem) go to the lowest unfloored loss
+        raw = _geomean([_quantity(r.final_loss, r.min_value, FLOOR) if r.status == "ok" else math.inf for r in rs])
+        if math.isfinite(score) and (score, raw) < best_key:
+            best_spec, best, best_key = spec, score, (score, raw)
     for base, pts in per_base.items():
         pts.sort()
         o.grids[base] = [(lr, s) for lr, s, _ in pts]
@@ -284,7 +309,7 @@ def _oracle(problem: str, steps: int, label: str, kind: str, min_known: bool,
     o.test = _test_means(win)
     for r in win:
         curve = score_curve(r)
-        o.final_curve[r.seed] = float(curve[-1]) if curve.size else math.nan
+        o.final_curve[r.seed] = max(float(curve[-1]), floor_of(r)) if curve.size else math.nan
     hits = [steps_to(r, 1.1 * o.final_curve[r.seed]) for r in win]
     o.steps_to = _median_steps(hits)
     return o

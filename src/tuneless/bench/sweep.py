@@ -50,6 +50,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_print = -math.inf
         self._last_len = 0
+        self._t_first = self.t0
 
     def start(self, total: int, skipped: int) -> None:
         self.total, self.skipped = total, skipped
@@ -61,6 +62,8 @@ class Progress:
     def update(self, label: str, *, total: int | None = None, skipped: int | None = None) -> None:
         """One more run finished; ``total``/``skipped`` follow the plan as the oracle's grids widen."""
         self.done += 1
+        if self.done == 1:
+            self._t_first = time.perf_counter()
         if total is not None:
             self.total = total
         if skipped is not None:
@@ -77,8 +80,10 @@ class Progress:
         fill = int(round(frac * self.width))
         elapsed = now - self.t0
         remaining = self.total - finished
-        if self.done and remaining:
-            eta = f"~{_fmt_time(elapsed / self.done * remaining)} left"
+        if self.done >= 3 and remaining:
+            # the rate since the first result: the start-up (workers importing torch) is not a run
+            rate = (now - self._t_first) / (self.done - 1)
+            eta = f"~{_fmt_time(rate * remaining)} left"
         elif remaining:
             eta = "estimating time left"
         else:
@@ -148,13 +153,15 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
     groups: list[_Group] = []
     planned: set[str] = set()
 
-    def plan(task: Task) -> None:
+    def plan(task: Task, urgent: bool = False) -> None:
         if task.key in planned:
             return
         planned.add(task.key)
         stats.planned += 1
         if task.key in done:
             stats.skipped += 1
+        elif urgent:  # a widened grid point: others wait on it, so it runs next
+            ready.appendleft(task)
         else:
             ready.append(task)
 
@@ -185,7 +192,7 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
                 stats.widened += 1
                 g.grid = sorted(set(g.grid) | set(new))
                 for task in plan_oracle_tasks(g.problem, g.steps, g.base, new, suite.seeds, ppd):
-                    plan(task)
+                    plan(task, urgent=True)
                     if task.key not in done:
                         g.waiting.add(task.key)
 

@@ -33,7 +33,8 @@ __all__ = ["markdown_report", "write_html", "load_results", "format_gap"]
 LEGEND = (
     "gap = a method's final training loss over the oracle's (geometric mean over seeds; 1.00x matches the "
     "oracle, below 1 beats it). For problems marked † the minimum is known (0): the gap is of the error and "
-    "is shown as log10 (+2.0 = a hundred times the oracle's error). The oracle is the best of Adam and SGD "
+    "is shown as log10 (+2.0 = a hundred times the oracle's error); an error a million times below the start "
+    "counts as solved (a tie). The oracle is the best of Adam and SGD "
     "with momentum, each cosine-annealed to 0, over a learning-rate grid widened until the best point is "
     "inside it. A diverged or failed run is scored at its starting loss. 'steps to 1.1x': median fraction "
     "of the budget to come within 1.1x of the oracle's final loss."
@@ -204,8 +205,7 @@ def heatmap_png(results: BenchResults) -> str:
     vmax = 2.0
     from matplotlib import colormaps
 
-    cmap = colormaps["RdYlGn_r"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = colormaps["RdYlGn_r"].with_extremes(bad="#dddddd")
     im = ax.imshow(np.clip(data, -vmax, vmax), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(labels)), [lab + (" †" if o.min_known else "") for lab, o in zip(labels, results.oracles)],
                   rotation=35, ha="right", fontsize=8)
@@ -287,7 +287,7 @@ def trajectories_png(results: BenchResults, oracle: ProblemOracle, colors: dict[
     if not paths:
         return None
     (x0, x1), (y0, y1) = problem.bounds
-    gx, gy = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
+    gx, gy = np.meshgrid(np.linspace(x0, x1, 200), np.linspace(y0, y1, 200))
     with torch.no_grad():
         z = problem.value(torch.tensor(np.stack([gx, gy], -1), dtype=torch.float64)).numpy()
     z = z - (problem.min_value or 0.0)
