@@ -13,7 +13,7 @@ from tuneless.bench.executors import Executor, Outcome, execute_task
 from tuneless.bench.store import SCHEMA_VERSION
 from tuneless.bench.suite import Task
 from tuneless.cli_bench import main
-from tuneless.errors import InvalidArgumentError, SpecError, UnknownArgumentError, UnknownNameError
+from tuneless.errors import SpecError, UnknownArgumentError, UnknownNameError
 
 
 @pytest.fixture(autouse=True)

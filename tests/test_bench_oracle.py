@@ -73,3 +73,9 @@ def test_sweep_widens_a_grid_whose_best_is_at_its_end(tmp_path):
     with ResultStore(db) as store:
         again = run_sweep(suite, store, InlineExecutor())
     assert again.executed == 0 and again.skipped == len(records) and again.widened == stats.widened
+
+
+def test_analytic_problems_run_one_seed_learning_problems_all():
+    suite = tiny_suite(problems=(("rosenbrock", 5), ("logreg_wine", 5)), methods=("polyak",), seeds=(0, 1, 2))
+    seeds = {(t.problem, t.seed) for t in suite.method_tasks()}
+    assert seeds == {("rosenbrock", 0), ("logreg_wine", 0), ("logreg_wine", 1), ("logreg_wine", 2)}

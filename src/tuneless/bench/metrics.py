@@ -230,7 +230,8 @@ def compute_results(records: Iterable[RunRecord], *, methods: Sequence[str] | No
         budgets.setdefault(r.problem, set()).add(r.steps)
 
     def label_of(problem: str, steps: int) -> str:
-        return problem if len(budgets[problem]) == 1 else f"{problem} ({steps} steps)"
+        name = _short_name(problem)
+        return name if len(budgets[problem]) == 1 else f"{name} ({steps} steps)"
 
     order: list[tuple[str, int]] = []
     by_problem: dict[tuple[str, int], list[RunRecord]] = {}
@@ -270,6 +271,19 @@ def compute_results(records: Iterable[RunRecord], *, methods: Sequence[str] | No
     summaries = [_summary(m, [cells[(m, o.label)] for o in oracles if (m, o.label) in cells], oracles)
                  for m in method_list]
     return BenchResults(oracles, method_list, cells, summaries)
+
+
+def _short_name(problem: str) -> str:
+    """``quadratic`` for ``quadratic:dim=10,condition=1000,...`` when those are its defaults."""
+    name = problem.split(":", 1)[0]
+    if name == problem:
+        return problem
+    try:
+        from ..problems import get_problem
+
+        return name if get_problem(name).spec() == problem else problem
+    except Exception:  # a problem this tuneless does not know: keep the stored spec
+        return problem
 
 
 def _oracle(problem: str, steps: int, label: str, kind: str, min_known: bool,

@@ -15,7 +15,6 @@ Presets:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -77,8 +76,12 @@ class Suite:
     grid: GridConfig = field(default_factory=GridConfig)
     bases: tuple[OracleBase, ...] = BASES
 
+    def seeds_for(self, problem: str) -> list[int]:
+        """The seeds of ``problem``: analytic functions are deterministic, so only the first seed."""
+        return self.seeds[:1] if get_problem(problem).kind == "analytic" else list(self.seeds)
+
     def method_tasks(self) -> list[Task]:
-        return [Task(p, m, s, n) for p, n in self.problems for m in self.methods for s in self.seeds]
+        return [Task(p, m, s, n) for p, n in self.problems for m in self.methods for s in self.seeds_for(p)]
 
 
 #: preset name -> (problems with budgets, seeds, grid)
@@ -180,6 +183,3 @@ def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
         grid = replace(grid, points_per_decade=points_per_decade)
     return Suite(preset, resolved, seed_list, methods, grid)
 
-
-def is_min_known(problem: Problem) -> bool:
-    return problem.min_value is not None and math.isfinite(problem.min_value)

@@ -168,7 +168,7 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
     for problem, steps in suite.problems:
         for base in suite.bases:
             group = _Group(problem, steps, base, initial_grid(base, suite.grid))
-            for task in plan_oracle_tasks(problem, steps, base, group.grid, suite.seeds, ppd):
+            for task in plan_oracle_tasks(problem, steps, base, group.grid, suite.seeds_for(problem), ppd):
                 plan(task)
                 group.waiting.add(task.key)
             groups.append(group)
@@ -183,7 +183,7 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
                 scores = {}
                 for k in g.grid:
                     lr = lr_value(k, ppd)
-                    keys = [Task(g.problem, oracle_spec(g.base, lr), s, g.steps).key for s in suite.seeds]
+                    keys = [Task(g.problem, oracle_spec(g.base, lr), s, g.steps).key for s in suite.seeds_for(g.problem)]
                     scores[k] = seed_score([done[key] for key in keys])
                 new = widen(g.grid, scores, suite.grid)
                 if not new:
@@ -191,7 +191,7 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
                 g.rounds += 1
                 stats.widened += 1
                 g.grid = sorted(set(g.grid) | set(new))
-                for task in plan_oracle_tasks(g.problem, g.steps, g.base, new, suite.seeds, ppd):
+                for task in plan_oracle_tasks(g.problem, g.steps, g.base, new, suite.seeds_for(g.problem), ppd):
                     plan(task, urgent=True)
                     if task.key not in done:
                         g.waiting.add(task.key)
