@@ -1,0 +1,373 @@
+r"""Hypergradient descent: the learning rate learned by gradient descent on itself.
+
+Paper: A. G. Baydin, R. Cornish, D. Martinez Rubio, M. Schmidt, F. Wood, "Online Learning Rate
+Adaptation with Hypergradient Descent", ICLR 2018, arXiv:1703.04782 (SGD-HD, SGDN-HD, Adam-HD).
+
+The loss after a step, :math:`f(x_{t-1} - \alpha\, d_{t-1})`, depends on the learning rate
+:math:`\alpha` through the step just taken; its derivative, evaluated with the gradient that
+the next step computes anyway, is :math:`-\langle g_t, d_{t-1}\rangle`. One step of gradient
+descent on :math:`\alpha` with rate :math:`\beta` (``hypergrad_lr``) before each step gives
+
+.. math:: \alpha_t = \alpha_{t-1} + \beta\,\langle g_t, d_{t-1}\rangle
+
+(the step grows while consecutive directions agree, shrinks when they disagree), at the cost
+of one dot product per step and, for SGD, a copy of the previous direction.
+
+Reference read (not installed; GitHub only): ``gbaydin/hypergradient-descent``,
+``hypergrad/sgd_hd.py`` and ``hypergrad/adam_hd.py``. What differs from it, deliberately:
+
+* **one learning rate per param group, updated once per step** from the dot product summed
+  over the group's parameters (batched, one reduction for all groups). The reference's SGDHD
+  refuses several groups; its AdamHD updates the rate inside the per-parameter loop, so that
+  each tensor of a step sees a different rate (their issue #9).
+* **the rate is kept non-negative** (clamped at 0, from where it can grow back): the
+  reference's can go negative and then climb the loss (their issue #4).
+* the rate is a 0-d tensor on the parameters' device (no host synchronization), published as
+  ``group["effective_lr"]``, while ``group["lr"]`` stays a multiplier (default 1.0) that lr
+  schedulers drive; the initial rate is ``init_lr``. The hypergradient is taken with respect
+  to the learned rate *with* the multiplier applied, so a group scheduled to ``lr=0`` neither
+  moves nor changes its rate.
+* Adam-HD uses Adam's usual form (as ``torch.optim.Adam``): :math:`\epsilon` is added to
+  :math:`\sqrt{\hat v}`, after bias correction; the reference adds it before.
+* ``p.grad`` is never modified (the reference's SGDHD writes the weight decay into it).
+
+With ``hypergrad_lr=0`` the classes are exactly ``torch.optim.SGD`` (momentum, Nesterov, L2
+weight decay) and ``torch.optim.Adam`` at ``lr = init_lr`` (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from ._batched import add_scaled_, total_dot, total_dot_loop
+from .base import TunelessOptimizer, local_tensor
+
+__all__ = ["SGDHD", "AdamHD"]
+
+
+class _HypergradientBase(TunelessOptimizer):
+    """The shared step: per-group dot products, one reduction, per-group rate, then the update."""
+
+    learning_rate_free = False  # the initial rate init_lr matters (the method adapts it)
+
+    def _update(self, loss: Tensor | None) -> None:
+        dtype, device = self._stat_dtype(), self._stat_device()
+        per_group = []
+        partials = []
+        for group in self.param_groups:
+            if "learned_lr" not in group:
+                # The learned rate alpha_t of the group (0-d tensor, statistics dtype).
+                group["learned_lr"] = self._scalar(group["init_lr"])
+                # Steps taken by the group (for Adam's bias correction), and the lr multiplier
+                # of the last step (the hypergradient is taken through it).
+                group["hd_step"] = 0
+                group["hd_prev_lr"] = 0.0
+            params, grads = self._params_with_grad(group)
+            xs = [local_tensor(p) for p in params]
+            if group["weight_decay"] != 0 and params:
+                # Coupled L2: the gradient of f + wd/2 ||x||^2 (a new list; p.grad is untouched).
+                grads = [g.to(x.dtype) + group["weight_decay"] * x for g, x in zip(grads, xs)] \
+                    if not self._use_foreach(group) else torch._foreach_add(grads, xs, alpha=group["weight_decay"])
+            per_group.append((params, xs, grads))
+            if params and group["hd_step"] > 0:
+                partials.append(self._hypergradient(group, params, grads, dtype, device))
+            else:
+                partials.append(torch.zeros((), dtype=dtype, device=device))
+        h = self._global_sum(torch.stack(partials))
+        for i, (group, (params, xs, grads)) in enumerate(zip(self.param_groups, per_group)):
+            if not params:
+                self._publish_step_size(group, group["learned_lr"] * group["lr"])
+                continue
+            alpha = torch.clamp(group["learned_lr"] + group["hypergrad_lr"] * group["hd_prev_lr"] * h[i], min=0.0)
+            group["learned_lr"] = alpha
+            group["hd_step"] += 1
+            lr = group["lr"]
+            group["hd_prev_lr"] = lr.clone() if isinstance(lr, Tensor) else lr  # schedulers fill_ tensor lrs
+            step = alpha * group["lr"]
+            self._publish_step_size(group, step)
+            self._direction_step(group, params, xs, grads, step)
+
+    def _hypergradient(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                       dtype: torch.dtype, device: torch.device) -> Tensor:  # pragma: no cover - abstract
+        """<g_t, d_{t-1}> summed over the group's parameters (before the state is updated)."""
+        raise NotImplementedError
+
+    def _direction_step(self, group: dict[str, Any], params: list[Tensor], xs: list[Tensor],
+                        grads: list[Tensor], step: Tensor) -> None:  # pragma: no cover - abstract
+        """Update the state and apply x <- x - step * d_t."""
+        raise NotImplementedError
+
+
+def _check_hd(owner: str, lr: Any, init_lr: Any, hypergrad_lr: Any, weight_decay: Any,
+              init_rec: float, beta_rec: float) -> None:
+    v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+    v.check_range(owner, "init_lr", init_lr, 0.0, None, inclusive="[)", recommended=init_rec)
+    v.check_range(owner, "hypergrad_lr", hypergrad_lr, 0.0, None, inclusive="[)", recommended=beta_rec)
+    v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
+
+
+# ============================================================================ SGD-HD
+
+
+class SGDHD(_HypergradientBase):
+    r"""SGD with hypergradient descent on the learning rate (SGD-HD; SGDN-HD with momentum).
+
+    With the direction :math:`d_t` of SGD (:math:`g_t`), heavy-ball momentum
+    (:math:`m_t = \mu m_{t-1} + g_t`, :math:`d_t = m_t`) or Nesterov momentum
+    (:math:`d_t = g_t + \mu m_t`), as in ``torch.optim.SGD``, and per param group:
+
+    .. math::
+        \alpha_t &= \max\big(0,\ \alpha_{t-1} + \beta\,\mathrm{lr}_{t-1}\,\langle g_t, d_{t-1}\rangle\big),
+        \qquad \alpha_0 = \texttt{init\_lr},\ d_0 = 0 \\
+        x_{t+1} &= x_t - \mathrm{lr}_t\,\alpha_t\, d_t
+
+    where :math:`g_t` includes the L2 term ``weight_decay`` :math:`\cdot x_t` and the dot product
+    runs over the group's parameters.
+
+    Args:
+        params: parameters or param groups (each group learns its own rate).
+        lr: multiplier of the learned rate, for schedulers (default 1.0).
+        init_lr: the initial learning rate :math:`\alpha_0` (default 1e-3, the paper's).
+        hypergrad_lr: the hypergradient rate :math:`\beta` (default 1e-3, the paper's value for
+            SGD-HD and SGDN-HD; the reference package defaults to 1e-6). Its scale is that of
+            :math:`\alpha / \|g\|^2`.
+        momentum: heavy-ball momentum :math:`\mu` (default 0.0; 0.9 gives SGDN-HD's setting).
+        nesterov: Nesterov momentum (default False; needs ``momentum > 0``).
+        weight_decay: coupled L2 penalty (default 0.0).
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    Example:
+        >>> import torch, tuneless
+        >>> x = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+        >>> opt = tuneless.SGDHD([x], init_lr=0.01, hypergrad_lr=0.001)
+        >>> for _ in range(3):
+        ...     opt.zero_grad(); loss = (x ** 2).sum(); loss.backward(); _ = opt.step()
+        >>> float(opt.param_groups[0]["effective_lr"]) > 0.01   # consecutive gradients agree
+        True
+
+    References:
+        Baydin, Cornish, Martinez Rubio, Schmidt, Wood, "Online Learning Rate Adaptation with
+        Hypergradient Descent", ICLR 2018, arXiv:1703.04782.
+
+    .. warning:: ``hypergrad_lr`` has units: too large and the rate oscillates (it is clamped
+       at 0 from below, not bounded above). The paper reports robustness over several orders
+       of magnitude of ``init_lr``, not of ``hypergrad_lr``.
+    """
+
+    registry_name = "sgd_hd"
+
+    def __init__(self, params: Any, lr: float = 1.0, *, init_lr: float = 1e-3, hypergrad_lr: float = 1e-3,
+                 momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 foreach: bool | None = None) -> None:
+        owner = type(self).__name__
+        _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-3)
+        v.check_range(owner, "momentum", momentum, 0.0, 1.0, inclusive="[)", recommended=0.9)
+        v.check_bool(owner, "nesterov", nesterov)
+        if nesterov and momentum == 0:
+            v.fail(owner, "nesterov", nesterov, "False when momentum = 0 (Nesterov needs momentum > 0)")
+        super().__init__(params, dict(lr=lr, init_lr=float(init_lr), hypergrad_lr=float(hypergrad_lr),
+                                      momentum=float(momentum), nesterov=nesterov,
+                                      weight_decay=float(weight_decay), foreach=foreach))
+
+    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            if group["momentum"] != 0:
+                # Momentum buffer m_t (with heavy-ball momentum it is also the direction d_t).
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["momentum"] == 0 or group["nesterov"]:
+                # The previous direction d_{t-1}, for the hypergradient <g_t, d_{t-1}>.
+                state["prev_direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _prev_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        key = "momentum_buffer" if group["momentum"] != 0 and not group["nesterov"] else "prev_direction"
+        return [local_tensor(self._state_of(p, group)[key]) for p in params]
+
+    def _hypergradient(self, group, params, grads, dtype, device):
+        dot = total_dot if self._use_foreach(group) else total_dot_loop
+        return dot(grads, self._prev_directions(group, params), dtype, device)
+
+    def _direction_step(self, group, params, xs, grads, step):
+        mu, nesterov = group["momentum"], group["nesterov"]
+        states = [self._state_of(p, group) for p in params]
+        bufs = [local_tensor(s["momentum_buffer"]) for s in states] if mu != 0 else []
+        prevs = [local_tensor(s["prev_direction"]) for s in states] if (mu == 0 or nesterov) else []
+        if self._use_foreach(group):
+            _multi_tensor_sgd_hd(xs, grads, bufs, prevs, step, mu, nesterov)
+        else:
+            _single_tensor_sgd_hd(xs, grads, bufs, prevs, step, mu, nesterov)
+
+
+def _single_tensor_sgd_hd(xs, grads, bufs, prevs, step, mu, nesterov) -> None:
+    """d_t from the gradient (and momentum); x <- x - step * d_t; keep d_t. One tensor at a time."""
+    for i, (x, g) in enumerate(zip(xs, grads)):
+        g = g.to(x.dtype)
+        if mu != 0:
+            buf = bufs[i]
+            buf.mul_(mu).add_(g)
+            d = g + mu * buf if nesterov else buf
+        else:
+            d = g
+        if prevs:
+            prevs[i].copy_(d)
+        x.sub_(d * step.to(x.dtype))
+
+
+def _multi_tensor_sgd_hd(xs, grads, bufs, prevs, step, mu, nesterov) -> None:
+    """The same over all tensors at once (in place; d_t is written into its buffer)."""
+    for dt, idx in _by_dtype(xs).items():
+        x = [xs[i] for i in idx]
+        g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
+        s = (-step).to(dt)
+        if mu != 0:
+            buf = [bufs[i] for i in idx]
+            torch._foreach_mul_(buf, mu)
+            torch._foreach_add_(buf, g)
+            if nesterov:
+                prev = [prevs[i] for i in idx]
+                torch._foreach_copy_(prev, g)
+                torch._foreach_add_(prev, buf, alpha=mu)
+                add_scaled_(x, prev, s)
+            else:
+                add_scaled_(x, buf, s)
+        else:
+            prev = [prevs[i] for i in idx]
+            torch._foreach_copy_(prev, g)
+            add_scaled_(x, prev, s)
+
+
+# ============================================================================ Adam-HD
+
+
+class AdamHD(_HypergradientBase):
+    r"""Adam with hypergradient descent on the learning rate (Adam-HD).
+
+    With Adam's moments (:math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t`,
+    :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2`), its direction
+    :math:`d_t = \hat m_t / (\sqrt{\hat v_t} + \epsilon)` with
+    :math:`\hat m_t = m_t/(1-\beta_1^t)`, :math:`\hat v_t = v_t/(1-\beta_2^t)`, and per param
+    group:
+
+    .. math::
+        \alpha_t &= \max\big(0,\ \alpha_{t-1} + \beta\,\mathrm{lr}_{t-1}\,\langle g_t, d_{t-1}\rangle\big),
+        \qquad \alpha_0 = \texttt{init\_lr},\ d_0 = 0 \\
+        x_{t+1} &= x_t - \mathrm{lr}_t\,\alpha_t\, d_t
+
+    :math:`d_{t-1}` is recomputed from the stored moments (no third buffer).
+
+    Args:
+        params: parameters or param groups (each group learns its own rate).
+        lr: multiplier of the learned rate, for schedulers (default 1.0).
+        init_lr: the initial learning rate :math:`\alpha_0` (default 1e-3, Adam's usual value).
+        hypergrad_lr: the hypergradient rate :math:`\beta` (default 1e-7, the paper's value for
+            Adam-HD on logistic regression and MLPs; 1e-8 in its VGG runs and in the reference
+            package).
+        betas: Adam's :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
+        eps: added to :math:`\sqrt{\hat v}` (default 1e-8).
+        weight_decay: coupled L2 penalty, as ``torch.optim.Adam`` (default 0.0).
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    References:
+        Baydin, Cornish, Martinez Rubio, Schmidt, Wood, ICLR 2018, arXiv:1703.04782;
+        Kingma & Ba, "Adam", ICLR 2015, arXiv:1412.6980.
+
+    .. note:: The step count used in the bias corrections is kept per param group (a
+       parameter that joins a group late uses the group's count).
+    """
+
+    registry_name = "adam_hd"
+
+    def __init__(self, params: Any, lr: float = 1.0, *, init_lr: float = 1e-3, hypergrad_lr: float = 1e-7,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 foreach: bool | None = None) -> None:
+        owner = type(self).__name__
+        _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-7)
+        betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
+        v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
+        super().__init__(params, dict(lr=lr, init_lr=float(init_lr), hypergrad_lr=float(hypergrad_lr),
+                                      betas=tuple(float(b) for b in betas), eps=float(eps),
+                                      weight_decay=float(weight_decay), foreach=foreach))
+
+    def _moments(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        ms, vs = [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                # Exponential moving average of the gradients, m_t.
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # Exponential moving average of the squared gradients, v_t.
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ms.append(local_tensor(state["exp_avg"]))
+            vs.append(local_tensor(state["exp_avg_sq"]))
+        return ms, vs
+
+    def _hypergradient(self, group, params, grads, dtype, device):
+        # <g_t, d_{t-1}>, with d_{t-1} rebuilt from the moments of the previous step.
+        beta1, beta2 = group["betas"]
+        t = group["hd_step"]
+        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        ms, vs = self._moments(params)
+        if self._use_foreach(group):
+            dirs = _multi_tensor_adam_direction(ms, vs, math.sqrt(bc2), group["eps"])
+            dot = total_dot(grads, dirs, dtype, device)
+        else:
+            dot = total_dot_loop(grads, [m / ((w.sqrt() / math.sqrt(bc2)) + group["eps"]) for m, w in zip(ms, vs)],
+                                 dtype, device)
+        return dot / bc1
+
+    def _direction_step(self, group, params, xs, grads, step):
+        beta1, beta2 = group["betas"]
+        t = group["hd_step"]  # already counts this step
+        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        ms, vs = self._moments(params)
+        if self._use_foreach(group):
+            _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"])
+        else:
+            _single_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"])
+
+
+def _single_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) -> None:
+    """Adam's moments and step x <- x - step * m_hat / (sqrt(v_hat) + eps), one tensor at a time."""
+    for x, g, m, w in zip(xs, grads, ms, vs):
+        g = g.to(x.dtype)
+        m.lerp_(g, 1 - beta1)
+        w.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        d = (m / bc1) / (w.sqrt() / math.sqrt(bc2) + eps)
+        x.sub_(d * step.to(x.dtype))
+
+
+def _multi_tensor_adam_direction(ms: list[Tensor], vs: list[Tensor], sqrt_bc2: float, eps: float) -> list[Tensor]:
+    """m / (sqrt(v) / sqrt_bc2 + eps) as new tensors (one temporary per tensor)."""
+    den = torch._foreach_sqrt(vs)
+    torch._foreach_div_(den, sqrt_bc2)
+    torch._foreach_add_(den, eps)
+    torch._foreach_reciprocal_(den)
+    torch._foreach_mul_(den, ms)
+    return den
+
+
+def _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) -> None:
+    """The same over all tensors at once."""
+    for dt, idx in _by_dtype(xs).items():
+        x = [xs[i] for i in idx]
+        g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
+        m = [ms[i] for i in idx]
+        w = [vs[i] for i in idx]
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(w, beta2)
+        torch._foreach_addcmul_(w, g, g, value=1 - beta2)
+        d = _multi_tensor_adam_direction(m, w, math.sqrt(bc2), eps)
+        add_scaled_(x, d, (-step / bc1).to(dt))
+
+
+def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
+    out: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.dtype, []).append(i)
+    return out

@@ -1,0 +1,409 @@
+r"""Mechanic: a learned scale for the updates of any optimizer.
+
+Paper: A. Cutkosky, A. Defazio, H. Mehta, "Mechanic: A Learning Rate Tuner", NeurIPS 2023,
+arXiv:2306.00144 (Algorithm 1).
+
+Reference implementation matched: ``mechanic-pytorch`` 0.0.1 (``mechanic_pytorch.mechanize``),
+with its defaults (``s_decay=0.01``, ``betas=(0.9, 0.99, ..., 0.999999)``, ``s_init=1e-8``,
+``eps=1e-8``). With ``store_delta=True`` it computes what this class computes:
+``tests/test_parity_mechanic.py`` checks the iterates to relative 1e-10 over 200 steps in
+float64, over ``torch.optim.SGD`` and ``torch.optim.Adam``, with two param groups.
+
+Mechanic runs the base optimizer as it is, reads the update :math:`u_t` it made, adds it to the
+sum :math:`\Delta` of all updates, and places the parameters at :math:`x_{ref} + s\,\Delta`,
+where the scale :math:`s` is learned by a parameter-free coin-betting tuner from
+:math:`h_t = \langle \Delta_t, g_t\rangle` (how the loss changes along :math:`\Delta`).
+
+What differs from the reference, deliberately:
+
+* **A wrapper instance**, ``Mechanic(torch.optim.SGD(params, lr=1.0))``, not a class factory;
+  it is a ``torch.optim.Optimizer`` (a :class:`~tuneless.optim.base.TunelessOptimizer`) whose
+  ``param_groups`` *are* the base optimizer's (schedulers and ``zero_grad`` reach the base).
+  It can also be built from parameters, with the base named by a spec string
+  (``Mechanic(params, base="sgd:lr=1.0")``; the default base is ``"adam:lr=1.0"``), which is
+  how ``tuneless.create("mechanic", params)`` builds it.
+* **Resumable**: the per-parameter state (:math:`x_{ref}`, :math:`\Delta`) lives in
+  ``self.state`` keyed by parameter and the tuner's scalars in ``param_groups``, so
+  ``state_dict()`` / ``load_state_dict()`` resume bit-exactly (the base's state is nested
+  under ``"base"``). The reference keys its state by ``Parameter`` objects inside a string
+  entry, which ``state_dict`` cannot map, and fails with ``KeyError`` after loading.
+* **Grad mode is restored** even when the base step raises (the reference turns it off
+  globally and leaves it off).
+* :math:`\Delta` **is stored**, as the paper's algorithm and the reference's
+  ``store_delta=True``; the reference's default (``store_delta=False``) recomputes it as
+  :math:`(x - x_{ref}) / (s + \epsilon)`, which loses a fraction :math:`\epsilon/(s+\epsilon)`
+  of it each step while :math:`s` is small and, in float32, most of its precision. Memory:
+  two buffers per parameter, and no per-step copies (the reference copies the gradients and
+  the parameters every step, so its peak is three).
+* **No host synchronization** in a step (the reference reads the scale with Python's ``max``
+  and ``.item()``), the dot products are batched (four statistics, one reduction), and the
+  base's update is recovered as :math:`u_t = x_{new} - x_{ref} - s_t\Delta_t` without copying
+  the parameters before the base step: the step costs the base optimizer's plus two passes
+  over the parameters (one reading the statistics, one writing :math:`\Delta` and :math:`x`).
+* ``lr = 0`` **freezes a group** (a Python number 0, as lr schedulers set): its parameters do
+  not move although :math:`s` keeps changing; so do parameters that have no gradient at a
+  step. Their reference point absorbs the change of scale,
+  :math:`x_{ref} \leftarrow x_{ref} - (s_{t+1} - s_t)\Delta`, so that they resume where they
+  are. (In the reference such parameters stay put but then jump to the new scale.)
+* A non-finite :math:`h_t` (a NaN or infinite gradient) is taken as 0 by the tuner, so that
+  one bad batch does not poison :math:`s` for good.
+
+Kept from the reference although the paper differs (so that parity holds with the defaults):
+the norm and the direction of the ``s_decay`` term are taken at the base optimizer's proposal
+:math:`x_t + u_t` (the paper writes :math:`x_t`), with :math:`\epsilon` added to the norm, and
+the running maximum of :math:`|h|` starts at 1e-6 (the paper: 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from ._batched import add_scaled_, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop
+from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
+
+__all__ = ["Mechanic", "DEFAULT_BASE"]
+
+#: The base optimizer built when Mechanic is given parameters rather than an optimizer.
+DEFAULT_BASE = "adam:lr=1.0"
+
+#: Initial running maximum of |h| (``max_product`` in mechanic-pytorch; the paper uses 0).
+_INITIAL_MAX_PRODUCT = 1e-6
+
+_DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+
+# Keys of the tuner's state in every param group (identical copies, replaced together). The
+# prefix keeps them apart from the base optimizer's own keys (Adam has "betas" and "eps").
+_S, _M, _V, _R, _STEP = "mechanic_s", "mechanic_max_product", "mechanic_sum_sq", "mechanic_reward", "mechanic_step"
+
+
+class Mechanic(TunelessOptimizer):
+    r"""Mechanic (Cutkosky, Defazio & Mehta, 2023): learns the scale of any optimizer's updates.
+
+    With the base optimizer's update :math:`u_t` at step :math:`t` (made with its own ``lr``,
+    typically 1.0), :math:`n` values :math:`\beta_j`, :math:`\Delta_1 = 0`,
+    :math:`s_1 = r_0 = v_0 = 0`, :math:`m_0 = 10^{-6}`, and :math:`S_t = \sum_j s_{t,j}`:
+
+    .. math::
+        \Delta_{t+1} &= \Delta_t + u_t \\
+        h_t &= \Big\langle \Delta_t,\ g_t + \lambda\, S_t\,
+              \frac{\|g_t\|}{\|x_t + u_t\| + \epsilon}\,(x_t + u_t) \Big\rangle \\
+        m_{t,j} &= \max(\beta_j m_{t-1,j},\ |h_t|), \qquad v_{t,j} = \beta_j^2 v_{t-1,j} + h_t^2 \\
+        r_{t,j} &= \max(0,\ \beta_j r_{t-1,j} - s_{t,j} h_t), \qquad
+        s_{t+1,j} = \frac{s_{init}\, m_{t,j} / n + r_{t,j}}{\sqrt{v_{t,j}} + \epsilon} \\
+        x_{t+1} &= x_{ref} + S_{t+1}\,\Delta_{t+1}
+
+    where :math:`x_{ref}` is the starting point and norms and dot products run over every
+    parameter of every group.
+
+    Args:
+        params: the base optimizer (a ``torch.optim.Optimizer``, torch's or tuneless), or the
+            parameters / param groups from which ``base`` builds one.
+        base: spec string of the base optimizer when ``params`` are parameters (default
+            ``"adam:lr=1.0"``; e.g. ``"sgd:lr=1.0"``); must be None when an optimizer is given.
+        s_decay: :math:`\lambda`, the weight-decay-like term of :math:`h` (default 0.01).
+        betas: the :math:`\beta_j` of the tuners whose scales are summed (default
+            ``(0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)``).
+        s_init: initial scale (default 1e-8; optax uses 1e-6). :math:`s` grows geometrically
+            from it, so it matters little.
+        eps: added to denominators (default 1e-8).
+        foreach: vectorized implementation of Mechanic's own passes (None or True) or the
+            per-parameter loop (False); the base optimizer keeps its own setting.
+
+    Example:
+        >>> import torch, tuneless
+        >>> x = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+        >>> opt = tuneless.Mechanic(torch.optim.SGD([x], lr=1.0))
+        >>> for _ in range(100):
+        ...     opt.zero_grad(); loss = (x ** 2).sum(); loss.backward(); _ = opt.step()
+        >>> float((x.detach() ** 2).sum()) < 25.0
+        True
+
+    References:
+        A. Cutkosky, A. Defazio, H. Mehta, "Mechanic: A Learning Rate Tuner", NeurIPS 2023,
+        arXiv:2306.00144.
+
+    .. warning:: Mechanic owns the parameters between steps: it expects them to be where it
+       put them (:math:`x_{ref} + S\Delta`), and reads any other change made between two
+       steps as part of the next base update. Load a checkpoint through
+       :meth:`load_state_dict` of the Mechanic (not of its base), together with the model.
+       Bases that keep their own averaged point (Schedule-Free) are not supported, nor bases
+       whose ``step`` must re-evaluate a closure several times and then leaves the parameters
+       elsewhere than their last evaluation (LBFGS). A group ``lr`` given as a tensor is not
+       inspected (that would synchronize), so a tensor ``lr`` of 0 does not freeze its group.
+       Memory: two buffers per parameter on top of the base's.
+    """
+
+    registry_name = "mechanic"
+    learning_rate_free = True
+
+    def __init__(self, params: Any, base: str | None = None, *, s_decay: float = 0.01,
+                 betas: tuple[float, ...] = _DEFAULT_BETAS, s_init: float = 1e-8, eps: float = 1e-8,
+                 foreach: bool | None = None) -> None:
+        owner = type(self).__name__
+        v.check_range(owner, "s_decay", s_decay, 0.0, None, inclusive="[)", recommended=0.01)
+        betas = _check_beta_list(owner, betas)
+        v.check_range(owner, "s_init", s_init, 0.0, None, inclusive="()", recommended=1e-8)
+        v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
+        if foreach is not None:
+            v.check_bool(owner, "foreach", foreach)
+        if isinstance(params, torch.optim.Optimizer):
+            if base is not None:
+                v.fail(owner, "base", base, "None when an optimizer is given (that optimizer is the base)")
+            base_optimizer = params
+        else:
+            if base is None:
+                base = DEFAULT_BASE
+            if not isinstance(base, str):
+                v.fail(owner, "base", base, "a spec string such as 'sgd:lr=1.0' (or pass the optimizer itself)",
+                       DEFAULT_BASE)
+            from ..registry import create  # local import: the registry imports the optimizers
+
+            base_optimizer = create(base, params)
+        if isinstance(base_optimizer, Mechanic):
+            v.fail(owner, "base", type(base_optimizer).__name__, "an optimizer that is not itself a Mechanic")
+        self._linked = False
+        self.base_optimizer = base_optimizer
+        defaults = dict(foreach=foreach, mechanic_s_decay=float(s_decay), mechanic_betas=betas,
+                        mechanic_s_init=float(s_init), mechanic_eps=float(eps))
+        super().__init__(base_optimizer.param_groups, defaults)
+        # From here on the groups are the base's own list: whatever changes them (a scheduler,
+        # add_param_group, zero_grad) changes them for both.
+        self.param_groups = base_optimizer.param_groups
+        self._linked = True
+
+    # ------------------------------------------------------------------ groups, copies, checkpoints
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (and so to this one)."""
+        if not getattr(self, "_linked", False):  # during __init__: adopt the base's groups
+            super().add_param_group(param_group)
+            return
+        self.base_optimizer.add_param_group(param_group)
+        for key, value in self.defaults.items():
+            self.param_groups[-1].setdefault(key, value)
+        if _S in self.param_groups[0]:
+            for key in (_S, _M, _V, _R, _STEP):
+                self.param_groups[-1][key] = self.param_groups[0][key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["base_optimizer"] = self.base_optimizer
+        state["_linked"] = True
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mechanic's state (``state``, ``param_groups``) with the base's nested under ``"base"``."""
+        sd = super().state_dict()
+        sd["base"] = self.base_optimizer.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        if "base" not in state_dict:
+            raise ValueError("Mechanic.load_state_dict: not a Mechanic state_dict (it has no 'base' entry)")
+        self.base_optimizer.load_state_dict(state_dict.pop("base"))
+        super().load_state_dict(state_dict)
+        # Both loads built new group dicts; share the base's again, with Mechanic's keys.
+        loaded = self.param_groups
+        self.param_groups = self.base_optimizer.param_groups
+        for mine, theirs in zip(loaded, self.param_groups):
+            for key, value in mine.items():
+                if key != "params":
+                    theirs[key] = value
+
+    def _use_foreach(self, group: dict[str, Any]) -> bool:
+        # One setting for Mechanic's own passes; group["foreach"] belongs to the base.
+        flag = self.defaults.get("foreach")
+        return True if flag is None else bool(flag)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One step of the base optimizer, rescaled by Mechanic.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; a
+                torch base receives it (its first call returns the loss already computed).
+            loss: the loss of the current minibatch, passed on to a tuneless base that needs
+                it (Polyak-type methods); give either this or a closure.
+
+        Returns:
+            The loss (the closure's, or the one passed).
+        """
+        if closure is not None and loss is not None:
+            raise ValueError(f"{type(self).__name__}.step: give either a closure or loss=, not both")
+        grad_mode = torch.is_grad_enabled()
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._check_gradients()
+            active, frozen = self._prepare()
+            # The base runs in the caller's grad mode (as the reference does, for
+            # differentiable optimizers); both context managers restore the mode on any exit.
+            with torch.set_grad_enabled(grad_mode):
+                self._base_step(closure, loss)
+            self._tune(active, frozen)
+        return loss
+
+    def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - step() is overridden
+        raise NotImplementedError("Mechanic.step runs the base optimizer itself")
+
+    def _base_step(self, closure: Callable[[], Any] | None, loss: Any) -> None:
+        base = self.base_optimizer
+        if isinstance(base, TunelessOptimizer):
+            base.step(loss=loss)
+        elif closure is not None:
+            base.step(_first_call_returns(loss, closure))
+        else:
+            base.step()
+
+    def _prepare(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Split the parameters into those tuned at this step and the frozen ones with state.
+
+        Tuned: a gradient, in a group whose lr is not the number 0. Their state is created here,
+        before the base step moves them: x_ref = x_t, Delta = 0.
+        """
+        if _S not in self.param_groups[0]:
+            n = len(self.defaults["mechanic_betas"])
+            dtype, device = self._stat_dtype(), self._stat_device()
+            s = torch.zeros(n, dtype=dtype, device=device)                              # s_t (one per beta)
+            m = torch.full((n,), _INITIAL_MAX_PRODUCT, dtype=dtype, device=device)      # running max of |h|
+            sq = torch.zeros(n, dtype=dtype, device=device)                             # discounted sum of h^2
+            r = torch.zeros(n, dtype=dtype, device=device)                              # reward (wealth won)
+            for group in self.param_groups:
+                group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sq, r, 0
+        active, frozen = [], []
+        for group in self.param_groups:
+            lr = group.get("lr", 1.0)
+            group_frozen = isinstance(lr, (int, float)) and lr == 0
+            for p in group["params"]:
+                if p.grad is not None and not group_frozen:
+                    state = self.state[p]
+                    if "x_ref" not in state:
+                        # The reference point x_ref: where the parameter was when Mechanic met it.
+                        state["x_ref"] = p.detach().clone(memory_format=torch.preserve_format)
+                        # Delta: the sum of the base optimizer's updates since then.
+                        state["delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    active.append(p)
+                elif p in self.state and "x_ref" in self.state[p]:
+                    frozen.append(p)
+        return active, frozen
+
+    def _tune(self, active: list[Tensor], frozen: list[Tensor]) -> None:
+        groups = self.param_groups
+        first = groups[0]
+        if not active:  # nothing was tuned: the scale stays, nothing moves
+            self._publish(first[_S].sum())
+            return
+        dtype, device = self._stat_dtype(), self._stat_device()
+        foreach = self._use_foreach(first)
+        xs = [local_tensor(p) for p in active]
+        gs = [local_tensor(p.grad) for p in active]
+        x_refs = [local_tensor(self.state[p]["x_ref"]) for p in active]
+        deltas = [local_tensor(self.state[p]["delta"]) for p in active]
+        # 1. Statistics, one reduction: <Delta, g>, <Delta, x>, ||x||^2, ||g||^2 (x = x_t + u_t).
+        dot = total_dot if foreach else total_dot_loop
+        sq = total_sum_of_squares if foreach else total_sum_of_squares_loop
+        stats = self._global_sum(torch.stack([dot(deltas, gs, dtype, device), dot(deltas, xs, dtype, device),
+                                              sq(xs, dtype, device), sq(gs, dtype, device)]))
+        delta_g, delta_x, x_sq, g_sq = stats.unbind(0)
+        # 2. The tuner.
+        s_decay, eps = self.defaults["mechanic_s_decay"], self.defaults["mechanic_eps"]
+        s_init = self.defaults["mechanic_s_init"]
+        betas = self._betas_tensor(dtype, device)
+        s, m, sum_sq, reward = first[_S], first[_M], first[_V], first[_R]
+        scale = s.sum()
+        h = delta_g + s_decay * scale * torch.sqrt(g_sq) / (torch.sqrt(x_sq) + eps) * delta_x
+        h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
+        m = torch.maximum(betas * m, h.abs())
+        sum_sq = betas * betas * sum_sq + h * h
+        reward = torch.clamp(betas * reward - s * h, min=0.0)
+        s = (s_init * m / len(betas) + reward) / (torch.sqrt(sum_sq) + eps)
+        new_scale = torch.clamp(s.sum(), min=0.0)
+        step = first[_STEP] + 1
+        for group in groups:
+            group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sum_sq, reward, step
+        # 3. Delta += u_t and x = x_ref + S_{t+1} Delta for the tuned parameters; the frozen ones
+        #    stay where they are, their reference point absorbing the change of scale.
+        f_refs = [local_tensor(self.state[p]["x_ref"]) for p in frozen]
+        f_deltas = [local_tensor(self.state[p]["delta"]) for p in frozen]
+        fn = _multi_tensor_mechanic if foreach else _single_tensor_mechanic
+        fn(xs, x_refs, deltas, f_refs, f_deltas, scale, new_scale)
+        self._publish(new_scale)
+
+    def _betas_tensor(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The betas as a tensor on the device, made once (a copy from the host would synchronize)."""
+        cached = self.__dict__.get("_betas_cache")
+        if cached is None or cached.dtype != dtype or cached.device != device:
+            cached = torch.tensor(self.defaults["mechanic_betas"], dtype=dtype, device=device)
+            self._betas_cache = cached
+        return cached
+
+    def _publish(self, scale: Tensor) -> None:
+        """effective_lr = S x the base's step size (its published one, or its lr)."""
+        tuneless_base = isinstance(self.base_optimizer, TunelessOptimizer)
+        for group in self.param_groups:
+            base_size = group[STEP_SIZE_KEY] if tuneless_base and STEP_SIZE_KEY in group else group.get("lr", 1.0)
+            self._publish_step_size(group, scale * base_size)
+
+
+def _single_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
+                            f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
+    """One tensor at a time (the readable truth)."""
+    for x, x_ref, delta in zip(xs, x_refs, deltas):
+        s_old, s_new = scale.to(x.dtype), new_scale.to(x.dtype)
+        u = (x - x_ref) - s_old * delta  # the base's update: x was x_ref + S_t Delta before it
+        delta.add_(u)
+        x.copy_(x_ref + s_new * delta)
+    for x_ref, delta in zip(f_refs, f_deltas):
+        x_ref.sub_((new_scale - scale).to(x_ref.dtype) * delta)
+
+
+def _multi_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
+                           f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
+    """The same over all tensors at once, in place (x holds u_t for a moment)."""
+    for dt, idx in _by_dtype(xs).items():
+        x = [xs[i] for i in idx]
+        ref = [x_refs[i] for i in idx]
+        delta = [deltas[i] for i in idx]
+        torch._foreach_sub_(x, ref)
+        add_scaled_(x, delta, (-scale).to(dt))
+        torch._foreach_add_(delta, x)
+        torch._foreach_copy_(x, ref)
+        add_scaled_(x, delta, new_scale.to(dt))
+    for dt, idx in _by_dtype(f_refs).items():
+        add_scaled_([f_refs[i] for i in idx], [f_deltas[i] for i in idx], (scale - new_scale).to(dt))
+
+
+def _first_call_returns(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """A closure whose first call returns ``loss`` (already computed) and later calls re-evaluate."""
+    calls = 0
+
+    def wrapped() -> Any:
+        nonlocal calls
+        calls += 1
+        return loss if calls == 1 else closure()
+
+    return wrapped
+
+
+def _check_beta_list(owner: str, betas: Any) -> tuple[float, ...]:
+    allowed = "a non-empty tuple of numbers in [0, 1)"
+    if not isinstance(betas, (tuple, list)) or len(betas) == 0:
+        v.fail(owner, "betas", betas, allowed, _DEFAULT_BETAS)
+    for i, b in enumerate(betas):
+        v.check_range(owner, f"betas[{i}]", b, 0.0, 1.0, inclusive="[)")
+    return tuple(float(b) for b in betas)
+
+
+def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
+    out: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.dtype, []).append(i)
+    return out
+

@@ -1,0 +1,222 @@
+"""Mechanic-specific behaviour (the generic contract is in test_contract.py)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import tuneless
+from tuneless import LossRequiredError, Mechanic, Polyak
+
+
+def make_params():
+    g = torch.Generator().manual_seed(5)
+    return [torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64)),
+            torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64)),
+            torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))]
+
+
+def loss_of(ps):
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    return ((ps[0] @ target - 1.0) ** 2).sum() + ((ps[1] - 0.3) ** 2).sum() + 2.0 * ((ps[2] - target) ** 2).sum()
+
+
+def step(opt, ps, **kwargs):
+    opt.zero_grad()
+    loss = loss_of(ps)
+    loss.backward()
+    opt.step(**kwargs)
+    return loss.detach()
+
+
+def assert_invariant(opt: Mechanic) -> None:
+    """Every parameter with state sits at x_ref + S * Delta (what the next base update is read against)."""
+    scale = opt.param_groups[0]["mechanic_s"].sum()
+    for p, state in opt.state.items():
+        torch.testing.assert_close(p.detach(), state["x_ref"] + scale * state["delta"], rtol=1e-12, atol=1e-13)
+
+
+class Boom(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_grad_mode_is_restored_when_the_base_step_raises(grad_enabled) -> None:
+    ps = make_params()
+    opt = Mechanic(Boom(ps, lr=1.0))
+    loss_of(ps).backward()
+    with torch.set_grad_enabled(grad_enabled):
+        with pytest.raises(RuntimeError, match="boom"):
+            opt.step()
+        assert torch.is_grad_enabled() is grad_enabled
+
+
+def test_base_runs_in_the_callers_grad_mode() -> None:
+    seen = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(torch.is_grad_enabled())
+            return super().step(closure)
+
+    ps = make_params()
+    opt = Mechanic(Spy(ps, lr=1.0))
+    step(opt, ps)
+    with torch.no_grad():
+        opt.step()
+    assert seen == [True, False]
+    assert torch.is_grad_enabled()
+
+
+def test_several_groups_with_their_own_base_lr_share_one_scale() -> None:
+    ps = make_params()
+    base = torch.optim.SGD([{"params": ps[:2], "lr": 1.0}, {"params": ps[2:], "lr": 0.1}], lr=1.0)
+    opt = Mechanic(base)
+    assert opt.param_groups is base.param_groups
+    first = loss_of(ps).item()
+    for _ in range(60):
+        step(opt, ps)
+        assert_invariant(opt)
+    assert loss_of(ps).item() < 0.5 * first
+    scale = opt.param_groups[0]["mechanic_s"].sum()
+    for group in opt.param_groups:
+        torch.testing.assert_close(group["effective_lr"], scale * group["lr"])
+
+
+def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly() -> None:
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1.0))
+    for _ in range(15):
+        step(opt, ps)
+    # group 1 frozen by lr = 0; ps[1] gets no gradient for a few steps
+    opt.param_groups[1]["lr"] = 0.0
+    held = [p.detach().clone() for p in ps]
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_of(ps)
+        loss.backward()
+        ps[1].grad = None
+        opt.step()
+        assert torch.equal(ps[1].detach(), held[1])
+        assert torch.equal(ps[2].detach(), held[2])
+        assert_invariant(opt)
+    assert not torch.equal(ps[0].detach(), held[0])
+    # back on: they take part again, from where they are (the invariant still holds)
+    opt.param_groups[1]["lr"] = 1.0
+    for _ in range(3):
+        step(opt, ps)
+        assert_invariant(opt)
+    assert not torch.equal(ps[2].detach(), held[2])
+
+
+def test_registry_and_spec_string_bases() -> None:
+    opt = tuneless.create("mechanic", make_params())
+    assert isinstance(opt, Mechanic) and isinstance(opt.base_optimizer, torch.optim.Adam)
+    assert opt.base_optimizer.param_groups[0]["lr"] == 1.0
+    opt = tuneless.create("mechanic:base='sgd:lr=1.0,momentum=0.9'", make_params())
+    assert isinstance(opt.base_optimizer, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+    opt = Mechanic(make_params(), "prodigy" if "prodigy" in tuneless.available() else "polyak")
+    assert isinstance(opt.base_optimizer, tuneless.TunelessOptimizer)
+    with pytest.raises(tuneless.InvalidArgumentError, match="not itself a Mechanic"):
+        Mechanic(Mechanic(torch.optim.SGD(make_params(), lr=1.0)))
+    with pytest.raises(tuneless.InvalidArgumentError, match="a spec string"):
+        Mechanic(make_params(), base=torch.optim.SGD)
+    assert "mechanic" in tuneless.learning_rate_free()
+
+
+def test_tuneless_base_gets_the_loss_and_its_step_size_is_scaled() -> None:
+    ps = make_params()
+    opt = Mechanic(Polyak(ps, f_star=0.0))
+    with pytest.raises(LossRequiredError):
+        loss_of(ps).backward()
+        opt.step()
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_of(ps)
+        loss.backward()
+        polyak_step = (loss.detach() / sum((p.grad ** 2).sum() for p in ps))
+        opt.step(loss=loss)
+        scale = opt.param_groups[0]["mechanic_s"].sum()
+        torch.testing.assert_close(opt.param_groups[0]["effective_lr"], scale * polyak_step)
+
+
+class SkipsNonFinite(torch.optim.SGD):
+    """A base that skips a step whose gradients are not finite (as loss-scaling loops do)."""
+
+    def step(self, closure=None):
+        if all(torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None):
+            return super().step(closure)
+        return None
+
+
+def test_non_finite_statistics_do_not_poison_the_scale() -> None:
+    """A step whose gradient is infinite: the base skips it, and Mechanic's tuner takes h = 0."""
+    ps = make_params()
+    opt = Mechanic(SkipsNonFinite(ps, lr=1.0))
+    for _ in range(5):
+        step(opt, ps)
+    opt.zero_grad()
+    loss_of(ps).backward()
+    ps[0].grad[0, 0] = float("inf")
+    opt.step()
+    assert torch.isfinite(opt.param_groups[0]["mechanic_s"]).all()
+    assert_invariant(opt)
+    for _ in range(3):
+        step(opt, ps)
+    assert all(torch.isfinite(p).all() for p in ps)
+    assert torch.isfinite(opt.param_groups[0]["mechanic_s"]).all()
+
+
+def test_closure_is_evaluated_once_per_step_for_a_torch_base() -> None:
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0))
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        opt.zero_grad()
+        loss = loss_of(ps)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        returned = opt.step(closure)
+    assert calls == 3 and isinstance(returned, torch.Tensor)
+
+
+def test_groups_stay_shared_after_load_deepcopy_pickle_and_add_param_group() -> None:
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps[:2], lr=1.0, momentum=0.9))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        step(opt, ps)
+        sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.5  # the scheduler reached the base
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Mechanic(torch.optim.SGD(ps[:2], lr=1.0, momentum=0.9))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for clone in (fresh, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.param_groups is clone.base_optimizer.param_groups
+        assert clone.param_groups[0]["lr"] == 0.5
+        assert "mechanic_s" in clone.param_groups[0]
+    opt.add_param_group({"params": [ps[2]], "lr": 0.25})
+    assert len(opt.base_optimizer.param_groups) == 2
+    assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
+    for _ in range(3):
+        step(opt, ps)
+        assert_invariant(opt)
+    assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
+
+
+def test_load_refuses_a_state_dict_without_the_base() -> None:
+    opt = Mechanic(torch.optim.SGD(make_params(), lr=1.0))
+    with pytest.raises(ValueError, match="no 'base' entry"):
+        opt.load_state_dict(torch.optim.SGD(make_params(), lr=1.0).state_dict())
