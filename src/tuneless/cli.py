@@ -1,4 +1,4 @@
-"""The ``tuneless`` command: ``race``, ``list`` (and ``bench`` / ``report`` where installed).
+"""The ``tuneless`` command: ``race``, ``list``, ``bench`` and ``report``.
 
 Nothing below this module imports it: it only parses arguments, calls the library, prints.
 """
@@ -124,12 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("what", nargs="?", default="all", choices=["all", "optimizers", "problems", "schedulers"])
     lst.set_defaults(func=cmd_list)
 
-    try:  # the benchmark's commands, when that part of the package is present
-        from .cli_bench import add_bench_commands
-    except ImportError:
-        pass
-    else:
-        add_bench_commands(sub)
+    from .cli_bench import add_bench_commands  # tuneless bench, tuneless report
+
+    add_bench_commands(sub)
     return parser
 
 
