@@ -50,6 +50,7 @@ import statistics
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -652,6 +653,7 @@ def link_references(rows: list[Row], candidates: list[Candidate]) -> None:
     for row in rows:
         if row.source != "tuneless" or row.error is not None:
             continue
+        row.reference, row.speedup_vs_reference, row.ref_state_bytes_per_param = None, math.nan, math.nan
         for ref in refs:
             if ref.set == row.set and norm_name(row.key) in counterpart.get(ref.label, ()):
                 row.reference = ref.label
@@ -775,7 +777,8 @@ def format_text(rows: list[Row], sets: dict[str, Shapes]) -> str:
 
 def format_markdown(rows: list[Row], sets: dict[str, Shapes], meta: dict[str, Any]) -> str:
     out = ["# Optimizer step speed", ""]
-    out += [f"- {k}: {v}" for k, v in meta.items()]
+    for k, v in meta.items():
+        out += [f"- {k}:"] + [f"  - {item}" for item in v] if isinstance(v, list) else [f"- {k}: {v}"]
     out += ["", "Ratios are medians over interleaved repetitions, against baselines timed in the same block; "
             "'x own bound' divides the step time by (bytes per parameter x parameters / bandwidth), the "
             "bandwidth measured in the same block with an in-place add. 'x faster than reference' is the "
@@ -854,6 +857,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--markdown", action="store_true", help="print the markdown table")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--json", default=None, help="also write the raw rows as JSON to this file")
+    ap.add_argument("--update", default=None, metavar="JSON",
+                    help="merge into an earlier run's --json file: its rows for the optimizers measured now are "
+                         "replaced (or added), the file is rewritten, and the tables show the merged rows")
     return ap.parse_args(argv)
 
 
@@ -900,13 +906,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     steps = args.steps_per_rep or (1 if args.quick else 2)
     probe_numel = args.probe_floats or (8_000_000 if args.quick else 100_000_000)
     candidates = select_candidates(args)
+    sets_desc = "; ".join(_set_title(name, sets) for name in sets)
+    if args.update:  # refuse a mismatched file before spending minutes measuring
+        _check_update_file(args.update, sets_desc)
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     progress(f"{len(candidates)} optimizers x {len(sets)} parameter sets, {reps} reps x {steps} steps, "
              f"{args.threads} thread(s), device {args.device}")
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), _load_average()
     rows: list[Row] = []
     interrupted = False
     for set_name, shapes in sets.items():
@@ -918,25 +927,30 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             interrupted = True
             progress("interrupted: reporting the rows measured so far")
             break
-    link_references(rows, candidates)
     meta = {
+        "parameter sets": sets_desc,
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "tuneless": tuneless.__version__,
         "CPU": f"{cpu_model()} ({torch.get_num_threads()} torch thread(s) of {_cpu_count()} CPUs)",
         "device": args.device,
         "repetitions": f"{reps} per block x {steps} steps, medians",
+        "machine load (1-min load average at start, end)": f"{load_start}, {_load_average()}",
+        "run time": f"{time.perf_counter() - started:.0f} s",
         "command": "python benchmarks/step_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     if interrupted:
         meta["INTERRUPTED"] = "the run was stopped; the tables are incomplete"
+    if args.update:
+        rows, meta = merge_into(args.update, rows, meta)
+    link_references(rows, candidates + reference_candidates())
     text = format_markdown(rows, sets, meta)
     print(text if args.markdown else format_text(rows, sets))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
+    for path in {p for p in (args.json, args.update) if p}:
+        with open(path, "w") as f:
             json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     for m in check_targets(rows):
         progress(f"target missed: {m}")
@@ -944,8 +958,51 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 130 if interrupted else 0
 
 
+SOURCE_ORDER = {"baseline": 0, "tuneless": 1, "torch": 2, "reference": 3}
+
+
+def merge_into(path: str, new_rows: list[Row], new_meta: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    """The rows of an earlier run (``--json`` file at ``path``) with ``new_rows`` replacing or
+    adding the optimizers measured now (every row is normalized by its own block's baselines,
+    so rows of two runs compare; the earlier run's baseline rows are kept)."""
+    old = _check_update_file(path, new_meta["parameter sets"])
+    meta = dict(old["meta"])
+    names = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{k: v for k, v in r.items() if k in names}) for r in old["rows"]]
+    fresh = {(r.set, r.label): r for r in new_rows if r.source != "baseline"}
+    rows = [fresh.pop((r.set, r.label), r) for r in rows] + list(fresh.values())
+    position = {(r.set, r.label): i for i, r in enumerate(rows)}
+    rows.sort(key=lambda r: (SOURCE_ORDER.get(r.source, 9),
+                             r.label if r.source in ("tuneless", "torch") else "",
+                             position[(r.set, r.label)]))
+    labels = sorted({r.label for r in new_rows if r.source != "baseline"})
+    update = (f"{new_meta['date']}: re-measured {', '.join(labels)} ({new_meta['repetitions']}; "
+              f"load {new_meta['machine load (1-min load average at start, end)']}; {new_meta['command']})")
+    meta["updates"] = [*meta.get("updates", []), update] if isinstance(meta.get("updates"), list) else [update]
+    return rows, meta
+
+
+def _check_update_file(path: str, sets_desc: str) -> dict[str, Any]:
+    with open(path) as f:
+        old = json.load(f)
+    theirs = old.get("meta", {}).get("parameter sets")
+    if theirs != sets_desc:
+        raise SystemExit(f"--update {path}: its parameter sets ({theirs}) differ from this run's ({sets_desc}); "
+                         "run with the same --quick/--sets options")
+    return old
+
+
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _load_average() -> str:
+    import os
+
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "n/a"
 
 
 def _cpu_count() -> int:

@@ -120,6 +120,15 @@ def test_command_line_writes_markdown_and_json(tmp_path, capsys) -> None:
     assert "| polyak | tuneless |" in text and "torch: " + torch.__version__ in text
     assert text in capsys.readouterr().out
     assert '"label": "polyak"' in js.read_text()
+    # --update merges a later run of other optimizers into the earlier run's rows
+    rc = ss.main(["--quick", "--only", "sps", "--references", "none", "--sets", "few-large", "--reps", "1",
+                  "--probe-floats", "100000", "--update", str(js), "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert "| polyak | tuneless |" in text and "| sps | tuneless |" in text
+    assert "- updates:\n  - " in text and "re-measured sps" in text
+    with pytest.raises(SystemExit, match="parameter sets"):
+        ss.main(["--quick", "--only", "sps", "--references", "none", "--reps", "1", "--update", str(js)])
     with pytest.raises(tuneless_errors().UnknownNameError, match="did you mean"):
         ss.main(["--quick", "--only", "polyac", "--references", "none"])
 
