@@ -37,7 +37,8 @@ def assert_invariant(opt: Mechanic) -> None:
     """Every parameter with state sits at x_ref + S * Delta (what the next base update is read against)."""
     scale = opt.param_groups[0]["mechanic_s"].sum()
     for p, state in opt.state.items():
-        torch.testing.assert_close(p.detach(), state["x_ref"] + scale * state["delta"], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(p.detach(), state["mechanic_x_ref"] + scale * state["mechanic_delta"],
+                                   rtol=1e-12, atol=1e-13)
 
 
 class Boom(torch.optim.SGD):
@@ -216,7 +217,24 @@ def test_groups_stay_shared_after_load_deepcopy_pickle_and_add_param_group() -> 
     assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
 
 
-def test_load_refuses_a_state_dict_without_the_base() -> None:
-    opt = Mechanic(torch.optim.SGD(make_params(), lr=1.0))
-    with pytest.raises(ValueError, match="no 'base' entry"):
-        opt.load_state_dict(torch.optim.SGD(make_params(), lr=1.0).state_dict())
+def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint() -> None:
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+    for _ in range(3):
+        step(opt, ps)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_x_ref", "mechanic_delta"}
+    # a checkpoint of the base alone: the base keeps its state, Mechanic starts afresh from here
+    base = torch.optim.SGD(ps, lr=1.0, momentum=0.9)
+    step(base, ps)
+    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+    fresh.load_state_dict(base.state_dict())
+    assert fresh.param_groups is fresh.base_optimizer.param_groups
+    assert torch.equal(fresh.base_optimizer.state[ps[0]]["momentum_buffer"], base.state[ps[0]]["momentum_buffer"])
+    assert len(fresh.state) == 0
+    before = [p.detach().clone() for p in ps]
+    step(fresh, ps)
+    assert_invariant(fresh)
+    for p, b in zip(fresh.state, before):
+        assert torch.equal(fresh.state[p]["mechanic_x_ref"], b)

@@ -80,9 +80,8 @@ class _HypergradientBase(TunelessOptimizer):
                 partials.append(torch.zeros((), dtype=dtype, device=device))
         h = self._global_sum(torch.stack(partials))
         for i, (group, (params, xs, grads)) in enumerate(zip(self.param_groups, per_group)):
-            if not params:
-                self._publish_step_size(group, group["learned_lr"] * group["lr"])
-                continue
+            # The rate and the step count are updated even where this process holds no gradient
+            # of the group (h is global): every rank of a sharded run keeps the same values.
             alpha = torch.clamp(group["learned_lr"] + group["hypergrad_lr"] * group["hd_prev_lr"] * h[i], min=0.0)
             group["learned_lr"] = alpha
             group["hd_step"] += 1
@@ -90,7 +89,8 @@ class _HypergradientBase(TunelessOptimizer):
             group["hd_prev_lr"] = lr.clone() if isinstance(lr, Tensor) else lr  # schedulers fill_ tensor lrs
             step = alpha * group["lr"]
             self._publish_step_size(group, step)
-            self._direction_step(group, params, xs, grads, step)
+            if params:
+                self._direction_step(group, params, xs, grads, step)
 
     def _hypergradient(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                        dtype: torch.dtype, device: torch.device) -> Tensor:  # pragma: no cover - abstract
@@ -277,8 +277,9 @@ class AdamHD(_HypergradientBase):
         Baydin, Cornish, Martinez Rubio, Schmidt, Wood, ICLR 2018, arXiv:1703.04782;
         Kingma & Ba, "Adam", ICLR 2015, arXiv:1412.6980.
 
-    .. note:: The step count used in the bias corrections is kept per param group (a
-       parameter that joins a group late uses the group's count).
+    .. note:: The step count used in the bias corrections is kept per param group and counts
+       every step of the optimizer (a parameter that joins a group late, or misses steps, uses
+       the group's count), so that it is the same on every rank of a sharded run.
     """
 
     registry_name = "adam_hd"

@@ -24,9 +24,11 @@ What differs from the reference, deliberately:
   how ``tuneless.create("mechanic", params)`` builds it.
 * **Resumable**: the per-parameter state (:math:`x_{ref}`, :math:`\Delta`) lives in
   ``self.state`` keyed by parameter and the tuner's scalars in ``param_groups``, so
-  ``state_dict()`` / ``load_state_dict()`` resume bit-exactly (the base's state is nested
-  under ``"base"``). The reference keys its state by ``Parameter`` objects inside a string
-  entry, which ``state_dict`` cannot map, and fails with ``KeyError`` after loading.
+  ``state_dict()`` / ``load_state_dict()`` resume bit-exactly, also through
+  ``torch.distributed.checkpoint``: ``state_dict()`` has the standard layout, each
+  parameter's entry holding the base's state and Mechanic's ``mechanic_*`` buffers. The
+  reference keys its state by ``Parameter`` objects inside a string entry, which
+  ``state_dict`` cannot map, and fails with ``KeyError`` after loading.
 * **Grad mode is restored** even when the base step raises (the reference turns it off
   globally and leaves it off).
 * :math:`\Delta` **is stored**, as the paper's algorithm and the reference's
@@ -78,6 +80,10 @@ _DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 # Keys of the tuner's state in every param group (identical copies, replaced together). The
 # prefix keeps them apart from the base optimizer's own keys (Adam has "betas" and "eps").
 _S, _M, _V, _R, _STEP = "mechanic_s", "mechanic_max_product", "mechanic_sum_sq", "mechanic_reward", "mechanic_step"
+# Keys of the per-parameter state; with the prefix, they share a parameter's entry of state_dict
+# with the base optimizer's own state (one standard layout, as torch.distributed.checkpoint needs).
+_PREFIX = "mechanic_"
+_REF, _DELTA = "mechanic_x_ref", "mechanic_delta"
 
 
 class Mechanic(TunelessOptimizer):
@@ -196,17 +202,33 @@ class Mechanic(TunelessOptimizer):
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        """Mechanic's state (``state``, ``param_groups``) with the base's nested under ``"base"``."""
-        sd = super().state_dict()
-        sd["base"] = self.base_optimizer.state_dict()
+        """The standard layout: per parameter, the base's state and Mechanic's (``mechanic_*`` keys)
+        in one entry; the param groups (shared) once, the tuner's scalars included."""
+        base_sd = self.base_optimizer.state_dict()
+        own = super().state_dict()
+        state = {}
+        for key in list(base_sd["state"]) + [k for k in own["state"] if k not in base_sd["state"]]:
+            state[key] = {**base_sd["state"].get(key, {}), **own["state"].get(key, {})}
+        sd = dict(base_sd)  # keeps any other entry a tuneless base adds
+        sd["state"], sd["param_groups"] = state, own["param_groups"]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        if "base" not in state_dict:
-            raise ValueError("Mechanic.load_state_dict: not a Mechanic state_dict (it has no 'base' entry)")
-        self.base_optimizer.load_state_dict(state_dict.pop("base"))
-        super().load_state_dict(state_dict)
+        """Load a :meth:`state_dict` (or a state_dict of the base optimizer alone: Mechanic then
+        starts afresh from the current parameters, and the base keeps its state)."""
+        own_state: dict[Any, dict[str, Any]] = {}
+        base_state: dict[Any, dict[str, Any]] = {}
+        for key, entry in state_dict["state"].items():
+            own = {k: val for k, val in entry.items() if isinstance(k, str) and k.startswith(_PREFIX)}
+            base = {k: val for k, val in entry.items() if k not in own}
+            if own:
+                own_state[key] = own
+            if base:
+                base_state[key] = base
+        base_sd = dict(state_dict)
+        base_sd["state"] = base_state
+        self.base_optimizer.load_state_dict(base_sd)
+        super().load_state_dict({"state": own_state, "param_groups": state_dict["param_groups"]})
         # Both loads built new group dicts; share the base's again, with Mechanic's keys.
         loaded = self.param_groups
         self.param_groups = self.base_optimizer.param_groups
@@ -242,12 +264,12 @@ class Mechanic(TunelessOptimizer):
                 loss = closure()
         with torch.no_grad():
             self._check_gradients()
-            active, frozen = self._prepare()
+            active, frozen, all_frozen = self._prepare()
             # The base runs in the caller's grad mode (as the reference does, for
             # differentiable optimizers); both context managers restore the mode on any exit.
             with torch.set_grad_enabled(grad_mode):
                 self._base_step(closure, loss)
-            self._tune(active, frozen)
+            self._tune(active, frozen, all_frozen)
         return loss
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - step() is overridden
@@ -262,11 +284,13 @@ class Mechanic(TunelessOptimizer):
         else:
             base.step()
 
-    def _prepare(self) -> tuple[list[Tensor], list[Tensor]]:
+    def _prepare(self) -> tuple[list[Tensor], list[Tensor], bool]:
         """Split the parameters into those tuned at this step and the frozen ones with state.
 
-        Tuned: a gradient, in a group whose lr is not the number 0. Their state is created here,
-        before the base step moves them: x_ref = x_t, Delta = 0.
+        Tuned: a gradient, in a group whose lr is not the number 0. State is created here for
+        every parameter with a gradient, before the base step moves it: x_ref = x_t, Delta = 0
+        (for a frozen one that changes nothing: it stays at x_ref + S * 0). Also returns whether
+        every group is frozen (the same on every rank: lr is not sharded).
         """
         if _S not in self.param_groups[0]:
             n = len(self.defaults["mechanic_betas"])
@@ -278,35 +302,38 @@ class Mechanic(TunelessOptimizer):
             for group in self.param_groups:
                 group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sq, r, 0
         active, frozen = [], []
+        all_frozen = True
         for group in self.param_groups:
             lr = group.get("lr", 1.0)
             group_frozen = isinstance(lr, (int, float)) and lr == 0
+            all_frozen = all_frozen and group_frozen
             for p in group["params"]:
+                state = self.state[p] if p.grad is not None else self.state.get(p, {})
+                if p.grad is not None and _REF not in state:
+                    # The reference point x_ref: where the parameter was when Mechanic met it.
+                    state[_REF] = p.detach().clone(memory_format=torch.preserve_format)
+                    # Delta: the sum of the base optimizer's updates since then.
+                    state[_DELTA] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if p.grad is not None and not group_frozen:
-                    state = self.state[p]
-                    if "x_ref" not in state:
-                        # The reference point x_ref: where the parameter was when Mechanic met it.
-                        state["x_ref"] = p.detach().clone(memory_format=torch.preserve_format)
-                        # Delta: the sum of the base optimizer's updates since then.
-                        state["delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     active.append(p)
-                elif p in self.state and "x_ref" in self.state[p]:
+                elif _REF in state:
                     frozen.append(p)
-        return active, frozen
+        return active, frozen, all_frozen
 
-    def _tune(self, active: list[Tensor], frozen: list[Tensor]) -> None:
+    def _tune(self, active: list[Tensor], frozen: list[Tensor], all_frozen: bool) -> None:
         groups = self.param_groups
         first = groups[0]
-        if not active:  # nothing was tuned: the scale stays, nothing moves
+        if all_frozen:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
             self._publish(first[_S].sum())
             return
         dtype, device = self._stat_dtype(), self._stat_device()
         foreach = self._use_foreach(first)
         xs = [local_tensor(p) for p in active]
         gs = [local_tensor(p.grad) for p in active]
-        x_refs = [local_tensor(self.state[p]["x_ref"]) for p in active]
-        deltas = [local_tensor(self.state[p]["delta"]) for p in active]
-        # 1. Statistics, one reduction: <Delta, g>, <Delta, x>, ||x||^2, ||g||^2 (x = x_t + u_t).
+        x_refs = [local_tensor(self.state[p][_REF]) for p in active]
+        deltas = [local_tensor(self.state[p][_DELTA]) for p in active]
+        # 1. Statistics, one reduction (entered even by a rank with no gradient at all):
+        #    <Delta, g>, <Delta, x>, ||x||^2, ||g||^2, with x = x_t + u_t.
         dot = total_dot if foreach else total_dot_loop
         sq = total_sum_of_squares if foreach else total_sum_of_squares_loop
         stats = self._global_sum(torch.stack([dot(deltas, gs, dtype, device), dot(deltas, xs, dtype, device),
@@ -330,8 +357,8 @@ class Mechanic(TunelessOptimizer):
             group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sum_sq, reward, step
         # 3. Delta += u_t and x = x_ref + S_{t+1} Delta for the tuned parameters; the frozen ones
         #    stay where they are, their reference point absorbing the change of scale.
-        f_refs = [local_tensor(self.state[p]["x_ref"]) for p in frozen]
-        f_deltas = [local_tensor(self.state[p]["delta"]) for p in frozen]
+        f_refs = [local_tensor(self.state[p][_REF]) for p in frozen]
+        f_deltas = [local_tensor(self.state[p][_DELTA]) for p in frozen]
         fn = _multi_tensor_mechanic if foreach else _single_tensor_mechanic
         fn(xs, x_refs, deltas, f_refs, f_deltas, scale, new_scale)
         self._publish(new_scale)
