@@ -1,0 +1,823 @@
+r"""D-Adaptation: SGD, Adam and AdaGrad whose step size is learned from a lower bound on the distance to the solution.
+
+Paper: A. Defazio and K. Mishchenko, "Learning-Rate-Free Learning by D-Adaptation",
+ICML 2023, arXiv:2301.07733. The idea: for a convex function, the weighted sum of the
+gradients seen so far, :math:`s`, and the dot products :math:`\langle g_k, s_k\rangle` give
+a *lower bound* :math:`\hat d` on :math:`D = \|x_0 - x_*\|`; the step size is set from the
+running maximum :math:`d` of those bounds, which therefore only grows, starting from a tiny
+``d0``.
+
+Reference implementation matched: ``dadaptation`` 3.2 (the authors' package,
+``DAdaptSGD``, ``DAdaptAdam``, ``DAdaptAdaGrad``): same arguments, defaults and update,
+parameter for parameter to a relative 1e-10 over hundreds of steps in float64
+(``tests/test_parity_dadapt.py``) wherever the reference accepts the inputs. Where tuneless
+differs on purpose, the class docstrings say so and ``tests/test_dadapt.py`` covers it. The
+differences common to the three classes:
+
+* **Per-group lr.** A group's ``lr`` multiplies the shared d (group B with ``lr=0.1`` moves
+  0.1x as far as group A at the first step); the reference refuses groups whose lrs differ
+  (other than 0). With equal lrs the two agree.
+* **A group with lr = 0 is frozen**: it neither moves nor updates its buffers nor adds to the
+  statistics of d (the reference skips its statistics too but still moves it, through
+  momentum or a stale first moment). A step in which no group with lr > 0 has a gradient
+  changes nothing, not even the step counter (the reference returns early in most such cases).
+* **Per-group weight decay** (the reference's SGD reads group 0's for every group), and
+  ``p.grad`` is never modified (the reference adds the coupled weight decay into it).
+* **No early return.** The reference returns before the step, and before its all-reduce,
+  when the norm of :math:`s` is 0; here every step reaches the one
+  :meth:`~tuneless.optim.base.TunelessOptimizer._global_sum`, so sharded ranks cannot hang.
+* **d never decreases and never becomes NaN**: :math:`d \leftarrow \max(d, \min(\hat d,
+  \text{growth\_rate}\cdot d))`, and an estimate that is not finite (0/0 when the norms
+  underflow with tiny gradients, an overflow, a NaN gradient) is ignored.
+* **Zero host syncs** per step (the reference reads 2 to 5 scalars per tensor with
+  ``.item()``); d and the other shared scalars are 0-d tensors on the parameters' device.
+  Sharded parameters are handled by the base class: there is no ``fsdp_in_use`` argument
+  (and no ``log_every``: the learned step size is published as ``group["effective_lr"]``).
+* Sparse gradients are refused (the reference's DAdaptAdaGrad accepts them; that path is not
+  kept).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from ..errors import InvalidArgumentError
+from ._batched import add_scaled_, total_dot, total_sum_of_squares
+from .base import TunelessOptimizer, local_tensor
+
+__all__ = ["DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad"]
+
+
+# ============================================================================= shared machinery
+
+
+class _DAdaptBase(TunelessOptimizer):
+    """What the three D-Adaptation classes share: the shared scalars, option checks, the d rule."""
+
+    #: Options that drive the one shared estimate of d: identical in every param group.
+    _SHARED_OPTIONS: ClassVar[tuple[str, ...]] = ("d0", "growth_rate")
+    #: Scalars shared by the whole optimizer (0-d tensors), stored identically in every group,
+    #: with their initial value (None: ``d0``).
+    _SCALARS: ClassVar[dict[str, float | None]] = {"d": None}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group: its values are checked, and the shared ones must equal group 0's."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        self._check_hyperparameters(type(self).__name__, group)
+        first = self.param_groups[0]
+        for key in self._SHARED_OPTIONS:
+            if group[key] != first[key]:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__}: {key} = {group[key]!r} in param group {len(self.param_groups) - 1} "
+                    f"differs from {first[key]!r} in group 0; the estimate of d is shared, so {key} must be "
+                    f"the same in every group"
+                )
+        # A group added after some steps takes the shared scalars of the others.
+        source = next((g for g in self.param_groups if "d" in g), None)
+        if source is not None and source is not group:
+            for key in (*self._SCALARS, "k"):
+                group[key] = source[key]
+
+    @staticmethod
+    def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _shared_scalars(self) -> tuple[dict[str, Tensor], int]:
+        """The shared scalars as 0-d tensors on the parameters' device, and the step counter k."""
+        dtype, device = self._stat_dtype(), self._stat_device()
+        first = self.param_groups[0]
+        if "d" not in first:
+            for group in self.param_groups:
+                for key, init in self._SCALARS.items():
+                    group[key] = float(first["d0"] if init is None else init)
+                group["k"] = 0
+        out = {}
+        for key in self._SCALARS:
+            value = first[key]
+            if isinstance(value, Tensor):  # also moves scalars loaded from a checkpoint elsewhere
+                out[key] = value.to(device=device, dtype=dtype)
+            else:
+                out[key] = torch.tensor(float(value), dtype=dtype, device=device)
+        return out, int(first["k"])
+
+    def _store_shared(self, values: dict[str, Tensor], k: int) -> None:
+        for group in self.param_groups:
+            group.update(values)
+            group["k"] = k
+
+    def _check_shared_options(self) -> None:
+        """Raise if a shared option was changed in one group only (after construction)."""
+        first = self.param_groups[0]
+        for i, group in enumerate(self.param_groups[1:], start=1):
+            for key in self._SHARED_OPTIONS:
+                if group[key] != first[key]:
+                    raise InvalidArgumentError(
+                        f"{type(self).__name__}: {key} = {group[key]!r} in param group {i} differs from "
+                        f"{first[key]!r} in group 0; it must be the same in every group"
+                    )
+
+
+def _grow(d: Tensor, d_hat: Tensor, growth_rate: float) -> Tensor:
+    r""":math:`\max(d, \min(\hat d, \text{growth\_rate}\cdot d))`; a non-finite result keeps d."""
+    new = torch.maximum(d, torch.minimum(d_hat, d * growth_rate))
+    return torch.where(torch.isfinite(new), new, d)
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den > 0, else 0 (no NaN from 0/0, no host sync)."""
+    positive = den > 0
+    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _coef(scalar: Tensor, like: Tensor) -> Tensor:
+    """A 0-d coefficient for in-place ops on ``like``: its dtype, or float32 for 16-bit tensors."""
+    return scalar.to(like.dtype if like.dtype.itemsize >= 4 else torch.float32)
+
+
+def _coupled(grads: list[Tensor], xs: list[Tensor], wd: float, foreach: bool) -> list[Tensor]:
+    """g + wd x in new tensors (coupled weight decay; ``p.grad`` itself is never modified)."""
+    if wd == 0 or not grads:
+        return grads
+    if foreach:
+        return list(torch._foreach_add(grads, xs, alpha=wd))
+    return [g.add(x, alpha=wd) for g, x in zip(grads, xs)]
+
+
+#: On CPU, the vectorized path runs its passes block by block, each block holding about this
+#: many elements per buffer (large tensors are cut into flat views): the dozen passes of a
+#: step then reuse the cache instead of streaming every buffer from memory a dozen times, and
+#: temporaries are block-sized. On other devices (GPUs) everything is one block.
+CPU_BLOCK_NUMEL = 1 << 18
+
+
+def _blocks(*lists: list[Tensor] | None) -> list[tuple[list[Tensor] | None, ...]]:
+    """Parallel sub-lists for foreach calls: one dtype each and, on CPU, cache-sized blocks.
+
+    ``lists`` are parallel lists of same-shaped tensors (parameter, gradient, state buffers);
+    ``None`` entries stay ``None``. A tensor larger than :data:`CPU_BLOCK_NUMEL` is cut into flat
+    views when all its parallel tensors are contiguous (in-place ops on the views update it).
+    """
+    present = [i for i, lst in enumerate(lists) if lst is not None]
+    by_dtype: dict[torch.dtype, list[tuple[Tensor, ...]]] = {}
+    for items in zip(*(lists[i] for i in present)):
+        by_dtype.setdefault(items[0].dtype, []).append(items)
+    out = []
+
+    def emit(rows: list[tuple[Tensor, ...]]) -> None:
+        if rows:
+            columns = list(zip(*rows))
+            full: list[list[Tensor] | None] = [None] * len(lists)
+            for i, col in zip(present, columns):
+                full[i] = list(col)
+            out.append(tuple(full))
+
+    for rows in by_dtype.values():
+        if rows[0][0].device.type != "cpu":
+            emit(rows)
+            continue
+        block: list[tuple[Tensor, ...]] = []
+        size = 0
+        for items in rows:
+            n = items[0].numel()
+            if n > CPU_BLOCK_NUMEL and all(t.is_contiguous() for t in items):
+                pieces = [t.view(-1).split(CPU_BLOCK_NUMEL) for t in items]
+                for piece in zip(*pieces):
+                    emit([piece])
+                continue
+            block.append(items)
+            size += n
+            if size >= CPU_BLOCK_NUMEL:
+                emit(block)
+                block, size = [], 0
+        emit(block)
+    return out
+
+
+def _stack_sum(values: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if not values:
+        return torch.zeros((), dtype=dtype, device=device)
+    return torch.stack([t.reshape(()).to(dtype) for t in values]).sum()
+
+
+def _total_l1(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """sum_i ||t_i||_1 in ``dtype``, batched. ``torch._foreach_norm(ord=1)`` rather than
+    ``_batched.total_abs_sum`` (``_foreach_powsum(p=1)``), which is 5-7x slower on CPU (torch 2.13)."""
+    if not tensors:
+        return torch.zeros((), dtype=dtype, device=device)
+    return torch.stack(torch._foreach_norm(tensors, 1, dtype=dtype)).sum()
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it: sums of squares that must neither underflow nor overflow."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check_common(owner: str, h: dict[str, Any]) -> None:
+    v.check_range(owner, "lr", h["lr"], 0.0, None, inclusive="[)", recommended=1.0)
+    v.check_range(owner, "weight_decay", h["weight_decay"], 0.0, None, inclusive="[)", recommended=0.0)
+    v.check_range(owner, "d0", h["d0"], 0.0, None, inclusive="()", recommended=1e-6)
+    rate = h["growth_rate"]
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate >= 1):  # NaN fails too
+        v.fail(owner, "growth_rate", rate, "1 <= growth_rate (inf: no limit)", math.inf)
+
+
+# ============================================================================= DAdaptSGD
+
+
+class DAdaptSGD(_DAdaptBase):
+    r"""SGD with D-Adaptation: dual averaging whose step size is learned (Defazio & Mishchenko, 2023).
+
+    With :math:`\gamma` the group's ``lr``, :math:`\lambda` its ``weight_decay``,
+    :math:`\beta` its ``momentum`` and :math:`g_0` the first gradient (all parameters),
+    step :math:`k` is
+
+    .. math::
+        \tilde g_k &= \nabla f(x_k) + \lambda x_k, \qquad
+        \eta_k = d_k\,\gamma / \|g_0\| \quad\text{(published as ``effective_lr``)} \\
+        r_{k+1} &= r_k + \eta_k \langle \tilde g_k, s_k\rangle, \qquad
+        s_{k+1} = s_k + \eta_k \tilde g_k \\
+        \hat d_{k+1} &= 2\, r_{k+1} / \|s_{k+1}\|_2, \qquad
+        d_{k+1} = \max\big(d_k,\ \min(\hat d_{k+1},\ \text{growth\_rate}\cdot d_k)\big) \\
+        z_{k+1} &= x_0 - s_{k+1}, \qquad x_{k+1} = \beta x_k + (1-\beta) z_{k+1}
+
+    where :math:`r_0 = 0`, :math:`s_0 = 0`, :math:`d_0` = ``d0``, and the inner products and
+    norms run over every parameter of every group. With ``momentum=0`` this is plain dual
+    averaging, :math:`x_{k+1} = x_0 - s_{k+1} = x_k - \eta_k\tilde g_k`.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the learned step size (default 1.0; leave it unless the training is
+            unstable). torch lr schedulers drive it; it may differ between param groups.
+        momentum: :math:`\beta`, primal averaging of the dual-averaging iterates (default 0.0,
+            as in the reference; 0.9 is the usual choice for deep networks), per group.
+        weight_decay: coupled L2 penalty :math:`\lambda`, per group (default 0.0).
+        d0: initial estimate of d (default 1e-6; rarely needs changing).
+        growth_rate: the most d may grow per step, a factor >= 1 (default inf: no limit;
+            1.02 gives a kind of warm-up).
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    Example:
+        >>> import torch, tuneless
+        >>> x = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+        >>> opt = tuneless.DAdaptSGD([x])
+        >>> for _ in range(50):
+        ...     opt.zero_grad(); loss = (x ** 2).sum(); loss.backward(); _ = opt.step()
+        >>> bool(opt.param_groups[0]["d"] > 1e-3)   # d grew from 1e-6 towards ||x0 - x*|| = 5
+        True
+
+    References:
+        A. Defazio, K. Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+        arXiv:2301.07733. Reference implementation: ``dadaptation`` 3.2 (``DAdaptSGD``).
+
+    Deliberate differences from ``dadaptation`` 3.2, besides those of the module docstring:
+
+    * **Memory.** With ``momentum=0`` the state is :math:`s` only (one copy of the
+      parameters; the update :math:`x_k - \eta_k\tilde g_k` equals :math:`x_0 - s_{k+1}`); with
+      momentum it is :math:`s` and :math:`x_0` (two copies). The reference keeps three
+      (:math:`z`, :math:`s`, :math:`x_0`).
+    * :math:`\|g_0\|` is measured in float64 over every parameter that has a gradient, whatever
+      its group's lr, at the first step that moves (some group with lr > 0 has a gradient). The
+      reference sums in the
+      gradients' dtype (float32 gradients of ~1e-30 underflow to :math:`\|g_0\| = 0` and it
+      raises ``ZeroDivisionError``), skips groups whose lr is 0, and raises when every lr is
+      0 at the first step (a warm-up from 0). If the first gradient is exactly zero,
+      :math:`\|g_0\| = 1` is used (the reference raises ``ZeroDivisionError``). As in the
+      reference, :math:`\|g_0\|` is the norm of the loss's gradient, without the weight-decay
+      term.
+
+    .. warning:: d only grows. If training diverges after d has risen, lower ``lr`` or set
+       ``growth_rate``. Coupled weight decay costs one gradient-sized temporary per step, since
+       ``p.grad`` is left as it is.
+    """
+
+    registry_name = "dadapt_sgd"
+    learning_rate_free = True
+    _SCALARS = {"d": None, "numerator_weighted": 0.0, "g0_norm": 0.0}
+
+    def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.0, weight_decay: float = 0.0,
+                 d0: float = 1e-6, growth_rate: float = math.inf, foreach: bool | None = None) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate,
+                        foreach=foreach)
+        self._check_hyperparameters(type(self).__name__, defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
+        _check_common(owner, h)
+        v.check_range(owner, "momentum", h["momentum"], 0.0, 1.0, inclusive="[)", recommended=0.9)
+
+    def _init_state(self, p: Tensor, momentum: float) -> dict[str, Any]:
+        """The per-parameter buffers, created at the parameter's first step."""
+        state = self.state[p]
+        if "s" not in state:
+            # s: the sum of the weighted gradients, eta_i * g_i (x = x0 - s without momentum).
+            state["s"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if momentum > 0 and "x0" not in state:
+            # x0: the dual-averaging origin, z = x0 - s (only kept with momentum). Equal to x + s
+            # when the parameter has so far moved without momentum (x = x0 - s).
+            state["x0"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            local_tensor(state["x0"]).copy_(local_tensor(p)).add_(local_tensor(state["s"]))
+        return state
+
+    def _update(self, loss: Tensor | None) -> None:
+        self._check_shared_options()
+        dtype, device = self._stat_dtype(), self._stat_device()
+        scalars, k = self._shared_scalars()
+        first = self.param_groups[0]
+        d, g0 = scalars["d"], scalars["g0_norm"]
+        per_group = [self._params_with_grad(group) for group in self.param_groups]
+        active = [group["lr"] != 0 for group in self.param_groups]
+        stepped = any(on and grads for on, (_, grads) in zip(active, per_group))  # something moves
+
+        if k == 0:
+            # ||g0|| over every gradient, summed in float64 (no underflow), then the step size's unit.
+            wide = _wide_dtype(device)
+            partial = torch.zeros((), dtype=wide, device=device)
+            for group, (_, grads) in zip(self.param_groups, per_group):
+                if not grads:
+                    continue
+                if self._use_foreach(group):
+                    partial = partial + _stack_sum(list(torch._foreach_powsum(grads, 2, dtype=wide)), wide, device)
+                else:
+                    partial = partial + _stack_sum([torch.linalg.vector_norm(g, dtype=wide) ** 2 for g in grads],
+                                                   wide, device)
+            g0 = self._global_sum(partial.reshape(1))[0].sqrt().to(dtype)
+            g0 = torch.where((g0 > 0) & torch.isfinite(g0), g0, torch.ones_like(g0))
+
+        numerator = torch.zeros((), dtype=dtype, device=device)
+        s_sq = torch.zeros((), dtype=dtype, device=device)
+        for group, (params, grads), on in zip(self.param_groups, per_group, active):
+            step_size = d * (group["lr"] / g0)  # eta_k for this group
+            self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
+            if not on or not params:
+                continue  # lr = 0: the group is frozen
+            momentum = group["momentum"]
+            states = [self._init_state(p, momentum) for p in params]
+            xs = [local_tensor(p) for p in params]
+            foreach = self._use_foreach(group)
+            impl = _multi_tensor_dadapt_sgd if foreach else _single_tensor_dadapt_sgd
+            dot, sq = impl(xs, grads, states, step_size=step_size, weight_decay=group["weight_decay"],
+                           momentum=momentum, with_stats=k > 0, dtype=dtype, device=device)
+            numerator = numerator + step_size * dot
+            s_sq = s_sq + sq
+
+        if k > 0:
+            # One reduction per step, always reached (no early return: no hang when sharded). At
+            # k = 0 it is ||g0||'s, and d cannot change then (s_0 = 0, so r_1 = 0).
+            numerator, s_sq = self._global_sum(torch.stack([numerator, s_sq])).unbind(0)
+        if not stepped:
+            return  # nothing moved: the step counter stays (at k = 0, ||g0|| is measured again)
+        new = dict(scalars, g0_norm=g0)
+        if k > 0:
+            r = scalars["numerator_weighted"] + numerator
+            new.update(numerator_weighted=r, d=_grow(d, _ratio(2 * r, s_sq.sqrt()), first["growth_rate"]))
+        self._store_shared(new, k + 1)
+
+
+def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                              step_size: Tensor, weight_decay: float, momentum: float, with_stats: bool,
+                              dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """One tensor at a time: s += eta g, x moves; returns sum <g, s_old> and sum ||s_new||^2."""
+    dots, sqs = [], []
+    for x, g, state in zip(xs, grads, states):
+        if weight_decay != 0:
+            g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
+        s = local_tensor(state["s"])
+        eta = _coef(step_size, s)
+        if with_stats:
+            dots.append((g * s).sum())
+        s.add_(g * eta)
+        if with_stats:
+            sqs.append(s.pow(2).sum())
+        if momentum == 0:
+            x.sub_(g * eta)  # = x0 - s
+        else:
+            ck = 1 - momentum
+            z = local_tensor(state["x0"]) - s
+            x.mul_(1 - ck).add_(z, alpha=ck)
+    return _stack_sum(dots, dtype, device), _stack_sum(sqs, dtype, device)
+
+
+def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                             step_size: Tensor, weight_decay: float, momentum: float, with_stats: bool,
+                             dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_single_tensor_dadapt_sgd` over all tensors at once (foreach ops, batched sums).
+
+    No temporary of the parameters' size, except the coupled-decay gradients (block-sized on CPU).
+    """
+    dot = torch.zeros((), dtype=dtype, device=device)
+    sq = torch.zeros((), dtype=dtype, device=device)
+    ss = [local_tensor(st["s"]) for st in states]
+    x0s = [local_tensor(st["x0"]) for st in states] if momentum != 0 else None
+    for xb, gb, sb, x0b in _blocks(xs, grads, ss, x0s):
+        gb = _coupled(gb, xb, weight_decay, True)
+        eta = _coef(step_size, sb[0])
+        if with_stats:
+            dot = dot + total_dot(gb, sb, dtype, device)
+        add_scaled_(sb, gb, eta)
+        if with_stats:
+            sq = sq + total_sum_of_squares(sb, dtype, device)
+        if momentum == 0:
+            add_scaled_(xb, gb, -eta)
+        else:
+            ck = 1 - momentum
+            torch._foreach_lerp_(xb, x0b, ck)       # (1-ck) x + ck x0
+            torch._foreach_add_(xb, sb, alpha=-ck)  # - ck s
+    return dot, sq
+
+
+# ============================================================================= DAdaptAdam
+
+
+class DAdaptAdam(_DAdaptBase):
+    r"""Adam with D-Adaptation: Adam whose step size :math:`d\cdot\mathrm{lr}` is learned (Defazio & Mishchenko, 2023).
+
+    With :math:`\gamma` the group's ``lr``, :math:`c_k = \sqrt{1-\beta_2^{k+1}}/(1-\beta_1^{k+1})`
+    with ``use_bias_correction`` (else 1) and :math:`\eta_k = d_k\,\gamma\,c_k` (published as
+    ``effective_lr``), step :math:`k` is
+
+    .. math::
+        r_k^{+} &= \eta_k \big\langle g_k,\ s_k / (\sqrt{v_k} + \epsilon)\big\rangle
+            \quad\text{(with the previous } s, v) \\
+        m_{k+1} &= \beta_1 m_k + (1-\beta_1)\,\eta_k\, g_k, \qquad
+        v_{k+1} = \beta_2 v_k + (1-\beta_2)\, g_k^2, \qquad
+        s_{k+1} = \sqrt{\beta_2}\, s_k + (1-\sqrt{\beta_2})\,\eta_k\, g_k \\
+        r_{k+1} &= \sqrt{\beta_2}\, r_k + (1-\sqrt{\beta_2})\, r_k^{+}, \qquad
+        \hat d_{k+1} = \frac{r_{k+1}}{(1-\sqrt{\beta_2})\,\|s_{k+1}\|_1}, \qquad
+        d_{k+1} = \max\big(d_k,\ \min(\hat d_{k+1},\ \text{growth\_rate}\cdot d_k)\big) \\
+        x_{k+1} &= x_k - \eta_k\lambda x_k - m_{k+1} / (\sqrt{v_{k+1}} + \epsilon)
+
+    where the inner products and :math:`\|s\|_1` run over every parameter of every group.
+    :math:`\lambda` is the decoupled weight decay (``decouple=True``); with
+    ``decouple=False`` (the default, as in the reference) it is coupled instead:
+    :math:`g_k \leftarrow g_k + \lambda x_k` everywhere and no decay term. The first moment
+    holds the step size (:math:`m` is an average of :math:`\eta g`), so an lr schedule acts
+    through it, as in the reference.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the learned step size (default 1.0; leave it unless the training is
+            unstable). torch lr schedulers drive it; it may differ between param groups.
+        betas: Adam's coefficients (default (0.9, 0.999)), the same in every group.
+        eps: added to :math:`\sqrt{v}` (default 1e-8), per group.
+        weight_decay: :math:`\lambda`, per group (default 0.0).
+        decouple: AdamW-style decoupled weight decay (True) or coupled L2 (default False, as in
+            the reference), per group.
+        use_bias_correction: Adam's bias correction in the step size (default False, as in the
+            reference; True is recommended by its authors for some tasks).
+        d0: initial estimate of d (default 1e-6; rarely needs changing).
+        growth_rate: the most d may grow per step, a factor >= 1 (default inf: no limit;
+            1.02 gives a kind of warm-up).
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    Example:
+        >>> import torch, tuneless
+        >>> x = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+        >>> opt = tuneless.DAdaptAdam([x])
+        >>> for _ in range(100):
+        ...     opt.zero_grad(); loss = (x ** 2).sum(); loss.backward(); _ = opt.step()
+        >>> bool(opt.param_groups[0]["d"] > 1e-3)
+        True
+
+    References:
+        A. Defazio, K. Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+        arXiv:2301.07733. Reference implementation: ``dadaptation`` 3.2 (``DAdaptAdam``).
+
+    Deliberate differences from ``dadaptation`` 3.2, besides those of the module docstring:
+
+    * The reference's per-group ``layer_scale`` is not kept: give the group its own ``lr``
+      (the reference added ``layer_scale`` because it refuses different lrs).
+    * ``betas``, ``use_bias_correction``, ``d0`` and ``growth_rate`` must be the same in every
+      group (an error otherwise; the reference silently reads group 0's).
+    * No early return when :math:`\|s\|_1 = 0`: the step counter of the bias correction always
+      advances and decoupled weight decay applies even while every gradient is zero.
+
+    .. warning:: d only grows. If training diverges after d has risen, lower ``lr`` or set
+       ``growth_rate``. With gradients much smaller than ``eps`` the steps and the estimate
+       stay tiny (as in the reference): d then stays near ``d0``. Coupled weight decay costs
+       one gradient-sized temporary per step, as in ``torch.optim.Adam``.
+    """
+
+    registry_name = "dadapt_adam"
+    learning_rate_free = True
+    _SHARED_OPTIONS = ("betas", "use_bias_correction", "d0", "growth_rate")
+    _SCALARS = {"d": None, "numerator_weighted": 0.0}
+
+    def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
+                 use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = math.inf,
+                 foreach: bool | None = None) -> None:
+        owner = type(self).__name__
+        betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+                        decouple=decouple, use_bias_correction=use_bias_correction, d0=d0,
+                        growth_rate=growth_rate, foreach=foreach)
+        self._check_hyperparameters(owner, defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
+        _check_common(owner, h)
+        v.check_betas(owner, "betas", h["betas"], recommended=(0.9, 0.999))
+        v.check_range(owner, "eps", h["eps"], 0.0, None, inclusive="()", recommended=1e-8)
+        v.check_bool(owner, "decouple", h["decouple"])
+        v.check_bool(owner, "use_bias_correction", h["use_bias_correction"])
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        """The per-parameter buffers, created at the parameter's first step."""
+        state = self.state[p]
+        if "s" not in state:
+            # s: the exponential moving sum of the weighted gradients, whose l1 norm is d-hat's denominator.
+            state["s"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # Exponential moving average of the gradients times the step size (m).
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # Exponential moving average of the squared gradients (v).
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update(self, loss: Tensor | None) -> None:
+        self._check_shared_options()
+        dtype, device = self._stat_dtype(), self._stat_device()
+        scalars, k = self._shared_scalars()
+        first = self.param_groups[0]
+        beta1, beta2 = first["betas"]
+        sqrt_beta2 = beta2 ** 0.5
+        bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1))
+                           if first["use_bias_correction"] else 1.0)
+        d = scalars["d"]
+        numerator = torch.zeros((), dtype=dtype, device=device)
+        s_l1 = torch.zeros((), dtype=dtype, device=device)
+        stepped = False  # some group with lr != 0 has a gradient
+        for group in self.param_groups:
+            on = group["lr"] != 0
+            step_size = d * (group["lr"] * bias_correction)  # eta_k for this group
+            self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
+            params, grads = self._params_with_grad(group)
+            if not on or not params:
+                continue  # lr = 0: the group is frozen
+            stepped = True
+            states = [self._init_state(p) for p in params]
+            xs = [local_tensor(p) for p in params]
+            foreach = self._use_foreach(group)
+            impl = _multi_tensor_dadapt_adam if foreach else _single_tensor_dadapt_adam
+            dot, l1 = impl(xs, grads, states, step_size=step_size, beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], decouple=group["decouple"], dtype=dtype, device=device)
+            numerator = numerator + step_size * dot
+            s_l1 = s_l1 + l1
+
+        # One reduction per step, always reached (no early return: no hang when sharded).
+        numerator, s_l1 = self._global_sum(torch.stack([numerator, s_l1])).unbind(0)
+        if not stepped:
+            return  # nothing moved: d, the numerator and the step counter stay
+        r = sqrt_beta2 * scalars["numerator_weighted"] + (1 - sqrt_beta2) * numerator
+        d_hat = _ratio(r, (1 - sqrt_beta2) * s_l1)
+        self._store_shared(dict(d=_grow(d, d_hat, first["growth_rate"]), numerator_weighted=r), k + 1)
+
+
+def _single_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                               step_size: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+                               decouple: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """One tensor at a time: the moments, s and the step; returns sum <g, s/(sqrt(v)+eps)> and sum ||s||_1."""
+    sqrt_beta2 = beta2 ** 0.5
+    dots, l1s = [], []
+    for x, g, state in zip(xs, grads, states):
+        if weight_decay != 0 and not decouple:
+            g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
+        s, m, u = (local_tensor(state[key]) for key in ("s", "exp_avg", "exp_avg_sq"))
+        eta = _coef(step_size, s)
+        dots.append((g * s.div(u.sqrt().add(eps))).sum())  # the previous s and v
+        m.mul_(beta1).add_(g * (eta * (1 - beta1)))
+        u.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        s.mul_(sqrt_beta2).add_(g * (eta * (1 - sqrt_beta2)))
+        l1s.append(s.abs().sum())
+        if weight_decay != 0 and decouple:
+            x.mul_(1 - weight_decay * eta)
+        x.addcdiv_(m, u.sqrt().add(eps), value=-1)
+    return _stack_sum(dots, dtype, device), _stack_sum(l1s, dtype, device)
+
+
+def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                              step_size: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+                              decouple: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_single_tensor_dadapt_adam` over all tensors at once (foreach ops, batched sums).
+
+    One temporary at a time (block-sized on CPU), the denominator, as in torch's foreach Adam:
+    1/(sqrt(v)+eps), turned into s/(sqrt(v)+eps) in place for the inner product, then
+    sqrt(v)+eps again with the new v for the step; plus the coupled-decay gradients.
+    """
+    sqrt_beta2 = beta2 ** 0.5
+    dot = torch.zeros((), dtype=dtype, device=device)
+    l1 = torch.zeros((), dtype=dtype, device=device)
+    ss, ms, us = ([local_tensor(st[key]) for st in states] for key in ("s", "exp_avg", "exp_avg_sq"))
+    for xb, gb, sb, mb, ub in _blocks(xs, grads, ss, ms, us):
+        if not decouple:
+            gb = _coupled(gb, xb, weight_decay, True)
+        eta = _coef(step_size, sb[0])
+        # <g, s / (sqrt(v) + eps)> with the previous s and v.
+        buf = torch._foreach_sqrt(ub)
+        torch._foreach_add_(buf, eps)
+        torch._foreach_reciprocal_(buf)
+        torch._foreach_mul_(buf, sb)
+        dot = dot + total_dot(gb, buf, dtype, device)
+        torch._foreach_mul_(mb, beta1)
+        add_scaled_(mb, gb, eta * (1 - beta1))
+        torch._foreach_mul_(ub, beta2)
+        torch._foreach_addcmul_(ub, gb, gb, value=1 - beta2)
+        torch._foreach_mul_(sb, sqrt_beta2)
+        add_scaled_(sb, gb, eta * (1 - sqrt_beta2))
+        l1 = l1 + _total_l1(sb, dtype, device)
+        # The step, with the new v: the same buffer now holds sqrt(v) + eps.
+        torch._foreach_copy_(buf, ub)
+        torch._foreach_sqrt_(buf)
+        torch._foreach_add_(buf, eps)
+        if weight_decay != 0 and decouple:
+            torch._foreach_mul_(xb, 1 - weight_decay * eta)
+        torch._foreach_addcdiv_(xb, mb, buf, value=-1)
+    return dot, l1
+
+
+# ============================================================================= DAdaptAdaGrad
+
+
+class DAdaptAdaGrad(_DAdaptBase):
+    r"""AdaGrad with D-Adaptation: dual-averaged AdaGrad whose step size is learned (Defazio & Mishchenko, 2023).
+
+    With :math:`\gamma` the group's ``lr``, :math:`\lambda` its ``weight_decay``,
+    :math:`\beta` its ``momentum`` and :math:`\eta_k = d_k\gamma` (published as
+    ``effective_lr``), step :math:`k` is
+
+    .. math::
+        \tilde g_k &= \nabla f(x_k) + \lambda x_k, \qquad
+        \alpha_{k+1} = \alpha_k + \tilde g_k^2, \qquad
+        s_{k+1} = s_k + \eta_k\tilde g_k, \qquad
+        a_{k+1} = \sqrt{\alpha_{k+1}} + \epsilon \\
+        G_{k+1} &= G_k + \eta_k^2 \sum \tilde g_k^2 / a_{k+1}, \qquad
+        \hat d_{k+1} = \frac{\sum s_{k+1}^2 / a_{k+1} - G_{k+1}}{\|s_{k+1}\|_1}, \qquad
+        d_{k+1} = \max\big(d_k,\ \min(\hat d_{k+1},\ \text{growth\_rate}\cdot d_k)\big) \\
+        z_{k+1} &= x_0 - s_{k+1} / a_{k+1}, \qquad x_{k+1} = \beta x_k + (1-\beta) z_{k+1}
+
+    where :math:`\alpha_0 = 10^{-6}` (coordinate-wise), :math:`s_0 = 0`, :math:`G_0 = 0`, and
+    the sums and :math:`\|s\|_1` run over every coordinate of every group.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the learned step size (default 1.0). torch lr schedulers drive it;
+            it may differ between param groups.
+        momentum: :math:`\beta`, primal averaging (default 0.0), per group.
+        weight_decay: coupled L2 penalty :math:`\lambda`, per group (default 0.0).
+        eps: added to :math:`\sqrt{\alpha}` (default 1e-6), per group.
+        d0: initial estimate of d (default 1e-6).
+        growth_rate: the most d may grow per step, a factor >= 1 (default inf: no limit).
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    References:
+        A. Defazio, K. Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+        arXiv:2301.07733. Reference implementation: ``dadaptation`` 3.2 (``DAdaptAdaGrad``).
+
+    Deliberate differences from ``dadaptation`` 3.2, besides those of the module docstring:
+
+    * The sums :math:`\sum s^2/a` and :math:`\|s\|_1` are computed afresh at each step over the
+      groups that move (the reference tracks them by increments, which its sparse path needs,
+      and counts groups whose lr is 0 in them); the reference reads the lr of group 0 for
+      every group.
+    * Sparse gradients are refused (the reference has a sparse path; it is not kept).
+    * ``momentum`` must be in [0, 1) (the reference accepts any non-negative value).
+
+    .. warning:: The authors recommend D-Adapt Adam or SGD over this variant, which adapts d
+       slowly in practice. d only grows. Coupled weight decay costs one gradient-sized
+       temporary per step.
+    """
+
+    registry_name = "dadapt_adagrad"
+    learning_rate_free = True
+    _SCALARS = {"d": None, "gsq_weighted": 0.0}
+    #: The initial value of the accumulator alpha (fixed in the reference).
+    INITIAL_ACCUMULATOR = 1e-6
+
+    def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.0, weight_decay: float = 0.0,
+                 eps: float = 1e-6, d0: float = 1e-6, growth_rate: float = math.inf,
+                 foreach: bool | None = None) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, d0=d0,
+                        growth_rate=growth_rate, foreach=foreach)
+        self._check_hyperparameters(type(self).__name__, defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
+        _check_common(owner, h)
+        v.check_range(owner, "momentum", h["momentum"], 0.0, 1.0, inclusive="[)", recommended=0.0)
+        v.check_range(owner, "eps", h["eps"], 0.0, None, inclusive="()", recommended=1e-6)
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        """The per-parameter buffers, created at the parameter's first step."""
+        state = self.state[p]
+        if "s" not in state:
+            # alpha: the sum of squared gradients, from INITIAL_ACCUMULATOR.
+            state["alpha"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            local_tensor(state["alpha"]).fill_(self.INITIAL_ACCUMULATOR)
+            # s: the sum of the weighted gradients, eta_i * g_i.
+            state["s"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # x0: the dual-averaging origin.
+            state["x0"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            local_tensor(state["x0"]).copy_(local_tensor(p))
+        return state
+
+    def _update(self, loss: Tensor | None) -> None:
+        self._check_shared_options()
+        dtype, device = self._stat_dtype(), self._stat_device()
+        scalars, k = self._shared_scalars()
+        first = self.param_groups[0]
+        d = scalars["d"]
+        stats = torch.zeros(3, dtype=dtype, device=device)  # eta^2 sum g^2/a, sum s^2/a, ||s||_1
+        stepped = False  # some group with lr != 0 has a gradient
+        for group in self.param_groups:
+            on = group["lr"] != 0
+            step_size = d * group["lr"]  # eta_k for this group
+            self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
+            params, grads = self._params_with_grad(group)
+            if not on or not params:
+                continue  # lr = 0: the group is frozen
+            stepped = True
+            states = [self._init_state(p) for p in params]
+            xs = [local_tensor(p) for p in params]
+            foreach = self._use_foreach(group)
+            impl = _multi_tensor_dadapt_adagrad if foreach else _single_tensor_dadapt_adagrad
+            g_sq, s_sq, l1 = impl(xs, grads, states, step_size=step_size, eps=group["eps"],
+                                  weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                  dtype=dtype, device=device)
+            stats = stats + torch.stack([step_size * step_size * g_sq, s_sq, l1])
+
+        # One reduction per step, always reached (no early return: no hang when sharded).
+        g_sq, s_sq, l1 = self._global_sum(stats).unbind(0)
+        if not stepped:
+            return  # nothing moved: d, the sums and the step counter stay
+        gsq_weighted = scalars["gsq_weighted"] + g_sq
+        d_hat = _ratio(s_sq - gsq_weighted, l1)
+        self._store_shared(dict(d=_grow(d, d_hat, first["growth_rate"]), gsq_weighted=gsq_weighted), k + 1)
+
+
+def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                                  step_size: Tensor, eps: float, weight_decay: float, momentum: float,
+                                  dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One tensor at a time; returns sum g^2/a, sum s^2/a (new alpha and s) and sum ||s||_1."""
+    g_sqs, s_sqs, l1s = [], [], []
+    for x, g, state in zip(xs, grads, states):
+        if weight_decay != 0:
+            g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
+        alpha, s, x0 = (local_tensor(state[key]) for key in ("alpha", "s", "x0"))
+        alpha.addcmul_(g, g)
+        denom = alpha.sqrt().add_(eps)
+        g_sqs.append((g * g).div(denom).sum())
+        s.add_(g * _coef(step_size, s))
+        s_sqs.append((s * s).div(denom).sum())
+        l1s.append(s.abs().sum())
+        z = x0 - s.div(denom)
+        if momentum == 0:
+            x.copy_(z)
+        else:
+            ck = 1 - momentum
+            x.mul_(1 - ck).add_(z, alpha=ck)
+    return _stack_sum(g_sqs, dtype, device), _stack_sum(s_sqs, dtype, device), _stack_sum(l1s, dtype, device)
+
+
+def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                                 step_size: Tensor, eps: float, weight_decay: float, momentum: float,
+                                 dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_single_tensor_dadapt_adagrad` over all tensors at once (foreach ops, batched sums).
+
+    Temporaries (block-sized on CPU): the denominator a (reused for s/a), briefly g/a for
+    sum g^2/a, and the coupled-decay gradients.
+    """
+    g_sq = torch.zeros((), dtype=dtype, device=device)
+    s_sq = torch.zeros((), dtype=dtype, device=device)
+    l1 = torch.zeros((), dtype=dtype, device=device)
+    alphas, ss, x0s = ([local_tensor(st[key]) for st in states] for key in ("alpha", "s", "x0"))
+    for xb, gb, ab, sb, x0b in _blocks(xs, grads, alphas, ss, x0s):
+        gb = _coupled(gb, xb, weight_decay, True)
+        torch._foreach_addcmul_(ab, gb, gb)
+        buf = torch._foreach_sqrt(ab)
+        torch._foreach_add_(buf, eps)                       # a = sqrt(alpha) + eps
+        g_over_a = torch._foreach_div(gb, buf)
+        g_sq = g_sq + total_dot(g_over_a, gb, dtype, device)
+        del g_over_a
+        add_scaled_(sb, gb, _coef(step_size, sb[0]))
+        torch._foreach_reciprocal_(buf)
+        torch._foreach_mul_(buf, sb)                        # buf = s / a
+        s_sq = s_sq + total_dot(sb, buf, dtype, device)
+        l1 = l1 + _total_l1(sb, dtype, device)
+        if momentum == 0:
+            torch._foreach_copy_(xb, x0b)
+            torch._foreach_sub_(xb, buf)                    # x = x0 - s/a
+        else:
+            ck = 1 - momentum
+            torch._foreach_lerp_(xb, x0b, ck)               # (1-ck) x + ck x0
+            torch._foreach_add_(xb, buf, alpha=-ck)         # - ck s/a
+    return g_sq, s_sq, l1
