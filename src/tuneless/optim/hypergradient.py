@@ -73,13 +73,15 @@ class _HypergradientBase(TunelessOptimizer):
                 # Coupled L2: the gradient of f + wd/2 ||x||^2 (a new list; p.grad is untouched).
                 grads = [g.to(x.dtype) + group["weight_decay"] * x for g, x in zip(grads, xs)] \
                     if not self._use_foreach(group) else torch._foreach_add(grads, xs, alpha=group["weight_decay"])
-            per_group.append((params, xs, grads))
+            scratch = None
             if params and group["hd_step"] > 0:
-                partials.append(self._hypergradient(group, params, grads, dtype, device))
+                dot, scratch = self._hypergradient(group, params, grads, dtype, device)
+                partials.append(dot)
             else:
                 partials.append(torch.zeros((), dtype=dtype, device=device))
+            per_group.append((params, xs, grads, scratch))
         h = self._global_sum(torch.stack(partials))
-        for i, (group, (params, xs, grads)) in enumerate(zip(self.param_groups, per_group)):
+        for i, (group, (params, xs, grads, scratch)) in enumerate(zip(self.param_groups, per_group)):
             # The rate and the step count are updated even where this process holds no gradient
             # of the group (h is global): every rank of a sharded run keeps the same values.
             alpha = torch.clamp(group["learned_lr"] + group["hypergrad_lr"] * group["hd_prev_lr"] * h[i], min=0.0)
@@ -90,15 +92,17 @@ class _HypergradientBase(TunelessOptimizer):
             step = alpha * group["lr"]
             self._publish_step_size(group, step)
             if params:
-                self._direction_step(group, params, xs, grads, step)
+                self._direction_step(group, params, xs, grads, step, scratch)
 
     def _hypergradient(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                       dtype: torch.dtype, device: torch.device) -> Tensor:  # pragma: no cover - abstract
-        """<g_t, d_{t-1}> summed over the group's parameters (before the state is updated)."""
+                       dtype: torch.dtype, device: torch.device
+                       ) -> tuple[Tensor, list[Tensor] | None]:  # pragma: no cover - abstract
+        """<g_t, d_{t-1}> summed over the group's parameters (before the state is updated), and
+        any temporaries the update may reuse (or None)."""
         raise NotImplementedError
 
-    def _direction_step(self, group: dict[str, Any], params: list[Tensor], xs: list[Tensor],
-                        grads: list[Tensor], step: Tensor) -> None:  # pragma: no cover - abstract
+    def _direction_step(self, group: dict[str, Any], params: list[Tensor], xs: list[Tensor], grads: list[Tensor],
+                        step: Tensor, scratch: list[Tensor] | None) -> None:  # pragma: no cover - abstract
         """Update the state and apply x <- x - step * d_t."""
         raise NotImplementedError
 
@@ -191,9 +195,9 @@ class SGDHD(_HypergradientBase):
 
     def _hypergradient(self, group, params, grads, dtype, device):
         dot = total_dot if self._use_foreach(group) else total_dot_loop
-        return dot(grads, self._prev_directions(group, params), dtype, device)
+        return dot(grads, self._prev_directions(group, params), dtype, device), None
 
-    def _direction_step(self, group, params, xs, grads, step):
+    def _direction_step(self, group, params, xs, grads, step, scratch):
         mu, nesterov = group["momentum"], group["nesterov"]
         states = [self._state_of(p, group) for p in params]
         bufs = [local_tensor(s["momentum_buffer"]) for s in states] if mu != 0 else []
@@ -315,20 +319,23 @@ class AdamHD(_HypergradientBase):
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         ms, vs = self._moments(params)
         if self._use_foreach(group):
-            dirs = _multi_tensor_adam_direction(ms, vs, math.sqrt(bc2), group["eps"])
-            dot = total_dot(grads, dirs, dtype, device)
-        else:
-            dot = total_dot_loop(grads, [m / ((w.sqrt() / math.sqrt(bc2)) + group["eps"]) for m, w in zip(ms, vs)],
-                                 dtype, device)
-        return dot / bc1
+            # one temporary per tensor, reused by the update as its denominator
+            dirs = torch._foreach_sqrt(vs)
+            torch._foreach_mul_(dirs, 1 / math.sqrt(bc2))
+            torch._foreach_add_(dirs, group["eps"])
+            torch._foreach_reciprocal_(dirs)
+            torch._foreach_mul_(dirs, ms)
+            return total_dot(grads, dirs, dtype, device) / bc1, dirs
+        dirs = [m / ((w.sqrt() / math.sqrt(bc2)) + group["eps"]) for m, w in zip(ms, vs)]
+        return total_dot_loop(grads, dirs, dtype, device) / bc1, None
 
-    def _direction_step(self, group, params, xs, grads, step):
+    def _direction_step(self, group, params, xs, grads, step, scratch):
         beta1, beta2 = group["betas"]
         t = group["hd_step"]  # already counts this step
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         ms, vs = self._moments(params)
         if self._use_foreach(group):
-            _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"])
+            _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"], scratch)
         else:
             _single_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"])
 
@@ -343,18 +350,8 @@ def _single_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps)
         x.sub_(d * step.to(x.dtype))
 
 
-def _multi_tensor_adam_direction(ms: list[Tensor], vs: list[Tensor], sqrt_bc2: float, eps: float) -> list[Tensor]:
-    """m / (sqrt(v) / sqrt_bc2 + eps) as new tensors (one temporary per tensor)."""
-    den = torch._foreach_sqrt(vs)
-    torch._foreach_div_(den, sqrt_bc2)
-    torch._foreach_add_(den, eps)
-    torch._foreach_reciprocal_(den)
-    torch._foreach_mul_(den, ms)
-    return den
-
-
-def _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) -> None:
-    """The same over all tensors at once."""
+def _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps, scratch=None) -> None:
+    """The same over all tensors at once; ``scratch`` (same shapes) is reused for the denominator."""
     for dt, idx in _by_dtype(xs).items():
         x = [xs[i] for i in idx]
         g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
@@ -363,8 +360,18 @@ def _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) 
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(w, beta2)
         torch._foreach_addcmul_(w, g, g, value=1 - beta2)
-        d = _multi_tensor_adam_direction(m, w, math.sqrt(bc2), eps)
-        add_scaled_(x, d, (-step / bc1).to(dt))
+        if scratch is None:
+            den = torch._foreach_sqrt(w)
+        else:
+            den = [scratch[i] for i in idx]
+            torch._foreach_copy_(den, w)
+            torch._foreach_sqrt_(den)
+        torch._foreach_mul_(den, 1 / math.sqrt(bc2))
+        torch._foreach_add_(den, eps)
+        # x <- x + m / (den / s) with s = -step / bc1: the 0-d tensor s divides (no host read);
+        # s = 0 gives den / s = -inf and a zero update.
+        torch._foreach_div_(den, (-step / bc1).to(dt))
+        torch._foreach_addcdiv_(x, m, den)
 
 
 def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
