@@ -472,7 +472,7 @@ def test_learns_on_a_small_network(cls) -> None:
     assert loss().item() < 0.5 * first
 
 
-def test_reference_prints_nothing_we_need() -> None:
+def test_constructor_prints_nothing() -> None:
     """Our constructor is silent (the reference prints for decouple=True)."""
     params, _ = quadratic()
     out = io.StringIO()

@@ -125,7 +125,7 @@ def test_matches_the_reference_step_by_step(case) -> None:
     theirs = trajectory(getattr(dadaptation, ref_name), kwargs, schedule=schedule)
     ours = trajectory(cls, kwargs, schedule=schedule)  # the vectorized path (the default)
     assert_same_trajectory(ours, theirs)
-    # the problem is solved, not only followed: the loss went down a long way
+    # the comparison covers the adaptation itself: d rose by four orders of magnitude or more
     assert ours[-1][1] > 1e-2, "d did not adapt"
 
 
