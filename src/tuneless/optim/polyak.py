@@ -24,8 +24,11 @@ Edge cases, identical in every class of this module and tested:
 * zero gradient: the step size is 0 (no division by zero, no NaN);
 * loss below f* (or below the current estimate): the positive part makes the step 0; MoMo's
   estimate is then lowered (its reset rule);
-* non-finite loss or gradient norm: the step is skipped (step size 0, published as 0), and
-  MoMo's running averages are left as they were, so that training can continue.
+* non-finite loss or gradient norm: the step size is 0 (published as 0) and MoMo's running
+  averages are left as they were, so a bad minibatch loss does not stop training. A non-finite
+  *gradient* still reaches the parameters (0 times inf is NaN, and masking it would cost a pass
+  over every gradient at every step): skip such steps before calling ``step``, as
+  ``torch.amp.GradScaler`` does.
 
 No host synchronization happens in a step: the step size is a 0-d tensor on the device.
 """

@@ -54,6 +54,18 @@ def race_table(result: RaceResult) -> str:
     return "\n".join(lines)
 
 
+def _is_naive(spec: str) -> bool:
+    return "loss_proportional" in spec
+
+
+def _color(spec: str, default):
+    return "red" if _is_naive(spec) else default
+
+
+def _width(spec: str) -> float:
+    return 2.6 if _is_naive(spec) else 1.3
+
+
 def plot_race(result: RaceResult, path: str | Path, *, title: str | None = None) -> Path:
     """Write the race picture (PNG) to ``path`` and return it."""
     import matplotlib
@@ -80,14 +92,15 @@ def plot_race(result: RaceResult, path: str | Path, *, title: str | None = None)
         zz = (fn.value(pts) - fn.min_value).numpy()
         zz = np.maximum(zz, 1e-6)
         levels = np.logspace(np.log10(max(zz.min(), 1e-6)), np.log10(zz.max()), 30)
-        ax.contourf(xx, yy, zz, levels=levels, norm=LogNorm(), cmap="Greys", alpha=0.55)
-        ax.contour(xx, yy, zz, levels=levels, norm=LogNorm(), colors="grey", linewidths=0.4)
+        ax.contourf(xx, yy, zz, levels=levels, norm=LogNorm(), cmap="Greys", alpha=0.3)
+        ax.contour(xx, yy, zz, levels=levels, norm=LogNorm(), colors="grey", linewidths=0.3)
         for i, tr in enumerate(result.traces):
             if tr.positions is None:
                 continue
             pos = tr.positions
-            ax.plot(pos[:, 0], pos[:, 1], styles[i % 4], color=colors[i], lw=1.4, label=tr.spec)
-            ax.plot(pos[-1, 0], pos[-1, 1], "o", color=colors[i], ms=4)
+            ax.plot(pos[:, 0], pos[:, 1], styles[i % 4], color=_color(tr.spec, colors[i]), lw=_width(tr.spec),
+                    label=tr.spec)
+            ax.plot(pos[-1, 0], pos[-1, 1], "o", color=_color(tr.spec, colors[i]), ms=4)
         star = fn.minimizer()
         ax.plot(star[0], star[1], "*", color="gold", ms=16, mec="black", label="minimum")
         ax.plot(result.start[0], result.start[1], "s", color="black", ms=6, label="start")
@@ -100,9 +113,10 @@ def plot_race(result: RaceResult, path: str | Path, *, title: str | None = None)
     for i, tr in enumerate(result.traces):
         err = np.maximum(tr.series("error"), 1e-32)
         steps = np.arange(1, err.size + 1)
-        ax_err.plot(steps, err, styles[i % 4], color=colors[i], lw=1.3, label=tr.spec)
+        ax_err.plot(steps, err, styles[i % 4], color=_color(tr.spec, colors[i]), lw=_width(tr.spec), label=tr.spec)
         lr = tr.step_size
-        ax_lr.plot(np.arange(1, lr.size + 1), np.where(lr > 0, lr, np.nan), styles[i % 4], color=colors[i], lw=1.1)
+        ax_lr.plot(np.arange(1, lr.size + 1), np.where(lr > 0, lr, np.nan), styles[i % 4],
+                   color=_color(tr.spec, colors[i]), lw=_width(tr.spec) * 0.8)
     ax_err.axhline(THRESHOLD, color="black", lw=0.8, ls=":")
     ax_err.set_yscale("log")
     ax_err.set_xscale("log")
