@@ -1,10 +1,22 @@
 """tuneless optimizers. :data:`OPTIMIZERS` is the single source the registry is built from."""
 
 from .base import STEP_SIZE_KEY, TunelessOptimizer, effective_lrs
+from .cocob import COCOB
+from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
+from .dog import DoG, DoWG, LDoG
+from .hypergradient import SGDHD, AdamHD
+from .mechanic import Mechanic
 from .polyak import SPS, Momo, MomoStar, Polyak, SPSMax
+from .prodigy import Prodigy
+from .schedule_free import (ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy, ScheduleFreeSGD,
+                            recompute_batchnorm_statistics)
 
 #: Every tuneless optimizer class, in the order listed by ``tuneless list``.
-OPTIMIZERS: tuple[type[TunelessOptimizer], ...] = (Polyak, SPS, SPSMax, Momo, MomoStar)
+OPTIMIZERS: tuple[type[TunelessOptimizer], ...] = (Polyak, SPS, SPSMax, Momo, MomoStar, DAdaptSGD, DAdaptAdam, DAdaptAdaGrad, Prodigy, DoG, LDoG, DoWG,
+                                                ScheduleFreeSGD, ScheduleFreeAdamW, ScheduleFreeProdigy,
+                                                COCOB, Mechanic, SGDHD, AdamHD)
 
 __all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS",
-           "Polyak", "SPS", "SPSMax", "Momo", "MomoStar"]
+           "Polyak", "SPS", "SPSMax", "Momo", "MomoStar", "DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad", "Prodigy", "DoG", "LDoG", "DoWG",
+           "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeProdigy", "ScheduleFree",
+           "recompute_batchnorm_statistics", "COCOB", "Mechanic", "SGDHD", "AdamHD"]

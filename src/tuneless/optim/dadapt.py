@@ -26,6 +26,11 @@ differences common to the three classes:
 * **No early return.** The reference returns before the step, and before its all-reduce,
   when the norm of :math:`s` is 0; here every step reaches the one
   :meth:`~tuneless.optim.base.TunelessOptimizer._global_sum`, so sharded ranks cannot hang.
+* Under sharding *by hand* (``tuneless.distributed.set_process_group``), every rank must hold a
+  gradient, zeros allowed, for each parameter another rank has one for: a step in which a rank
+  has no gradient at all is "nothing moved" for that rank alone (d and the step counter stay), a
+  local decision, so the ranks would drift apart. FSDP2 and DDP always give every rank a
+  gradient and are not affected.
 * **d never decreases and never becomes NaN**: :math:`d \leftarrow \max(d, \min(\hat d,
   \text{growth\_rate}\cdot d))`, and an estimate that is not finite (0/0 when the norms
   underflow with tiny gradients, an overflow, a NaN gradient) is ignored.

@@ -119,6 +119,9 @@ def plot_race(result: RaceResult, path: str | Path, *, title: str | None = None)
                    color=_color(tr.spec, colors[i]), lw=_width(tr.spec) * 0.8)
     ax_err.axhline(THRESHOLD, color="black", lw=0.8, ls=":")
     ax_err.set_yscale("log")
+    starts = [float(tr.series("error")[0]) for tr in result.traces if tr.loss.size and np.isfinite(tr.loss[0])]
+    if starts:  # a diverged run must not squash everyone else's curve
+        ax_err.set_ylim(1e-32, 1e3 * max(max(starts), 1e-30))
     ax_err.set_xscale("log")
     ax_err.set_ylabel("f(x_t) - f*")
     ax_err.set_title("error versus step (dotted: the 1e-6 finish line)")
