@@ -28,6 +28,8 @@ __all__ = [
     "check_choice",
     "close_matches",
     "refuse_unknown_kwargs",
+    "unknown_name_message",
+    "unknown_kwarg_message",
     "fail",
 ]
 
@@ -125,6 +127,22 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
     return [lower[h] for h in hits]
 
 
+def unknown_name_message(kind: str, name: str, candidates: Iterable[str], available: str) -> str:
+    """``unknown KIND 'name'; did you mean 'x'? Available: ...`` (the suggestions are close matches)."""
+    hints = close_matches(name, candidates)
+    msg = f"unknown {kind} {name!r}"
+    msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
+    return msg + f" Available: {available}."
+
+
+def unknown_kwarg_message(owner: str, key: str, valid: Sequence[str]) -> str:
+    """``OWNER got an unknown keyword argument 'k'; did you mean 'x'? Valid arguments: ...``."""
+    hint = close_matches(key, valid, n=1)
+    msg = f"{owner} got an unknown keyword argument {key!r}"
+    msg += f"; did you mean {hint[0]!r}?" if hint else "."
+    return msg + " Valid arguments: " + ", ".join(valid) + "."
+
+
 def refuse_unknown_kwargs(init: Callable) -> Callable:
     """Wrap an ``__init__`` so that an unknown keyword argument is refused with a suggestion.
 
@@ -140,13 +158,8 @@ def refuse_unknown_kwargs(init: Callable) -> Callable:
     def wrapper(self, *args, **kwargs):
         unknown = [k for k in kwargs if k not in valid]
         if unknown:
-            owner = type(self).__name__
-            k = unknown[0]
-            hint = close_matches(k, valid, n=1)
-            msg = f"{owner} got an unknown keyword argument {k!r}"
-            msg += f"; did you mean {hint[0]!r}?" if hint else "."
-            msg += " Valid arguments: " + ", ".join(v for v in valid if v != "params") + "."
-            raise UnknownArgumentError(msg)
+            raise UnknownArgumentError(
+                unknown_kwarg_message(type(self).__name__, unknown[0], [v for v in valid if v != "params"]))
         return init(self, *args, **kwargs)
 
     wrapper.__tuneless_checked__ = True  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ class Progress:
             self._finish()
         if self.current != i:
             self.t0 = time.perf_counter()
-        self.current = (i, n, spec, step, steps) and i
+        self.current = i
         self.last = (i, n, spec, step, steps)
         if self.tty:
             self.stream.write(f"\r[{i + 1:2d}/{n}] {spec:32s} {step:6d}/{steps} steps  "

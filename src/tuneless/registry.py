@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._validate import close_matches
+from ._validate import unknown_kwarg_message, unknown_name_message
 from .errors import UnknownArgumentError, UnknownNameError
 from .spec import Spec, parse_spec
 
@@ -106,11 +106,8 @@ def entry(name: str) -> OptimizerEntry:
         if cls is not None:
             lr_free = bool(getattr(cls, "learning_rate_free", False))
             return OptimizerEntry(name, cls, lr_free, "tuneless" if lr_free else "torch", _first_line(cls))
-    hints = close_matches(name, list(entries))
-    msg = f"unknown optimizer {name!r}"
-    msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
-    msg += f" Available: {', '.join(sorted(entries))} (or a class path such as 'torch.optim.Adam')."
-    raise UnknownNameError(msg)
+    raise UnknownNameError(unknown_name_message(
+        "optimizer", name, entries, f"{', '.join(sorted(entries))} (or a class path such as 'torch.optim.Adam')"))
 
 
 def check_kwargs(owner: str, factory: Callable[..., Any], kwargs: dict[str, Any], skip: int = 1) -> None:
@@ -122,10 +119,7 @@ def check_kwargs(owner: str, factory: Callable[..., Any], kwargs: dict[str, Any]
     valid = [p.name for p in params[skip:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
     for k in kwargs:
         if k not in valid:
-            hint = close_matches(k, valid, n=1)
-            msg = f"{owner} got an unknown keyword argument {k!r}"
-            msg += f"; did you mean {hint[0]!r}?" if hint else "."
-            raise UnknownArgumentError(msg + " Valid arguments: " + ", ".join(valid) + ".")
+            raise UnknownArgumentError(unknown_kwarg_message(owner, k, valid))
 
 
 def create(spec: str | Spec, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -180,10 +174,8 @@ def scheduler_entry(name: str) -> SchedulerEntry:
         if cls is not None and hasattr(cls, "step"):
             takes_loss = "metrics" in inspect.signature(cls.step).parameters
             return SchedulerEntry(name, cls, takes_loss, None, _first_line(cls))
-    hints = close_matches(name, list(entries))
-    msg = f"unknown lr scheduler {name!r}"
-    msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
-    raise UnknownNameError(msg + f" Available: {', '.join(sorted(entries))} (or 'torch.optim.lr_scheduler.X').")
+    raise UnknownNameError(unknown_name_message(
+        "lr scheduler", name, entries, f"{', '.join(sorted(entries))} (or 'torch.optim.lr_scheduler.X')"))
 
 
 def create_scheduler(spec: str | Spec, optimizer: torch.optim.Optimizer, total_steps: int | None = None,

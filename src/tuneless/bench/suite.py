@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .._validate import close_matches
+from .._validate import unknown_name_message
 from ..errors import SpecError, UnknownNameError
 from ..problems import PROBLEMS, Problem, get_problem
 from ..registry import create, create_scheduler, entry, learning_rate_free, scheduler_entry
@@ -144,10 +144,7 @@ def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
     ``steps`` replaces every budget; ``optimizers`` replaces the methods (spec strings).
     """
     if preset not in PRESETS:
-        hints = close_matches(preset, list(PRESETS))
-        msg = f"unknown suite preset {preset!r}"
-        msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
-        raise UnknownNameError(msg + f" Available: {', '.join(PRESETS)}.")
+        raise UnknownNameError(unknown_name_message("suite preset", preset, PRESETS, ", ".join(PRESETS)))
     preset_problems, preset_seeds, grid = PRESETS[preset]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise BenchInputError(f"steps = {steps!r} is invalid; allowed: an integer >= 1")

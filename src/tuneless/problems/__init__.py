@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._validate import close_matches
+from .._validate import unknown_name_message
 from ..errors import UnknownNameError
 from ..registry import check_kwargs
 from ..spec import Spec, parse_spec
@@ -27,9 +27,6 @@ def get_problem(spec: str | Spec) -> Problem:
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
     cls = PROBLEMS.get(parsed.name.lower())
     if cls is None:
-        hints = close_matches(parsed.name, list(PROBLEMS))
-        msg = f"unknown problem {parsed.name!r}"
-        msg += f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "."
-        raise UnknownNameError(msg + f" Available: {', '.join(sorted(PROBLEMS))}.")
+        raise UnknownNameError(unknown_name_message("problem", parsed.name, PROBLEMS, ", ".join(sorted(PROBLEMS))))
     check_kwargs(f"problem {cls.name!r}", cls.__init__, parsed.kwargs, skip=1)
     return cls(**parsed.kwargs)
