@@ -39,9 +39,6 @@ class OptimizerInfo:
         global_step_size: the step size comes from statistics over all parameters.
         lr_is_multiplier: the step of a group scales exactly with its ``lr`` at the first step.
         supports_bf16: runs on bfloat16 parameters.
-        needs_gradient_on_every_rank: under sharding by hand, a rank must hold a gradient (zeros
-            are fine) for every parameter another rank has one for; a limitation, documented in
-            the optimizer's docstring (its "nothing moved" decision is local to the rank).
         downhill_steps: steps after which the test loss must be lower than at the start.
         id: test id (defaults to the class name).
     """
@@ -55,7 +52,6 @@ class OptimizerInfo:
     global_step_size: bool = True
     lr_is_multiplier: bool = True
     supports_bf16: bool = True
-    needs_gradient_on_every_rank: bool = False
     downhill_steps: int = 20
     foreach_rtol: float = 1e-9
     id: str | None = None

@@ -7,6 +7,7 @@ Each test names the failure it guards against. Parity on the inputs where the tw
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 
@@ -548,3 +549,33 @@ def test_no_host_sync_from_the_first_step_on(cls, kwargs, foreach) -> None:
         with SyncCounter() as counter:
             opt.step()
         assert counter.count == 0
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_checkpoint_with_a_plain_int_step_counter_resumes(cls) -> None:
+    """Checkpoints written before k became a 0-d tensor (k a plain int, no ``g0_measured``) resume
+    exactly where an uninterrupted run goes."""
+    params, loss = quadratic()
+    opt = cls(params, **({"use_bias_correction": True} if cls is DAdaptAdam else {}))
+    for _ in range(4):
+        take_step(opt, loss)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        group["k"] = int(group["k"])
+        group.pop("g0_measured", None)
+    expected = [p.detach().clone() for p in params]
+    for _ in range(3):
+        take_step(opt, loss)
+    expected, after = [p.detach().clone() for p in params], expected
+
+    params2, loss2 = quadratic()
+    with torch.no_grad():
+        for p, a in zip(params2, after):
+            p.copy_(a)
+    resumed = cls(params2, **({"use_bias_correction": True} if cls is DAdaptAdam else {}))
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        take_step(resumed, loss2)
+    for p, e in zip(params2, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=0)
+    assert float(resumed.param_groups[0]["k"]) == 7.0

@@ -489,16 +489,6 @@ def test_ddp_trajectory_equals_one_process_on_every_rank(results, row):
 def test_rank_without_gradients_enters_the_collective_and_agrees(results, row):
     """Sharding by hand; rank 1 owns only ``gate`` and has no gradient at all every third step."""
     res = job(results, row, "manual")
-    if getattr(ROWS[row], "needs_gradient_on_every_rank", False):
-        # A documented limitation (see the optimizer's docstring and the row): when one rank has
-        # no gradient at all, its "nothing moved" decision is local, so the trajectory may
-        # differ from one process. What must still hold: no hang (the job finished on every
-        # rank, with the same all-reduces, see test_collectives_per_step) and finite results.
-        for r in range(WORLD):
-            assert len(res[r]["traj"]) == len(one_process(row)), f"{row} rank {r}: the run did not finish"
-            for name, value in res[r]["traj"][-1].items():
-                assert torch.isfinite(value).all(), f"{row} rank {r}: {name} is not finite"
-        return
     for r in range(WORLD):
         assert_same_trajectory(res[r]["traj"], one_process(row), f"{row} sharded by hand, rank {r}")
 

@@ -50,26 +50,23 @@ _ADAGRAD_ERRORS = _common_errors("DAdaptAdaGrad") + [
                r"\(recommended: 0.0\)$"),
 ]
 
-# needs_gradient_on_every_rank: a step where this rank has no gradient in any active group is
-# "nothing moved" for it (d and the counter stay), decided locally; under sharding by hand every
-# rank must therefore hold a gradient (zeros are fine) wherever another rank has one.
 ROWS = [
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptSGD, kwargs={}, extra_kwargs=[dict(growth_rate=1.05, d0=1e-4)],
+    OptimizerInfo(cls=DAdaptSGD, kwargs={}, extra_kwargs=[dict(growth_rate=1.05, d0=1e-4)],
                   error_inputs=_SGD_ERRORS, misspelt="momentun"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptSGD, kwargs=dict(momentum=0.9), extra_kwargs=[dict(momentum=0.5, weight_decay=0.01)],
+    OptimizerInfo(cls=DAdaptSGD, kwargs=dict(momentum=0.9), extra_kwargs=[dict(momentum=0.5, weight_decay=0.01)],
                   error_inputs=_SGD_ERRORS[-2:], misspelt="weight_decy", id="DAdaptSGD-momentum"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptSGD, kwargs=dict(weight_decay=0.1), error_inputs=_SGD_ERRORS[2:3],
+    OptimizerInfo(cls=DAdaptSGD, kwargs=dict(weight_decay=0.1), error_inputs=_SGD_ERRORS[2:3],
                   misspelt="weightdecay", id="DAdaptSGD-weight_decay"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptAdam, kwargs={}, extra_kwargs=[dict(growth_rate=1.02, betas=(0.8, 0.99))],
+    OptimizerInfo(cls=DAdaptAdam, kwargs={}, extra_kwargs=[dict(growth_rate=1.02, betas=(0.8, 0.99))],
                   error_inputs=_ADAM_ERRORS, misspelt="weight_decy"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptAdam, kwargs=dict(weight_decay=0.1, decouple=True),
+    OptimizerInfo(cls=DAdaptAdam, kwargs=dict(weight_decay=0.1, decouple=True),
                   extra_kwargs=[dict(weight_decay=0.1, decouple=False)],
                   error_inputs=_ADAM_ERRORS[-2:-1], misspelt="decoupled", id="DAdaptAdam-weight_decay"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptAdam, kwargs=dict(use_bias_correction=True),
+    OptimizerInfo(cls=DAdaptAdam, kwargs=dict(use_bias_correction=True),
                   extra_kwargs=[dict(use_bias_correction=True, weight_decay=0.01, decouple=True, eps=1e-6)],
                   error_inputs=_ADAM_ERRORS[-1:], misspelt="bias_correction", id="DAdaptAdam-bias_correction"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptAdaGrad, kwargs={}, extra_kwargs=[dict(eps=1e-4, growth_rate=1.1)],
+    OptimizerInfo(cls=DAdaptAdaGrad, kwargs={}, extra_kwargs=[dict(eps=1e-4, growth_rate=1.1)],
                   error_inputs=_ADAGRAD_ERRORS, misspelt="epsilon"),
-    OptimizerInfo(needs_gradient_on_every_rank=True, cls=DAdaptAdaGrad, kwargs=dict(momentum=0.5, weight_decay=0.01), error_inputs=_ADAGRAD_ERRORS[-1:],
+    OptimizerInfo(cls=DAdaptAdaGrad, kwargs=dict(momentum=0.5, weight_decay=0.01), error_inputs=_ADAGRAD_ERRORS[-1:],
                   misspelt="momentun", id="DAdaptAdaGrad-momentum_weight_decay"),
 ]

@@ -26,11 +26,13 @@ differences common to the three classes:
 * **No early return.** The reference returns before the step, and before its all-reduce,
   when the norm of :math:`s` is 0; here every step reaches the one
   :meth:`~tuneless.optim.base.TunelessOptimizer._global_sum`, so sharded ranks cannot hang.
-* Under sharding *by hand* (``tuneless.distributed.set_process_group``), every rank must hold a
-  gradient, zeros allowed, for each parameter another rank has one for: a step in which a rank
-  has no gradient at all is "nothing moved" for that rank alone (d and the step counter stay), a
-  local decision, so the ranks would drift apart. FSDP2 and DDP always give every rank a
-  gradient and are not affected.
+* **"Nothing moved" is decided globally.** Whether a step moved anything (some group with
+  lr > 0 has a gradient on *some* rank) travels in the step's one all-reduce, and d, the other
+  shared scalars and the step counter ``k`` (a 0-d tensor) change only when it did, through
+  ``torch.where``: a rank whose shard has no gradient at all on a step (sharding by hand, a
+  frozen layer) stays identical to the others. Only the first step of DAdaptSGD, where
+  :math:`\|g_0\|` is measured, needs a host-side decision: under a multi-process reduction it
+  is the first step with some lr > 0 (if no rank has a gradient then, :math:`\|g_0\| = 1`).
 * **d never decreases and never becomes NaN**: :math:`d \leftarrow \max(d, \min(\hat d,
   \text{growth\_rate}\cdot d))`, and an estimate that is not finite (0/0 when the norms
   underflow with tiny gradients, an overflow, a NaN gradient) is ignored.
@@ -67,8 +69,10 @@ class _DAdaptBase(TunelessOptimizer):
     #: Options that drive the one shared estimate of d: identical in every param group.
     _SHARED_OPTIONS: ClassVar[tuple[str, ...]] = ("d0", "growth_rate")
     #: Scalars shared by the whole optimizer (0-d tensors), stored identically in every group,
-    #: with their initial value (None: ``d0``).
-    _SCALARS: ClassVar[dict[str, float | None]] = {"d": None}
+    #: with their initial value (None: ``d0``). ``k`` counts the steps that moved something.
+    _SCALARS: ClassVar[dict[str, float | None]] = {"d": None, "k": 0.0}
+    #: Host-side values shared by every group (plain Python values), with their initial value.
+    _HOST_VALUES: ClassVar[dict[str, Any]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group: its values are checked, and the shared ones must equal group 0's."""
@@ -88,35 +92,45 @@ class _DAdaptBase(TunelessOptimizer):
         # A group added after some steps takes the shared scalars of the others.
         source = next((g for g in self.param_groups if "d" in g), None)
         if source is not None and source is not group:
-            for key in (*self._SCALARS, "k"):
+            for key in (*self._SCALARS, *self._HOST_VALUES):
                 group[key] = source[key]
 
     @staticmethod
     def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _shared_scalars(self) -> tuple[dict[str, Tensor], int]:
-        """The shared scalars as 0-d tensors on the parameters' device, and the step counter k."""
+    def _shared_scalars(self) -> dict[str, Tensor]:
+        """The shared scalars as 0-d tensors on the parameters' device (created at the first step)."""
         dtype, device = self._stat_dtype(), self._stat_device()
         first = self.param_groups[0]
         if "d" not in first:
             for group in self.param_groups:
                 for key, init in self._SCALARS.items():
                     group[key] = float(first["d0"] if init is None else init)
-                group["k"] = 0
+                group.update(self._HOST_VALUES)
         out = {}
         for key in self._SCALARS:
             value = first[key]
             if isinstance(value, Tensor):  # also moves scalars loaded from a checkpoint elsewhere
                 out[key] = value.to(device=device, dtype=dtype)
-            else:
+            else:  # a number: the first step, or a checkpoint that stored a plain int k
                 out[key] = torch.tensor(float(value), dtype=dtype, device=device)
-        return out, int(first["k"])
+        return out
 
-    def _store_shared(self, values: dict[str, Tensor], k: int) -> None:
+    def _store_shared(self, old: dict[str, Tensor], new: dict[str, Tensor], moved: Tensor) -> None:
+        """Store ``new`` where ``moved`` (a 0-d bool tensor, the same on every rank), else keep ``old``;
+        ``k`` advances by one when ``moved``. No host sync."""
+        values = {key: torch.where(moved, new.get(key, value), value) for key, value in old.items()}
+        values["k"] = old["k"] + moved.to(old["k"].dtype)
         for group in self.param_groups:
             group.update(values)
-            group["k"] = k
+
+    def _reduces_across_processes(self) -> bool:
+        """Whether the statistics are summed over other processes (then a local "nothing here"
+        says nothing about the other ranks)."""
+        from .. import distributed as _dist  # local import: torch.distributed is optional
+
+        return _dist.reduction_group(self) is not None
 
     def _check_shared_options(self) -> None:
         """Raise if a shared option was changed in one group only (after construction)."""
@@ -305,7 +319,9 @@ class DAdaptSGD(_DAdaptBase):
 
     registry_name = "dadapt_sgd"
     learning_rate_free = True
-    _SCALARS = {"d": None, "numerator_weighted": 0.0, "g0_norm": 0.0}
+    _SCALARS = {"d": None, "k": 0.0, "numerator_weighted": 0.0, "g0_norm": 0.0}
+    #: Whether ||g0|| has been measured (a host-side flag: it decides which reduction a step makes).
+    _HOST_VALUES = {"g0_measured": False}
 
     def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  d0: float = 1e-6, growth_rate: float = math.inf, foreach: bool | None = None) -> None:
@@ -335,14 +351,18 @@ class DAdaptSGD(_DAdaptBase):
     def _update(self, loss: Tensor | None) -> None:
         self._check_shared_options()
         dtype, device = self._stat_dtype(), self._stat_device()
-        scalars, k = self._shared_scalars()
+        scalars = self._shared_scalars()
         first = self.param_groups[0]
         d, g0 = scalars["d"], scalars["g0_norm"]
         per_group = [self._params_with_grad(group) for group in self.param_groups]
         active = [group["lr"] != 0 for group in self.param_groups]
-        stepped = any(on and grads for on, (_, grads) in zip(active, per_group))  # something moves
+        stepped = any(on and grads for on, (_, grads) in zip(active, per_group))  # something moves here
+        moved_here = torch.tensor(float(stepped), dtype=dtype, device=device)
+        measured = first.get("g0_measured")
+        if measured is None:  # a checkpoint of an earlier version (plain int k): one sync, once
+            measured = bool(float(scalars["k"]) > 0)
 
-        if k == 0:
+        if not measured:
             # ||g0|| over every gradient, summed in float64 (no underflow), then the step size's unit.
             wide = _wide_dtype(device)
             partial = torch.zeros((), dtype=wide, device=device)
@@ -354,8 +374,14 @@ class DAdaptSGD(_DAdaptBase):
                 else:
                     partial = partial + _stack_sum([torch.linalg.vector_norm(g, dtype=wide) ** 2 for g in grads],
                                                    wide, device)
-            g0 = self._global_sum(partial.reshape(1))[0].sqrt().to(dtype)
-            g0 = torch.where((g0 > 0) & torch.isfinite(g0), g0, torch.ones_like(g0))
+            g0_sq, moved = self._global_sum(torch.stack([partial, moved_here.to(wide)])).unbind(0)
+            g0_new = g0_sq.sqrt().to(dtype)
+            g0_new = torch.where((g0_new > 0) & torch.isfinite(g0_new), g0_new, torch.ones_like(g0_new))
+            # Measured at the first step that moves. With other processes in the reduction, this
+            # rank cannot know whether one of them has a gradient: the first step with some lr > 0
+            # counts (||g0|| = 1 if none had one). Alone, a step without gradients waits.
+            g0 = g0_new  # (nothing moves with it when no rank has a gradient)
+            just_measured = stepped or (any(active) and self._reduces_across_processes())
 
         numerator = torch.zeros((), dtype=dtype, device=device)
         s_sq = torch.zeros((), dtype=dtype, device=device)
@@ -370,22 +396,21 @@ class DAdaptSGD(_DAdaptBase):
             foreach = self._use_foreach(group)
             impl = _multi_tensor_dadapt_sgd if foreach else _single_tensor_dadapt_sgd
             dot, sq = impl(xs, grads, states, step_size=step_size, weight_decay=group["weight_decay"],
-                           momentum=momentum, with_stats=k > 0, dtype=dtype, device=device)
+                           momentum=momentum, with_stats=measured, dtype=dtype, device=device)
             numerator = numerator + step_size * dot
             s_sq = s_sq + sq
 
-        if k > 0:
+        new: dict[str, Tensor] = {}
+        if measured:
             # One reduction per step, always reached (no early return: no hang when sharded). At
-            # k = 0 it is ||g0||'s, and d cannot change then (s_0 = 0, so r_1 = 0).
-            numerator, s_sq = self._global_sum(torch.stack([numerator, s_sq])).unbind(0)
-        if not stepped:
-            return  # nothing moved: the step counter stays (at k = 0, ||g0|| is measured again)
-        new = dict(scalars, g0_norm=g0)
-        if k > 0:
+            # the first step it is ||g0||'s, and d cannot change then (s_0 = 0, so r_1 = 0).
+            numerator, s_sq, moved = self._global_sum(torch.stack([numerator, s_sq, moved_here])).unbind(0)
             r = scalars["numerator_weighted"] + numerator
             new.update(numerator_weighted=r, d=_grow(d, _ratio(2 * r, s_sq.sqrt()), first["growth_rate"]))
-        self._store_shared(new, k + 1)
-
+        self._store_shared(scalars, new, moved > 0)
+        if not measured and just_measured:
+            for group in self.param_groups:
+                group.update(g0_norm=g0, g0_measured=True)
 
 def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                               step_size: Tensor, weight_decay: float, momentum: float, with_stats: bool,
@@ -514,7 +539,7 @@ class DAdaptAdam(_DAdaptBase):
     registry_name = "dadapt_adam"
     learning_rate_free = True
     _SHARED_OPTIONS = ("betas", "use_bias_correction", "d0", "growth_rate")
-    _SCALARS = {"d": None, "numerator_weighted": 0.0}
+    _SCALARS = {"d": None, "k": 0.0, "numerator_weighted": 0.0}
 
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
@@ -551,11 +576,12 @@ class DAdaptAdam(_DAdaptBase):
     def _update(self, loss: Tensor | None) -> None:
         self._check_shared_options()
         dtype, device = self._stat_dtype(), self._stat_device()
-        scalars, k = self._shared_scalars()
+        scalars = self._shared_scalars()
         first = self.param_groups[0]
         beta1, beta2 = first["betas"]
         sqrt_beta2 = beta2 ** 0.5
-        bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1))
+        k = scalars["k"]  # a 0-d tensor: the bias correction needs no host sync
+        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
                            if first["use_bias_correction"] else 1.0)
         d = scalars["d"]
         numerator = torch.zeros((), dtype=dtype, device=device)
@@ -578,13 +604,14 @@ class DAdaptAdam(_DAdaptBase):
             numerator = numerator + step_size * dot
             s_l1 = s_l1 + l1
 
-        # One reduction per step, always reached (no early return: no hang when sharded).
-        numerator, s_l1 = self._global_sum(torch.stack([numerator, s_l1])).unbind(0)
-        if not stepped:
-            return  # nothing moved: d, the numerator and the step counter stay
+        # One reduction per step, always reached (no early return: no hang when sharded); whether
+        # anything moved on any rank travels with it.
+        moved_here = torch.tensor(float(stepped), dtype=dtype, device=device)
+        numerator, s_l1, moved = self._global_sum(torch.stack([numerator, s_l1, moved_here])).unbind(0)
         r = sqrt_beta2 * scalars["numerator_weighted"] + (1 - sqrt_beta2) * numerator
         d_hat = _ratio(r, (1 - sqrt_beta2) * s_l1)
-        self._store_shared(dict(d=_grow(d, d_hat, first["growth_rate"]), numerator_weighted=r), k + 1)
+        # Nothing moved anywhere: d, the numerator and the step counter stay.
+        self._store_shared(scalars, dict(d=_grow(d, d_hat, first["growth_rate"]), numerator_weighted=r), moved > 0)
 
 
 def _single_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
@@ -703,7 +730,7 @@ class DAdaptAdaGrad(_DAdaptBase):
 
     registry_name = "dadapt_adagrad"
     learning_rate_free = True
-    _SCALARS = {"d": None, "gsq_weighted": 0.0}
+    _SCALARS = {"d": None, "k": 0.0, "gsq_weighted": 0.0}
     #: The initial value of the accumulator alpha (fixed in the reference).
     INITIAL_ACCUMULATOR = 1e-6
 
@@ -738,11 +765,11 @@ class DAdaptAdaGrad(_DAdaptBase):
     def _update(self, loss: Tensor | None) -> None:
         self._check_shared_options()
         dtype, device = self._stat_dtype(), self._stat_device()
-        scalars, k = self._shared_scalars()
+        scalars = self._shared_scalars()
         first = self.param_groups[0]
         d = scalars["d"]
-        stats = torch.zeros(3, dtype=dtype, device=device)  # eta^2 sum g^2/a, sum s^2/a, ||s||_1
-        stepped = False  # some group with lr != 0 has a gradient
+        # eta^2 sum g^2/a, sum s^2/a, ||s||_1, and whether something moved on this rank
+        stats = torch.zeros(4, dtype=dtype, device=device)
         for group in self.param_groups:
             on = group["lr"] != 0
             step_size = d * group["lr"]  # eta_k for this group
@@ -750,7 +777,6 @@ class DAdaptAdaGrad(_DAdaptBase):
             params, grads = self._params_with_grad(group)
             if not on or not params:
                 continue  # lr = 0: the group is frozen
-            stepped = True
             states = [self._init_state(p) for p in params]
             xs = [local_tensor(p) for p in params]
             foreach = self._use_foreach(group)
@@ -758,15 +784,15 @@ class DAdaptAdaGrad(_DAdaptBase):
             g_sq, s_sq, l1 = impl(xs, grads, states, step_size=step_size, eps=group["eps"],
                                   weight_decay=group["weight_decay"], momentum=group["momentum"],
                                   dtype=dtype, device=device)
-            stats = stats + torch.stack([step_size * step_size * g_sq, s_sq, l1])
+            stats = stats + torch.stack([step_size * step_size * g_sq, s_sq, l1, torch.ones_like(l1)])
 
         # One reduction per step, always reached (no early return: no hang when sharded).
-        g_sq, s_sq, l1 = self._global_sum(stats).unbind(0)
-        if not stepped:
-            return  # nothing moved: d, the sums and the step counter stay
+        g_sq, s_sq, l1, moved = self._global_sum(stats).unbind(0)
         gsq_weighted = scalars["gsq_weighted"] + g_sq
         d_hat = _ratio(s_sq - gsq_weighted, l1)
-        self._store_shared(dict(d=_grow(d, d_hat, first["growth_rate"]), gsq_weighted=gsq_weighted), k + 1)
+        # Nothing moved anywhere: d, the sums and the step counter stay.
+        self._store_shared(scalars, dict(d=_grow(d, d_hat, first["growth_rate"]), gsq_weighted=gsq_weighted),
+                           moved > 0)
 
 
 def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
