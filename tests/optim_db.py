@@ -55,6 +55,9 @@ class OptimizerInfo:
     downhill_steps: int = 20
     foreach_rtol: float = 1e-9
     id: str | None = None
+    #: the optimizer needs the loss at every step (None: the class's ``requires_loss``; wrappers
+    #: built over a loss-based base need it too)
+    loss_based: bool | None = None
 
     def build(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         kwargs = {**self.kwargs, **overrides}
@@ -68,6 +71,8 @@ class OptimizerInfo:
 
     @property
     def requires_loss(self) -> bool:
+        if self.loss_based is not None:
+            return self.loss_based
         return bool(getattr(self.cls, "requires_loss", False))
 
 

@@ -3,7 +3,7 @@
 import torch
 
 from tests.optim_db import ErrorInput, OptimizerInfo
-from tuneless import COCOB, SGDHD, AdamHD, InvalidArgumentError, Mechanic
+from tuneless import COCOB, SGDHD, AdamHD, InvalidArgumentError, Mechanic, Polyak
 
 
 def mechanic_over_sgd(params, **kwargs):
@@ -14,6 +14,11 @@ def mechanic_over_adam(params, **kwargs):
     # fused: torch's other CPU Adam paths read their step counter with .item() (a CPU tensor,
     # so no device sync, but the contract's counter counts it)
     return Mechanic(torch.optim.Adam(params, lr=1.0, fused=True), **kwargs)
+
+
+def mechanic_over_polyak(params, **kwargs):
+    """A loss-based base: Mechanic passes the loss on, so it needs it too."""
+    return Mechanic(Polyak(params, max_step=1.0), **kwargs)
 
 
 ROWS = [
@@ -57,6 +62,16 @@ ROWS = [
         ],
         misspelt="s_ini",
         id="Mechanic-Adam",
+    ),
+    OptimizerInfo(
+        Mechanic,
+        factory=mechanic_over_polyak,
+        error_inputs=[
+            ErrorInput(dict(s_decay=float("nan")), InvalidArgumentError, r"^Mechanic: s_decay = nan is invalid"),
+        ],
+        misspelt="s_dacay",
+        loss_based=True,
+        id="Mechanic-Polyak",
     ),
     OptimizerInfo(
         SGDHD,

@@ -6,12 +6,17 @@ The downhill test evaluates at the optimizer's evaluation point (``evaluation_po
 import torch
 
 from tests.optim_db import ErrorInput, OptimizerInfo
-from tuneless import InvalidArgumentError, ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy, ScheduleFreeSGD
+from tuneless import InvalidArgumentError, Polyak, ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy, ScheduleFreeSGD
 
 
 def _wrapped_sgd(params, lr=0.1, **kwargs):
     """ScheduleFree around torch SGD without momentum (the interpolation provides it)."""
     return ScheduleFree(torch.optim.SGD(params, lr=lr, momentum=0.0), **kwargs)
+
+
+def _wrapped_polyak(params, **kwargs):
+    """ScheduleFree around Polyak (a loss-based base: the wrapper needs the loss too)."""
+    return ScheduleFree(Polyak(params, max_step=1.0), **kwargs)
 
 
 ROWS = [
@@ -84,5 +89,17 @@ ROWS = [
         # steps with betas[0] = 0 (near-zero gradients under sqrt(v) + d eps), measured.
         foreach_rtol=1e-6,
         id="ScheduleFreeProdigy",
+    ),
+    OptimizerInfo(
+        ScheduleFree,
+        kwargs=dict(momentum=0.9),
+        extra_kwargs=[dict(momentum=0.5, weight_decay_at_y=0.01)],
+        factory=_wrapped_polyak,
+        error_inputs=[
+            ErrorInput(dict(r=-1.0), InvalidArgumentError, r"^ScheduleFree: r = -1.0 is invalid"),
+        ],
+        misspelt="momentun",
+        loss_based=True,
+        id="ScheduleFree(Polyak)",
     ),
 ]

@@ -173,6 +173,8 @@ class Mechanic(TunelessOptimizer):
             v.fail(owner, "base", type(base_optimizer).__name__, "an optimizer that is not itself a Mechanic")
         self._linked = False
         self.base_optimizer = base_optimizer
+        #: True when the base takes its step size from the loss: then so does Mechanic.
+        self.requires_loss = bool(getattr(base_optimizer, "requires_loss", False))
         defaults = dict(foreach=foreach, mechanic_s_decay=float(s_decay), mechanic_betas=betas,
                         mechanic_s_init=float(s_init), mechanic_eps=float(eps))
         super().__init__(base_optimizer.param_groups, defaults)

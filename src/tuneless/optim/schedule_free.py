@@ -522,6 +522,8 @@ class ScheduleFree(_ScheduleFreeBase):
         # Set up the torch.optim.Optimizer machinery without creating param groups of our own:
         # the groups are the base's (see the param_groups property).
         self.base = base
+        #: True when the base takes its step size from the loss: then so does the wrapper.
+        self.requires_loss = bool(getattr(base, "requires_loss", False))
         self.defaults = dict(sf_momentum=float(momentum), sf_weight_decay_at_y=float(weight_decay_at_y),
                              sf_r=float(r), sf_weight_lr_power=float(weight_lr_power), sf_foreach=foreach)
         self._optimizer_step_pre_hooks = OrderedDict()
