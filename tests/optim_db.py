@@ -58,6 +58,9 @@ class OptimizerInfo:
     #: the optimizer needs the loss at every step (None: the class's ``requires_loss``; wrappers
     #: built over a loss-based base need it too)
     loss_based: bool | None = None
+    #: all-reduces of statistics per step under sharding, at most (a wrapper over a base that
+    #: reduces its own statistics makes one more)
+    statistics_collectives: int = 1
 
     def build(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         kwargs = {**self.kwargs, **overrides}

@@ -71,6 +71,7 @@ ROWS = [
         ],
         misspelt="s_dacay",
         loss_based=True,
+        statistics_collectives=2,  # Polyak's ||g||^2, then Mechanic's four statistics
         id="Mechanic-Polyak",
     ),
     OptimizerInfo(
