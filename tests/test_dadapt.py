@@ -490,7 +490,7 @@ def test_cpu_blocks_match_the_per_parameter_path(cls, kwargs, monkeypatch) -> No
     """On CPU the vectorized path works block by block (large tensors cut into flat views, small
     ones grouped); with tiny blocks, and a non-contiguous parameter that is never cut, it still
     matches the per-parameter loop."""
-    import tuneless.optim.dadapt as dadapt_module
+    import tuneless.optim._batched as batched
 
     def build():
         params, loss = quadratic()
@@ -503,7 +503,7 @@ def test_cpu_blocks_match_the_per_parameter_path(cls, kwargs, monkeypatch) -> No
 
         return params + [odd], total
 
-    monkeypatch.setattr(dadapt_module, "CPU_BLOCK_NUMEL", 5)
+    monkeypatch.setattr(batched, "CPU_BLOCK_NUMEL", 5)
     runs = []
     for foreach in (True, False):
         params, total = build()
@@ -516,8 +516,9 @@ def test_cpu_blocks_match_the_per_parameter_path(cls, kwargs, monkeypatch) -> No
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(a.param_groups[0]["d"], b.param_groups[0]["d"], rtol=1e-10, atol=0)
     assert float(a.param_groups[0]["d"]) > 1e-6
-    blocks = dadapt_module._blocks([p.detach() for p in xs], [p.detach() for p in xs], None)
+    blocks = batched.cache_blocks([p.detach() for p in xs], [p.detach() for p in xs], None)
     assert len(blocks) > len(xs) and all(entry is None for _, _, entry in blocks)
+    assert all(sum(t.numel() for t in block[0]) <= 5 for block in blocks if block[0][0].is_contiguous())
 
 
 def test_sgd_steps_without_any_gradient_do_not_fix_g0() -> None:

@@ -214,7 +214,17 @@ def _run_fsdp(info, group, rank, out_dir):
         save_error = traceback.format_exc(limit=-8)
     second = _train(model, opt, range(SAVE_AT, STEPS), rank_rows(rank))
     return dict(traj=first["traj"] + second["traj"], collectives=first["collectives"] + second["collectives"],
-                save_error=save_error)
+                save_error=save_error, state_numel=state_numel(model, opt))
+
+
+def state_numel(model, opt) -> dict[str, dict[str, int]]:
+    """Elements this rank holds of each state buffer, by parameter name and state key."""
+    out = {}
+    for name, p in model.named_parameters():
+        entry = opt.state.get(p, {})
+        out[name.removeprefix("module.")] = {key: local_tensor(value).numel() for key, value in entry.items()
+                                             if isinstance(value, torch.Tensor)}
+    return out
 
 
 def _run_resume(info, group, rank, out_dir):
@@ -491,6 +501,29 @@ def test_rank_without_gradients_enters_the_collective_and_agrees(results, row):
     res = job(results, row, "manual")
     for r in range(WORLD):
         assert_same_trajectory(res[r]["traj"], one_process(row), f"{row} sharded by hand, rank {r}")
+
+
+SLICED = [pytest.param(name, id=name) for name, info in ROWS.items() if info.kwargs.get("slice_p", 1) > 1]
+
+
+@pytest.mark.parametrize("row", SLICED)
+def test_sliced_estimate_buffers_stay_sliced_under_fsdp(results, row):
+    """Prodigy's ``slice_p``: under FSDP2 each rank keeps about 1/slice_p of its shard in s and
+    x0 (one zero-padded row per shard), not a full-size copy."""
+    slice_p = ROWS[row].kwargs["slice_p"]
+    for r, res in enumerate(job(results, row, "fsdp")):
+        shard = res["traj"][-1]
+        held = {key: sum(entry.get(key, 0) for entry in res["state_numel"].values()) for key in ("s", "x0")}
+        total = sum(t.numel() for t in shard.values())
+        for name, entry in res["state_numel"].items():
+            full = one_process(row)[0][name]
+            rows, inner = full.shape[0], full[0].numel() if full.dim() > 1 else 1
+            width = -(-(-(-rows // WORLD) * inner) // slice_p)  # ceil(ceil(rows / WORLD) * inner / slice_p)
+            for key in ("s", "x0"):
+                assert entry[key] <= max(width, 1), f"rank {r}, {name}: {key} holds {entry[key]} > {width}"
+        if r == 0:  # rank 0 holds the larger shards (rank 1's rows are few or none: padding dominates)
+            for key, n in held.items():
+                assert n * 2 < total, f"{row}, rank {r}: {key} holds {n} elements for a shard of {total}"
 
 
 @pytest.mark.parametrize("row", ROW_PARAMS)

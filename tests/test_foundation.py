@@ -178,3 +178,38 @@ def test_batched_reductions_match_their_loops(dtype) -> None:
     b.add_scaled_(zs, ys, torch.tensor(-0.5, dtype=dtype))
     for z, x, y in zip(zs, xs, ys):
         torch.testing.assert_close(z, x - 0.5 * y, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scratch_sums_match_their_loops_block_by_block(dtype, monkeypatch) -> None:
+    """The flat scratch reductions equal the loops over any blocking, reuse one buffer per slot,
+    and leave their inputs as they were."""
+    monkeypatch.setattr(b, "CPU_BLOCK_NUMEL", 16)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (5,), (0,), (2, 2, 2), (40,), (7, 3)]
+    xs = [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+    ys = [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+    xs.append(torch.randn(6, 5, generator=g).to(dtype).t())  # not contiguous: a block of its own
+    ys.append(torch.randn(5, 6, generator=g).to(dtype))
+    before = [x.clone() for x in xs]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    dev = torch.device("cpu")
+    scratch = b.Scratch()
+    blocks = b.cache_blocks(xs, ys)
+    assert all(sum(t.numel() for t in xb) <= 16 for xb, _ in blocks if xb[0].is_contiguous())
+    assert any(not xb[0].is_contiguous() for xb, _ in blocks)
+    for slot in (0, 1):
+        dot = sum(b.flat_dot(xb, yb, scratch, acc, slot=slot) for xb, yb in blocks)
+        l1 = sum(b.flat_abs_sum(xb, scratch, acc, slot=slot) for xb, _ in blocks)
+        sq = sum(b.flat_sum_of_squares(xb, scratch, acc, slot=slot) for xb, _ in blocks)
+        torch.testing.assert_close(dot, b.total_dot_loop(xs, ys, acc, dev), **tol)
+        torch.testing.assert_close(l1, b.total_abs_sum_loop(xs, acc, dev), **tol)
+        torch.testing.assert_close(sq, b.total_sum_of_squares_loop(xs, acc, dev), **tol)
+    assert all(torch.equal(x, y) for x, y in zip(xs, before))
+    # one reused buffer per slot (and a temporary for the block too large to cut)
+    flat_a, _ = scratch.views(blocks[0][0])
+    flat_b, _ = scratch.views(blocks[0][0])
+    flat_c, _ = scratch.views(blocks[0][0], slot=1)
+    assert flat_a.data_ptr() == flat_b.data_ptr() != flat_c.data_ptr()
+    assert flat_a.dtype == (dtype if dtype != torch.bfloat16 else torch.float32)

@@ -11,12 +11,18 @@ path of the optimizers; the tests check that the two agree.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "CPU_BLOCK_NUMEL",
+    "cache_blocks",
+    "Scratch",
+    "flat_dot",
+    "flat_abs_sum",
+    "flat_sum_of_squares",
     "total_sum_of_squares",
     "total_abs_sum",
     "total_dot",
@@ -79,3 +85,127 @@ def add_scaled_(targets: Sequence[Tensor], sources: Sequence[Tensor], scale: Ten
     if len(targets) == 0:
         return
     torch._foreach_addcmul_(list(targets), list(sources), [scale] * len(targets))
+
+
+# ----------------------------------------------------------------------------- cache-sized blocks (CPU)
+
+#: On the CPU, the vectorized path of a multi-pass step runs block by block, each block holding
+#: at most this many elements per buffer (large tensors are cut into flat views): the dozen
+#: foreach passes of a step then reuse the cache instead of streaming every buffer from memory a
+#: dozen times, and the one scratch buffer is block-sized. On other devices (GPUs) everything
+#: is one block.
+CPU_BLOCK_NUMEL = 1 << 18
+
+
+def cache_blocks(*lists: Sequence[Tensor] | None, limit: int | None = None) -> list[tuple[list[Tensor] | None, ...]]:
+    """Parallel sub-lists for foreach calls: one dtype each and, on the CPU, at most ``limit``
+    elements (default :data:`CPU_BLOCK_NUMEL`) per list.
+
+    ``lists`` are parallel lists of same-shaped tensors (parameter, gradient, state buffers);
+    ``None`` entries stay ``None``. A tensor larger than the limit is cut into flat views when
+    all its parallel tensors are contiguous (in-place ops on the views update it); one that
+    cannot be cut forms a block of its own.
+    """
+    limit = CPU_BLOCK_NUMEL if limit is None else limit
+    present = [i for i, lst in enumerate(lists) if lst is not None]
+    by_dtype: dict[torch.dtype, list[tuple[Tensor, ...]]] = {}
+    for items in zip(*(lists[i] for i in present)):  # type: ignore[arg-type]
+        by_dtype.setdefault(items[0].dtype, []).append(items)
+    out: list[tuple[list[Tensor] | None, ...]] = []
+
+    def emit(rows: list[tuple[Tensor, ...]]) -> None:
+        if rows:
+            full: list[list[Tensor] | None] = [None] * len(lists)
+            for i, col in zip(present, zip(*rows)):
+                full[i] = list(col)
+            out.append(tuple(full))
+
+    for rows in by_dtype.values():
+        if rows[0][0].device.type != "cpu":
+            emit(rows)
+            continue
+        block: list[tuple[Tensor, ...]] = []
+        size = 0
+        for items in rows:
+            n = items[0].numel()
+            if n > limit:
+                if all(t.is_contiguous() for t in items):
+                    for piece in zip(*(t.view(-1).split(limit) for t in items)):
+                        emit([piece])
+                else:
+                    emit([items])
+                continue
+            if size + n > limit:
+                emit(block)
+                block, size = [], 0
+            block.append(items)
+            size += n
+        emit(block)
+    return out
+
+
+class Scratch:
+    """A flat buffer per (dtype, device) reused from step to step on the CPU: not state, never
+    saved. Viewed as a list of tensors shaped like a block's tensors, it holds a block's
+    temporaries, and sums over it are one reduction over contiguous memory (in cache)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device, int], Tensor] = {}
+        self._views: dict[tuple[Any, ...], tuple[Tensor, list[Tensor]]] = {}
+
+    def views(self, like: Sequence[Tensor], slot: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """(the flat buffer's used part, views of it shaped like ``like``), in float32 at least.
+
+        ``slot`` chooses one of several buffers, for a block that needs two temporaries at
+        once. The views are cached by shapes: a model's blocks are the same at every step. A
+        block larger than :data:`CPU_BLOCK_NUMEL` (a tensor that could not be cut) gets a
+        temporary.
+        """
+        dtype = like[0].dtype if like[0].dtype.itemsize >= 4 else torch.float32
+        device = like[0].device
+        key = (dtype, device, slot, tuple(t.shape for t in like))
+        cached = self._views.get(key)
+        if cached is not None:
+            return cached
+        n = sum(t.numel() for t in like)
+        cache = n <= CPU_BLOCK_NUMEL
+        if cache:
+            buffer = self._buffers.get((dtype, device, slot))
+            if buffer is None or buffer.numel() < n:
+                buffer = self._buffers[(dtype, device, slot)] = torch.empty(max(n, CPU_BLOCK_NUMEL), dtype=dtype,
+                                                                            device=device)
+                self._views.clear()  # they view the buffer replaced
+        else:
+            buffer = torch.empty(n, dtype=dtype, device=device)
+        views, start = [], 0
+        for t in like:
+            views.append(buffer[start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        result = (buffer[:n], views)
+        if cache:
+            if len(self._views) > 4096:  # a model whose shapes keep changing: start over
+                self._views.clear()
+            self._views[key] = result
+        return result
+
+
+def flat_dot(a: Sequence[Tensor], b: Sequence[Tensor], scratch: Scratch, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    """sum_i <a_i, b_i> over one block: a copied into the scratch, multiplied by b, summed at once."""
+    flat, views = scratch.views(a, slot)
+    torch._foreach_copy_(views, list(a))
+    torch._foreach_mul_(views, list(b))
+    return flat.sum(dtype=dtype)
+
+
+def flat_abs_sum(a: Sequence[Tensor], scratch: Scratch, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    """sum_i ||a_i||_1 over one block, through the scratch."""
+    flat, views = scratch.views(a, slot)
+    torch._foreach_copy_(views, list(a))
+    return flat.abs_().sum(dtype=dtype)
+
+
+def flat_sum_of_squares(a: Sequence[Tensor], scratch: Scratch, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    """sum_i ||a_i||_2^2 over one block, through the scratch."""
+    flat, views = scratch.views(a, slot)
+    torch._foreach_copy_(views, list(a))
+    return flat.square_().sum(dtype=dtype)

@@ -232,6 +232,16 @@ class TunelessOptimizer(torch.optim.Optimizer):
         flag = group.get("foreach")
         return True if flag is None else bool(flag)
 
+    def _scratch(self) -> Any:
+        """The vectorized path's reusable flat buffers (CPU; see :class:`~tuneless.optim._batched.Scratch`),
+        created on first use; not state, never saved."""
+        scratch = self.__dict__.get("_tuneless_scratch")
+        if scratch is None:
+            from ._batched import Scratch
+
+            scratch = self.__dict__["_tuneless_scratch"] = Scratch()
+        return scratch
+
     def _first_param(self) -> Tensor:
         for group in self.param_groups:
             for p in group["params"]:

@@ -54,7 +54,8 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import InvalidArgumentError
-from ._batched import add_scaled_, total_dot, total_sum_of_squares
+from ._batched import (Scratch, add_scaled_, cache_blocks, flat_abs_sum, flat_dot, flat_sum_of_squares, total_dot,
+                       total_sum_of_squares)
 from .base import TunelessOptimizer, local_tensor
 
 __all__ = ["DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad"]
@@ -168,56 +169,6 @@ def _coupled(grads: list[Tensor], xs: list[Tensor], wd: float, foreach: bool) ->
     if foreach:
         return list(torch._foreach_add(grads, xs, alpha=wd))
     return [g.add(x, alpha=wd) for g, x in zip(grads, xs)]
-
-
-#: On CPU, the vectorized path runs its passes block by block, each block holding about this
-#: many elements per buffer (large tensors are cut into flat views): the dozen passes of a
-#: step then reuse the cache instead of streaming every buffer from memory a dozen times, and
-#: temporaries are block-sized. On other devices (GPUs) everything is one block.
-CPU_BLOCK_NUMEL = 1 << 18
-
-
-def _blocks(*lists: list[Tensor] | None) -> list[tuple[list[Tensor] | None, ...]]:
-    """Parallel sub-lists for foreach calls: one dtype each and, on CPU, cache-sized blocks.
-
-    ``lists`` are parallel lists of same-shaped tensors (parameter, gradient, state buffers);
-    ``None`` entries stay ``None``. A tensor larger than :data:`CPU_BLOCK_NUMEL` is cut into flat
-    views when all its parallel tensors are contiguous (in-place ops on the views update it).
-    """
-    present = [i for i, lst in enumerate(lists) if lst is not None]
-    by_dtype: dict[torch.dtype, list[tuple[Tensor, ...]]] = {}
-    for items in zip(*(lists[i] for i in present)):
-        by_dtype.setdefault(items[0].dtype, []).append(items)
-    out = []
-
-    def emit(rows: list[tuple[Tensor, ...]]) -> None:
-        if rows:
-            columns = list(zip(*rows))
-            full: list[list[Tensor] | None] = [None] * len(lists)
-            for i, col in zip(present, columns):
-                full[i] = list(col)
-            out.append(tuple(full))
-
-    for rows in by_dtype.values():
-        if rows[0][0].device.type != "cpu":
-            emit(rows)
-            continue
-        block: list[tuple[Tensor, ...]] = []
-        size = 0
-        for items in rows:
-            n = items[0].numel()
-            if n > CPU_BLOCK_NUMEL and all(t.is_contiguous() for t in items):
-                pieces = [t.view(-1).split(CPU_BLOCK_NUMEL) for t in items]
-                for piece in zip(*pieces):
-                    emit([piece])
-                continue
-            block.append(items)
-            size += n
-            if size >= CPU_BLOCK_NUMEL:
-                emit(block)
-                block, size = [], 0
-        emit(block)
-    return out
 
 
 def _stack_sum(values: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -395,8 +346,9 @@ class DAdaptSGD(_DAdaptBase):
             xs = [local_tensor(p) for p in params]
             foreach = self._use_foreach(group)
             impl = _multi_tensor_dadapt_sgd if foreach else _single_tensor_dadapt_sgd
+            extra = dict(scratch=self._scratch()) if foreach else {}
             dot, sq = impl(xs, grads, states, step_size=step_size, weight_decay=group["weight_decay"],
-                           momentum=momentum, with_stats=measured, dtype=dtype, device=device)
+                           momentum=momentum, with_stats=measured, dtype=dtype, device=device, **extra)
             numerator = numerator + step_size * dot
             s_sq = s_sq + sq
 
@@ -438,23 +390,25 @@ def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: lis
 
 def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                              step_size: Tensor, weight_decay: float, momentum: float, with_stats: bool,
-                             dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+                             dtype: torch.dtype, device: torch.device, scratch: Scratch) -> tuple[Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_sgd` over all tensors at once (foreach ops, batched sums).
 
-    No temporary of the parameters' size, except the coupled-decay gradients (block-sized on CPU).
+    On the CPU, block by block (cache-sized), the sums through the reused scratch buffer; no
+    temporary of the parameters' size, except the coupled-decay gradients (block-sized on CPU).
     """
     dot = torch.zeros((), dtype=dtype, device=device)
     sq = torch.zeros((), dtype=dtype, device=device)
     ss = [local_tensor(st["s"]) for st in states]
     x0s = [local_tensor(st["x0"]) for st in states] if momentum != 0 else None
-    for xb, gb, sb, x0b in _blocks(xs, grads, ss, x0s):
+    for xb, gb, sb, x0b in cache_blocks(xs, grads, ss, x0s):
+        cpu = sb[0].device.type == "cpu"
         gb = _coupled(gb, xb, weight_decay, True)
         eta = _coef(step_size, sb[0])
         if with_stats:
-            dot = dot + total_dot(gb, sb, dtype, device)
+            dot = dot + (flat_dot(gb, sb, scratch, dtype) if cpu else total_dot(gb, sb, dtype, device))
         add_scaled_(sb, gb, eta)
         if with_stats:
-            sq = sq + total_sum_of_squares(sb, dtype, device)
+            sq = sq + (flat_sum_of_squares(sb, scratch, dtype) if cpu else total_sum_of_squares(sb, dtype, device))
         if momentum == 0:
             add_scaled_(xb, gb, -eta)
         else:
@@ -599,8 +553,9 @@ class DAdaptAdam(_DAdaptBase):
             xs = [local_tensor(p) for p in params]
             foreach = self._use_foreach(group)
             impl = _multi_tensor_dadapt_adam if foreach else _single_tensor_dadapt_adam
+            extra = dict(scratch=self._scratch()) if foreach else {}
             dot, l1 = impl(xs, grads, states, step_size=step_size, beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], decouple=group["decouple"], dtype=dtype, device=device)
+                           weight_decay=group["weight_decay"], decouple=group["decouple"], dtype=dtype, device=device, **extra)
             numerator = numerator + step_size * dot
             s_l1 = s_l1 + l1
 
@@ -638,34 +593,47 @@ def _single_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: li
 
 def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                               step_size: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                              decouple: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+                              decouple: bool, dtype: torch.dtype, device: torch.device,
+                              scratch: Scratch) -> tuple[Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adam` over all tensors at once (foreach ops, batched sums).
 
-    One temporary at a time (block-sized on CPU), the denominator, as in torch's foreach Adam:
-    1/(sqrt(v)+eps), turned into s/(sqrt(v)+eps) in place for the inner product, then
-    sqrt(v)+eps again with the new v for the step; plus the coupled-decay gradients.
+    One temporary at a time, the denominator, as in torch's foreach Adam: 1/(sqrt(v)+eps),
+    turned into g s/(sqrt(v)+eps) in place and summed for the inner product, then sqrt(v)+eps
+    again with the new v for the step. On the CPU it is the reused scratch buffer of one
+    cache-sized block, and the sums are one reduction over it; elsewhere a new tensor list.
+    Plus the coupled-decay gradients.
     """
     sqrt_beta2 = beta2 ** 0.5
     dot = torch.zeros((), dtype=dtype, device=device)
     l1 = torch.zeros((), dtype=dtype, device=device)
     ss, ms, us = ([local_tensor(st[key]) for st in states] for key in ("s", "exp_avg", "exp_avg_sq"))
-    for xb, gb, sb, mb, ub in _blocks(xs, grads, ss, ms, us):
+    for xb, gb, sb, mb, ub in cache_blocks(xs, grads, ss, ms, us):
+        cpu = ub[0].device.type == "cpu"
         if not decouple:
             gb = _coupled(gb, xb, weight_decay, True)
         eta = _coef(step_size, sb[0])
         # <g, s / (sqrt(v) + eps)> with the previous s and v.
-        buf = torch._foreach_sqrt(ub)
+        if cpu:
+            flat, buf = scratch.views(ub)
+            torch._foreach_copy_(buf, ub)
+            torch._foreach_sqrt_(buf)
+        else:
+            buf = torch._foreach_sqrt(ub)
         torch._foreach_add_(buf, eps)
         torch._foreach_reciprocal_(buf)
         torch._foreach_mul_(buf, sb)
-        dot = dot + total_dot(gb, buf, dtype, device)
+        if cpu:
+            torch._foreach_mul_(buf, gb)
+            dot = dot + flat.sum(dtype=dtype)
+        else:
+            dot = dot + total_dot(gb, buf, dtype, device)
         torch._foreach_mul_(mb, beta1)
         add_scaled_(mb, gb, eta * (1 - beta1))
         torch._foreach_mul_(ub, beta2)
         torch._foreach_addcmul_(ub, gb, gb, value=1 - beta2)
         torch._foreach_mul_(sb, sqrt_beta2)
         add_scaled_(sb, gb, eta * (1 - sqrt_beta2))
-        l1 = l1 + _total_l1(sb, dtype, device)
+        l1 = l1 + (flat_abs_sum(sb, scratch, dtype) if cpu else _total_l1(sb, dtype, device))
         # The step, with the new v: the same buffer now holds sqrt(v) + eps.
         torch._foreach_copy_(buf, ub)
         torch._foreach_sqrt_(buf)
@@ -781,9 +749,10 @@ class DAdaptAdaGrad(_DAdaptBase):
             xs = [local_tensor(p) for p in params]
             foreach = self._use_foreach(group)
             impl = _multi_tensor_dadapt_adagrad if foreach else _single_tensor_dadapt_adagrad
+            extra = dict(scratch=self._scratch()) if foreach else {}
             g_sq, s_sq, l1 = impl(xs, grads, states, step_size=step_size, eps=group["eps"],
                                   weight_decay=group["weight_decay"], momentum=group["momentum"],
-                                  dtype=dtype, device=device)
+                                  dtype=dtype, device=device, **extra)
             stats = stats + torch.stack([step_size * step_size * g_sq, s_sq, l1, torch.ones_like(l1)])
 
         # One reduction per step, always reached (no early return: no hang when sharded).
@@ -821,29 +790,48 @@ def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states:
 
 def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                                  step_size: Tensor, eps: float, weight_decay: float, momentum: float,
-                                 dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                                 dtype: torch.dtype, device: torch.device,
+                                 scratch: Scratch) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adagrad` over all tensors at once (foreach ops, batched sums).
 
-    Temporaries (block-sized on CPU): the denominator a (reused for s/a), briefly g/a for
-    sum g^2/a, and the coupled-decay gradients.
+    Temporaries: the denominator a (reused for s/a) and one for the sums. On the CPU they are
+    the two reused scratch buffers of one cache-sized block; elsewhere new tensor lists. Plus
+    the coupled-decay gradients.
     """
     g_sq = torch.zeros((), dtype=dtype, device=device)
     s_sq = torch.zeros((), dtype=dtype, device=device)
     l1 = torch.zeros((), dtype=dtype, device=device)
     alphas, ss, x0s = ([local_tensor(st[key]) for st in states] for key in ("alpha", "s", "x0"))
-    for xb, gb, ab, sb, x0b in _blocks(xs, grads, alphas, ss, x0s):
+    for xb, gb, ab, sb, x0b in cache_blocks(xs, grads, alphas, ss, x0s):
+        cpu = ab[0].device.type == "cpu"
         gb = _coupled(gb, xb, weight_decay, True)
         torch._foreach_addcmul_(ab, gb, gb)
-        buf = torch._foreach_sqrt(ab)
+        if cpu:
+            buf = scratch.views(ab)[1]
+            torch._foreach_copy_(buf, ab)
+            torch._foreach_sqrt_(buf)
+        else:
+            buf = torch._foreach_sqrt(ab)
         torch._foreach_add_(buf, eps)                       # a = sqrt(alpha) + eps
-        g_over_a = torch._foreach_div(gb, buf)
-        g_sq = g_sq + total_dot(g_over_a, gb, dtype, device)
-        del g_over_a
+        if cpu:  # sum g^2 / a through the second buffer
+            flat, tmp = scratch.views(gb, slot=1)
+            torch._foreach_copy_(tmp, gb)
+            torch._foreach_div_(tmp, buf)
+            torch._foreach_mul_(tmp, gb)
+            g_sq = g_sq + flat.sum(dtype=dtype)
+        else:
+            g_over_a = torch._foreach_div(gb, buf)
+            g_sq = g_sq + total_dot(g_over_a, gb, dtype, device)
+            del g_over_a
         add_scaled_(sb, gb, _coef(step_size, sb[0]))
         torch._foreach_reciprocal_(buf)
         torch._foreach_mul_(buf, sb)                        # buf = s / a
-        s_sq = s_sq + total_dot(sb, buf, dtype, device)
-        l1 = l1 + _total_l1(sb, dtype, device)
+        if cpu:
+            s_sq = s_sq + flat_dot(sb, buf, scratch, dtype, slot=1)
+            l1 = l1 + flat_abs_sum(sb, scratch, dtype, slot=1)
+        else:
+            s_sq = s_sq + total_dot(sb, buf, dtype, device)
+            l1 = l1 + _total_l1(sb, dtype, device)
         if momentum == 0:
             torch._foreach_copy_(xb, x0b)
             torch._foreach_sub_(xb, buf)                    # x = x0 - s/a

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import InvalidArgumentError
-from ._batched import _sum_stacked, add_scaled_, total_dot
+from ._batched import Scratch, _sum_stacked, add_scaled_, total_dot
 from .base import TunelessOptimizer, local_tensor
 
 __all__ = ["Prodigy"]
@@ -130,9 +130,9 @@ class Prodigy(TunelessOptimizer):
     * **Zero host syncs** per step (the reference reads 2 scalars per tensor), and sharded
       parameters (FSDP2 DTensors) are handled by the base class; there is no
       ``fsdp_in_use`` argument. Under FSDP2 the estimate uses the same coordinates as in one
-      process, but with ``slice_p > 1`` the buffers of a DTensor shard keep their full size
-      (a sliced layout cannot be sharded like the parameter), so the memory saving of
-      ``slice_p`` applies to plain (unsharded or DDP) parameters only.
+      process, and with ``slice_p > 1`` each shard keeps only its own sliced coordinates: the
+      two buffers are (shards, width) DTensors, one zero-padded row per shard (so a checkpoint
+      of them resumes on the same number of shards).
 
     Implementation notes. :math:`\langle g, x_0 - x\rangle` is computed through the
     difference :math:`x_0 - x`, as the reference does, and not as
@@ -202,8 +202,15 @@ class Prodigy(TunelessOptimizer):
             return state
         slice_p = group["slice_p"]
         x = local_tensor(p)
-        sharded = x is not p  # a DTensor shard (FSDP2): its state must be a DTensor sharded like p
-        if slice_p > 1 and not sharded:
+        sharded = x is not p  # a DTensor shard (FSDP2): its state must be a DTensor too
+        if slice_p > 1 and sharded:
+            # s and x0 on this shard's every-slice_p-th coordinates, as a (shards, width) DTensor
+            # sharded along dim 0 on the parameter's mesh: one zero-padded row per shard.
+            start = _slice_start(p, slice_p)
+            sliced = x.detach().reshape(-1)[start::slice_p]
+            state["s"] = _sharded_rows(p, slice_p, None)
+            state["x0"] = _sharded_rows(p, slice_p, sliced)
+        elif slice_p > 1:
             sliced = x.detach().reshape(-1)[::slice_p]
             # s: the weighted sum of gradients whose l1 norm is the denominator of d-hat, and x0:
             # the initial point, both on every slice_p-th coordinate only (1/slice_p of the memory).
@@ -211,8 +218,6 @@ class Prodigy(TunelessOptimizer):
             state["x0"] = (sliced.clone(memory_format=torch.contiguous_format) if bool(sliced.any())
                            else torch.zeros((), dtype=p.dtype, device=x.device))
         else:
-            # The same two buffers at full size: with slice_p > 1 this happens only for DTensor
-            # shards, whose sliced coordinates cannot be laid out as a DTensor sharded like p.
             state["s"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             # (a 0-d zero when the parameter starts at 0, as in the reference; not for shards,
             # where deciding it would need a collective)
@@ -233,9 +238,15 @@ class Prodigy(TunelessOptimizer):
         if slice_p == 1:
             return g, x, s, x0
         start = _slice_start(p, slice_p)
-        if x is not p:  # full-size buffers of a shard: slice them like the parameter
+        full = x
+        g, x = g.reshape(-1)[start::slice_p], x.reshape(-1)[start::slice_p]
+        if s.shape == full.shape and s.numel() > x.numel():
+            # full-size buffers of a shard (a checkpoint of an earlier version): slice them too
             s, x0 = s.reshape(-1)[start::slice_p], x0.reshape(-1)[start::slice_p]
-        return g.reshape(-1)[start::slice_p], x.reshape(-1)[start::slice_p], s, x0
+        elif s.shape != x.shape:  # a shard's row of the (shards, width) layout: its first entries
+            n = x.numel()
+            s, x0 = s.reshape(-1)[:n], x0.reshape(-1)[:n]
+        return g, x, s, x0
 
     def _shared_scalars(self) -> tuple[dict[str, Tensor], int]:
         """d and the other shared scalars (0-d tensors on the parameters' device), and k."""
@@ -324,13 +335,6 @@ class Prodigy(TunelessOptimizer):
             group.update(new)
             group["k"] = k + 1
 
-    def _scratch(self) -> _Scratch:
-        """The vectorized path's reusable flat buffer (CPU), created on first use; not state."""
-        scratch = self.__dict__.get("_prodigy_scratch")
-        if scratch is None:
-            scratch = self.__dict__["_prodigy_scratch"] = _Scratch()
-        return scratch
-
     def _rescale_idle_moments(self, group: dict[str, Any], moment_ratio: Tensor) -> None:
         """Keep m and v unchanged for parameters with state but no gradient this step.
 
@@ -402,6 +406,50 @@ def _slice_start(p: Tensor, slice_p: int) -> int:
 
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
     return (-(offset[0] if offset else 0) * math.prod(p.shape[1:])) % slice_p
+
+
+def _shard_layout(p: Tensor) -> tuple[int, int]:
+    """(the mesh dimension p's dim 0 is sharded over, the number of shards along it)."""
+    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(dims) != 1 or getattr(p.placements[dims[0]], "dim", 0) != 0:  # pragma: no cover - untested
+        raise NotImplementedError("Prodigy: slice_p > 1 needs parameters sharded along dimension 0 over one "
+                                  f"mesh dimension (as FSDP2 and HSDP do); got placements {p.placements}")
+    return dims[0], p.device_mesh.size(dims[0])
+
+
+def _sliced_width(p: Tensor, slice_p: int) -> int:
+    """The most every-``slice_p``-th coordinates any shard of ``p`` holds (shards as torch.chunk cuts
+    dim 0, FSDP2's layout), computed from the global shape alone: the same on every rank."""
+    _, shards = _shard_layout(p)
+    rows, inner = p.shape[0], math.prod(p.shape[1:])
+    per_shard = -(-rows // shards)  # ceil
+    width = 0
+    for i in range(shards):
+        first, last = min(i * per_shard, rows), min((i + 1) * per_shard, rows)
+        offset, count = first * inner, (last - first) * inner
+        start = (-offset) % slice_p
+        width = max(width, -(-(count - start) // slice_p) if count > start else 0)
+    return max(width, 1)
+
+
+def _sharded_rows(p: Tensor, slice_p: int, values: Tensor | None) -> Tensor:
+    """A (shards, width) DTensor on ``p``'s mesh, sharded along dim 0 where ``p`` is, replicated
+    elsewhere; this rank's row holds ``values`` (zeros when None), zero-padded to the width.
+
+    Every shard has the same (padded) row, so the layout is an even DTensor that
+    ``torch.distributed.checkpoint`` saves and loads like any other; resuming needs the same
+    number of shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    mesh_dim, shards = _shard_layout(p)
+    width = _sliced_width(p, slice_p)
+    x = local_tensor(p)
+    row = torch.zeros((1, width), dtype=p.dtype, device=x.device)
+    if values is not None:
+        row[0, : values.numel()].copy_(values)
+    return DTensor.from_local(row, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size((shards, width)), stride=(width, 1))
 
 
 class _Buffers(NamedTuple):
@@ -544,7 +592,7 @@ def _single_tensor_prodigy_step(b: _Buffers, *, step_size: Tensor, growth: Tenso
 def _multi_tensor_prodigy_estimate(buffers: _Buffers, *, beta3: float, m_coef: Tensor, one_minus_beta1: float,
                                    v_coef: Tensor, one_minus_beta2: float, s_weight: Tensor,
                                    with_numerator: bool, dtype: torch.dtype, device: torch.device,
-                                   scratch: _Scratch) -> tuple[Tensor, Tensor]:
+                                   scratch: Scratch) -> tuple[Tensor, Tensor]:
     """:func:`_single_tensor_prodigy_estimate` over all tensors at once (foreach ops, batched sums)."""
     dots, l1s = [], []
     for b in (c for bd in buffers.by_dtype() for c in bd.chunks(_CPU_CHUNK)):
@@ -602,46 +650,8 @@ def _chunk_numerator(b: _Buffers, flat: tuple[Tensor, list[Tensor]] | None, dtyp
     return buffer.sum(dtype=dtype)
 
 
-class _Scratch:
-    """A flat buffer of one chunk's size reused from step to step on the CPU (not per-parameter
-    state, never saved), viewed as a list of tensors shaped like a chunk's estimate tensors."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._views: dict[tuple[Any, ...], tuple[Tensor, list[Tensor]]] = {}
-
-    def views(self, like: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """(the flat buffer's used part, views of it shaped like ``like``), in float32 at least.
-
-        The views are cached by shapes: a model's chunks are the same at every step.
-        """
-        dtype = like[0].dtype if like[0].dtype.itemsize >= 4 else torch.float32
-        device = like[0].device
-        key = (dtype, device, tuple(t.shape for t in like))
-        cached = self._views.get(key)
-        if cached is not None:
-            return cached
-        n = sum(t.numel() for t in like)
-        if n > _CPU_CHUNK:  # a tensor that could not be cut (not contiguous, or sliced): a temporary
-            buffer = torch.empty(n, dtype=dtype, device=device)
-        else:
-            buffer = self._buffers.get((dtype, device))
-            if buffer is None:
-                buffer = self._buffers[(dtype, device)] = torch.empty(_CPU_CHUNK, dtype=dtype, device=device)
-        views, start = [], 0
-        for t in like:
-            views.append(buffer[start:start + t.numel()].view(t.shape))
-            start += t.numel()
-        result = (buffer[:n], views)
-        if n <= _CPU_CHUNK:
-            if len(self._views) > 4096:  # a model whose shapes keep changing: start over
-                self._views.clear()
-            self._views[key] = result
-        return result
-
-
 def _multi_tensor_prodigy_step(buffers: _Buffers, *, step_size: Tensor, growth: Tensor, eps: float,
-                               decay: float, scratch: _Scratch) -> None:
+                               decay: float, scratch: Scratch) -> None:
     """:func:`_single_tensor_prodigy_step` over all tensors at once. The denominator is the one
     temporary: on the CPU written into the reused flat buffer, elsewhere a new tensor list."""
     for b in (c for bd in buffers.by_dtype() for c in bd.chunks(_CPU_CHUNK)):
