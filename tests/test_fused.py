@@ -1,0 +1,131 @@
+"""Fused steps (``fused=True``): one compiled single-pass kernel per group of tensors.
+
+The fused kernels are the per-parameter functions compiled; these tests check that they give
+the per-parameter path's results (to float reassociation), with the padding of a last group,
+non-contiguous tensors, several param groups and dtypes, without host syncs, and that a
+failed compilation falls back with a warning. Compiling takes seconds per configuration, so the
+configurations are few.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tests.test_contract import SyncCounter
+from tuneless import DAdaptAdam, InvalidArgumentError
+from tuneless.optim import _fused
+from tuneless.optim._fused import GROUP_SIZE, FusedKernel
+
+
+def _axpy_kernel(x, g, a, sum_dtype):
+    """x += a * g; returns <g, x> (new x) and sum |g|."""
+    x.add_(g * a)
+    return (g * x).sum(dtype=sum_dtype), g.abs().sum(dtype=sum_dtype)
+
+
+def _lists(n, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(i % 4 + 2, i % 3 + 2, generator=gen, dtype=dtype) for i in range(n)]
+    gs = [torch.randn(x.shape, generator=gen, dtype=dtype) for x in xs]
+    xs.append(torch.randn(3, 5, generator=gen, dtype=dtype).t())  # not contiguous
+    gs.append(torch.randn(5, 3, generator=gen, dtype=dtype))
+    return xs, gs
+
+
+def test_grouped_kernel_matches_the_loop_with_padding_and_a_non_contiguous_tensor() -> None:
+    kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    xs, gs = _lists(GROUP_SIZE + 3)  # one full group, a padded one, and the non-contiguous tensor
+    expected_x = [x + 0.5 * g for x, g in zip(xs, gs)]
+    expected = [sum((g * x).sum() for g, x in zip(gs, expected_x)), sum(g.abs().sum() for g in gs)]
+    for _ in range(2):  # the padding is zeroed again before each use
+        ys = [x.clone() for x in xs]
+        sums = kernel([ys, gs], (torch.tensor(0.5, dtype=torch.float64), torch.float64), sum_dtype=torch.float64,
+                      device=torch.device("cpu"))
+        for y, e in zip(ys, expected_x):
+            torch.testing.assert_close(y, e, rtol=1e-14, atol=1e-14)
+        for got, want in zip(sums, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not kernel._failed
+
+
+def test_a_failed_compilation_warns_once_and_gives_the_same_results(monkeypatch) -> None:
+    kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler (simulated)")
+
+    monkeypatch.setattr(kernel, "_compiled_grouped", lambda: broken)
+    xs, gs = _lists(5)
+    ys = [x.clone() for x in xs]
+    with pytest.warns(RuntimeWarning, match="running it uncompiled"):
+        kernel([ys, gs], (torch.tensor(2.0, dtype=torch.float64), torch.float64), sum_dtype=torch.float64, device=torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        kernel([ys, gs], (torch.tensor(2.0, dtype=torch.float64), torch.float64), sum_dtype=torch.float64, device=torch.device("cpu"))
+    for y, x, g in zip(ys, xs, gs):
+        torch.testing.assert_close(y, x + 4.0 * g, rtol=1e-14, atol=1e-14)
+
+
+def _quadratic_model(n=GROUP_SIZE + 5, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(i % 5 + 1, i % 4 + 2, generator=gen, dtype=dtype)) for i in range(n)]
+    params.append(torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=dtype).t()))  # not contiguous
+    weights = [1.0 + (i % 3) for i in range(len(params))]
+
+    def loss():
+        return sum(w * ((p - 0.25) ** 2).sum() for w, p in zip(weights, params))
+
+    return params, loss
+
+
+def _train(cls, kwargs, steps=25, dtype=torch.float64):
+    params, loss = _quadratic_model(dtype=dtype)
+    opt = cls([{"params": params[:9]}, {"params": params[9:], "lr": 0.5}], **kwargs)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+FUSED_CONFIGS = [
+    (DAdaptAdam, dict(weight_decay=0.01, decouple=True, use_bias_correction=True)),
+    (DAdaptAdam, dict(weight_decay=0.01)),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
+    fused, a = _train(cls, {**kwargs, "fused": True})
+    loop, b = _train(cls, {**kwargs, "foreach": False})
+    for x, y in zip(fused, loop):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.param_groups[0]["d"], b.param_groups[0]["d"], rtol=1e-10, atol=0)
+    assert float(a.param_groups[0]["d"]) > 1e-6  # d moved: the sums were right
+
+
+@pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS[:1], ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
+    params, loss = _quadratic_model()
+    opt = cls(params, **kwargs, fused=True)
+    for _ in range(2):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    opt.zero_grad()
+    loss().backward()
+    with SyncCounter() as counter:
+        opt.step()
+    assert counter.count == 0
+
+
+def test_fused_must_be_a_bool() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"^DAdaptAdam: fused = 'yes' is invalid; allowed: True or False$"):
+        DAdaptAdam([torch.nn.Parameter(torch.zeros(2))], fused="yes")
+
+
+def test_the_group_size_is_what_the_module_says() -> None:
+    assert _fused.GROUP_SIZE == GROUP_SIZE >= 2
