@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.test_contract import SyncCounter
-from tuneless import DAdaptAdam, InvalidArgumentError
+from tuneless import DAdaptAdam, InvalidArgumentError, Prodigy
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -73,6 +73,7 @@ def _quadratic_model(n=GROUP_SIZE + 5, dtype=torch.float64):
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(i % 5 + 1, i % 4 + 2, generator=gen, dtype=dtype)) for i in range(n)]
     params.append(torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=dtype).t()))  # not contiguous
+    params.append(torch.nn.Parameter(torch.zeros(7, dtype=dtype)))  # starts at 0 (Prodigy: a 0-d x0)
     weights = [1.0 + (i % 3) for i in range(len(params))]
 
     def loss():
@@ -94,6 +95,8 @@ def _train(cls, kwargs, steps=25, dtype=torch.float64):
 FUSED_CONFIGS = [
     (DAdaptAdam, dict(weight_decay=0.01, decouple=True, use_bias_correction=True)),
     (DAdaptAdam, dict(weight_decay=0.01)),
+    (Prodigy, dict(weight_decay=0.01, use_bias_correction=True)),
+    (Prodigy, dict(betas=(0.0, 0.999), weight_decay=0.01, decouple=False, safeguard_warmup=True)),
 ]
 
 
@@ -122,9 +125,10 @@ def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
     assert counter.count == 0
 
 
-def test_fused_must_be_a_bool() -> None:
-    with pytest.raises(InvalidArgumentError, match=r"^DAdaptAdam: fused = 'yes' is invalid; allowed: True or False$"):
-        DAdaptAdam([torch.nn.Parameter(torch.zeros(2))], fused="yes")
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy])
+def test_fused_must_be_a_bool(cls) -> None:
+    with pytest.raises(InvalidArgumentError, match=rf"^{cls.__name__}: fused = 'yes' is invalid; allowed: True or False$"):
+        cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")
 
 
 def test_the_group_size_is_what_the_module_says() -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import _validate as v
 from ..errors import InvalidArgumentError
 from ._batched import Scratch, _sum_stacked, add_scaled_, total_dot
+from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
 __all__ = ["Prodigy"]
@@ -88,6 +89,10 @@ class Prodigy(TunelessOptimizer):
             The two estimation buffers (:math:`s`, :math:`x_0`) then hold only those
             coordinates, dividing their memory by ``slice_p``; the reference suggests ~11.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        fused: compiled single-pass kernels, one call per group of tensors, instead of the
+            vectorized chain (default False): about 2x faster on a CPU, at the cost of compiling
+            them at the first step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
+            Groups with ``slice_p > 1`` keep the vectorized path.
 
     Example:
         >>> import torch, tuneless
@@ -160,7 +165,7 @@ class Prodigy(TunelessOptimizer):
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
                  decouple: bool = True, use_bias_correction: bool = False, safeguard_warmup: bool = False,
                  d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf, slice_p: int = 1,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
         v.check_optional_range(owner, "beta3", beta3, 0.0, 1.0, inclusive="[)")
@@ -168,7 +173,8 @@ class Prodigy(TunelessOptimizer):
                         beta3=math.sqrt(betas[1]) if beta3 is None else float(beta3),
                         eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup,
-                        d0=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, foreach=foreach)
+                        d0=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, foreach=foreach,
+                        fused=fused)
         _check_hyperparameters(owner, defaults)
         defaults["slice_p"] = int(slice_p)
         super().__init__(params, defaults)
@@ -302,6 +308,8 @@ class Prodigy(TunelessOptimizer):
             s_weight = d_ratio * (d if group["safeguard_warmup"] else step_size)
             first_pass = _multi_tensor_prodigy_estimate if self._use_foreach(group) else _single_tensor_prodigy_estimate
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
+            if self._fused(group):
+                first_pass, extra = _fused_prodigy_estimate, {}
             dot, l1 = first_pass(buffers, beta3=beta3, m_coef=m_coef, one_minus_beta1=1 - beta1, v_coef=v_coef,
                                  one_minus_beta2=1 - beta2, s_weight=s_weight, with_numerator=lr != 0,
                                  dtype=dtype, device=device, **extra)
@@ -327,6 +335,8 @@ class Prodigy(TunelessOptimizer):
                 continue  # lr = 0: the group does not move
             second_pass = _multi_tensor_prodigy_step if self._use_foreach(group) else _single_tensor_prodigy_step
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
+            if self._fused(group):
+                second_pass, extra = _fused_prodigy_step, {}
             second_pass(buffers, step_size=step_size, growth=growth, eps=group["eps"],
                         decay=group["weight_decay"] if group["decouple"] else 0.0, **extra)
 
@@ -334,6 +344,12 @@ class Prodigy(TunelessOptimizer):
         for group in self.param_groups:
             group.update(new)
             group["k"] = k + 1
+
+    @staticmethod
+    def _fused(group: dict[str, Any]) -> bool:
+        """The compiled kernels run when ``fused`` (with ``slice_p = 1``: a sliced estimate is
+        strided, and keeps the vectorized path)."""
+        return bool(group.get("fused", False)) and group["slice_p"] == 1
 
     def _rescale_idle_moments(self, group: dict[str, Any], moment_ratio: Tensor) -> None:
         """Keep m and v unchanged for parameters with state but no gradient this step.
@@ -367,6 +383,7 @@ def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
     if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate >= 1):  # NaN fails too
         v.fail(owner, "growth_rate", rate, "1 <= growth_rate (inf: no limit)", math.inf)
     v.check_range(owner, "slice_p", h["slice_p"], 1, None, inclusive="[)", recommended=1, integer=True)
+    v.check_bool(owner, "fused", h.get("fused", False))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -671,3 +688,89 @@ def _multi_tensor_prodigy_step(buffers: _Buffers, *, step_size: Tensor, growth: 
             directions, scale = b.g, step_size * growth
         torch._foreach_div_(denom, _coef(-scale, like))
         torch._foreach_addcdiv_(b.x, directions, denom)
+
+
+# ----------------------------------------------------------------------------- fused (compiled)
+
+
+def _prodigy_estimate_kernel(*args: Any) -> tuple[Tensor, Tensor]:
+    """One tensor of :func:`_single_tensor_prodigy_estimate` (``slice_p = 1``), compiled by
+    :class:`~tuneless.optim._fused.FusedKernel`. The tensors are x, g, [m], v, s, [x0] (m without
+    ``beta1 = 0``, x0 unless the parameter started at 0), then the scalars. All-zero tensors
+    stay 0 and add 0 to both sums (the padding is harmless)."""
+    *tensors, m_coef, v_coef, s_weight, one_minus_beta1, one_minus_beta2, beta3, with_numerator, layout, sum_dtype = args
+    has_m, has_x0 = layout
+    x, g = tensors[0], tensors[1]
+    m = tensors[2] if has_m else None
+    u, s = tensors[2 + has_m], tensors[3 + has_m]
+    x0 = tensors[4 + has_m] if has_x0 else None
+    dot = torch.zeros((), dtype=sum_dtype, device=x.device)
+    if with_numerator:
+        dot = (g * (x0 - x)).sum(dtype=sum_dtype) if x0 is not None else -(g * x).sum(dtype=sum_dtype)
+    if m is not None:
+        m.mul_(m_coef).add_(g, alpha=one_minus_beta1)
+    u.mul_(v_coef).addcmul_(g, g, value=one_minus_beta2)
+    s.mul_(beta3).addcmul_(g, s_weight)
+    return dot, s.abs().sum(dtype=sum_dtype)
+
+
+def _prodigy_step_kernel(x: Tensor, direction: Tensor, u: Tensor, step_size: Tensor, growth: Tensor, eps: float,
+                         decay: float, along_gradient: bool) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_prodigy_step`, compiled (``direction`` is m/d, or g
+    when ``beta1 = 0``). All-zero tensors stay 0."""
+    if decay != 0:
+        x.addcmul_(x, -decay * step_size)
+    denom = u.sqrt() + growth * eps
+    scale = step_size * growth if along_gradient else step_size
+    x.addcdiv_(direction, denom / (-scale))
+    return ()
+
+
+_ESTIMATE_KERNELS: dict[tuple[bool, bool], FusedKernel] = {}
+_STEP_KERNEL = FusedKernel(_prodigy_step_kernel, num_tensors=3, num_sums=0)
+
+
+def _coef_dtype(like: Tensor) -> torch.dtype:
+    return like.dtype if like.dtype.itemsize >= 4 else torch.float32
+
+
+def _fused_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_minus_beta1: float, v_coef: Tensor,
+                            one_minus_beta2: float, s_weight: Tensor, with_numerator: bool, dtype: torch.dtype,
+                            device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_single_tensor_prodigy_estimate` as compiled kernels (``fused=True``): one kernel for
+    the parameters that started at 0 (a 0-d x0) and one for the others."""
+    dot = torch.zeros((), dtype=dtype, device=device)
+    l1 = torch.zeros((), dtype=dtype, device=device)
+    if not b.x:
+        return dot, l1
+    cd = _coef_dtype(b.u[0])
+    coefs = (m_coef.to(cd), v_coef.to(cd), s_weight.to(cd), one_minus_beta1, one_minus_beta2, beta3, with_numerator)
+    for has_x0 in (True, False):
+        rows = [i for i, x0 in enumerate(b.x0_est) if (x0.dim() > 0) == has_x0]
+        if not rows:
+            continue
+        layout = (b.m is not None, has_x0)
+        kernel = _ESTIMATE_KERNELS.get(layout)
+        if kernel is None:
+            kernel = _ESTIMATE_KERNELS[layout] = FusedKernel(_prodigy_estimate_kernel, num_tensors=4 + sum(layout),
+                                                             num_sums=2)
+        lists = [[b.x[i] for i in rows], [b.g[i] for i in rows]]
+        if b.m is not None:
+            lists.append([b.m[i] for i in rows])
+        lists += [[b.u[i] for i in rows], [b.s_est[i] for i in rows]]
+        if has_x0:
+            lists.append([b.x0_est[i] for i in rows])
+        d_part, l_part = kernel(lists, (*coefs, layout, dtype), sum_dtype=dtype, device=device)
+        dot, l1 = dot + d_part, l1 + l_part
+    return dot, l1
+
+
+def _fused_prodigy_step(b: _Buffers, *, step_size: Tensor, growth: Tensor, eps: float, decay: float) -> None:
+    """:func:`_single_tensor_prodigy_step` as one compiled kernel per group of tensors (``fused=True``)."""
+    if not b.x:
+        return
+    cd = _coef_dtype(b.u[0])
+    along_gradient = b.m is None
+    _STEP_KERNEL([b.x, b.g if along_gradient else b.m, b.u],
+                 (step_size.to(cd), growth.to(cd), eps, decay, along_gradient),
+                 sum_dtype=step_size.dtype, device=step_size.device)
