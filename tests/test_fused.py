@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.test_contract import SyncCounter
-from tuneless import DAdaptAdam, InvalidArgumentError, Prodigy
+from tuneless import COCOB, DAdaptAdam, InvalidArgumentError, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -97,6 +97,9 @@ FUSED_CONFIGS = [
     (DAdaptAdam, dict(weight_decay=0.01)),
     (Prodigy, dict(weight_decay=0.01, use_bias_correction=True)),
     (Prodigy, dict(betas=(0.0, 0.999), weight_decay=0.01, decouple=False, safeguard_warmup=True)),
+    (COCOB, dict(weight_decay=0.01)),
+    (ScheduleFreeAdamW, dict(lr=0.05, weight_decay=0.01, warmup_steps=3)),
+    (ScheduleFreeSGD, dict(lr=0.05, weight_decay=0.01)),
 ]
 
 
@@ -104,10 +107,12 @@ FUSED_CONFIGS = [
 def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
     fused, a = _train(cls, {**kwargs, "fused": True})
     loop, b = _train(cls, {**kwargs, "foreach": False})
-    for x, y in zip(fused, loop):
+    for x, y, start in zip(fused, loop, _quadratic_model()[0]):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(a.param_groups[0]["d"], b.param_groups[0]["d"], rtol=1e-10, atol=0)
-    assert float(a.param_groups[0]["d"]) > 1e-6  # d moved: the sums were right
+        assert not torch.equal(x, start.detach())  # every parameter moved
+    if "d" in a.param_groups[0]:
+        torch.testing.assert_close(a.param_groups[0]["d"], b.param_groups[0]["d"], rtol=1e-10, atol=0)
+        assert float(a.param_groups[0]["d"]) > 1e-6  # d moved: the sums were right
 
 
 @pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS[:1], ids=lambda v: getattr(v, "__name__", None) or str(v))
@@ -125,7 +130,7 @@ def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
     assert counter.count == 0
 
 
-@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy])
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD])
 def test_fused_must_be_a_bool(cls) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"^{cls.__name__}: fused = 'yes' is invalid; allowed: True or False$"):
         cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
+from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
 __all__ = ["ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFree", "ScheduleFreeProdigy",
@@ -220,6 +221,50 @@ def _single_tensor_schedule_free(
         z.sub_(u, alpha=lr)
 
 
+def _schedule_free_kernel(*args: Any) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_schedule_free`, compiled by
+    :class:`~tuneless.optim._fused.FusedKernel`: tensors y, g, z[, v] (v for AdamW), then the
+    step's coefficients as 1-element tensors (c, a = lr (beta (1 - c) - 1), lr, bias
+    correction) and the constants. No sums: the padding's values are discarded."""
+    *tensors, ckp1, a, lr, bias_correction2, weight_decay, beta2, eps, adaptive = args
+    y, g, z = tensors[0], tensors[1], tensors[2]
+    if adaptive:
+        v_ = tensors[3]
+        v_.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        u = g / ((v_ / bias_correction2).sqrt() + eps)
+    else:
+        u = g
+    if weight_decay != 0.0:
+        u = u + weight_decay * y
+    y.lerp_(z, ckp1)
+    y.add_(u * a)
+    z.sub_(u * lr)
+    return ()
+
+
+_SF_KERNELS = {adaptive: FusedKernel(_schedule_free_kernel, num_tensors=3 + adaptive, num_sums=0)
+               for adaptive in (False, True)}
+
+
+def _fused_schedule_free(
+    ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *,
+    lr: float, ckp1: float, beta: float, weight_decay: float, beta2: float, bias_correction2: float, eps: float,
+) -> None:
+    """:func:`_single_tensor_schedule_free` as one compiled kernel per group of tensors (``fused=True``).
+
+    The coefficients that change every step are computed on the host in double precision, as
+    in the per-parameter path, and passed as tensors (filled, not copied: no sync)."""
+    if not ys:
+        return
+    like = ys[0]
+    cd = like.dtype if like.dtype.itemsize >= 4 else torch.float32
+    coefs = [torch.full((1,), value, dtype=cd, device=like.device)
+             for value in (ckp1, lr * (beta * (1.0 - ckp1) - 1.0), lr, bias_correction2)]
+    adaptive = exp_avg_sqs is not None
+    lists = [ys, grads, zs] + ([exp_avg_sqs] if adaptive else [])
+    _SF_KERNELS[adaptive](lists, (*coefs, weight_decay, beta2, eps, adaptive), sum_dtype=cd, device=like.device)
+
+
 def _multi_tensor_schedule_free(
     ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *,
     lr: float, ckp1: float, beta: float, weight_decay: float, beta2: float, bias_correction2: float, eps: float,
@@ -283,6 +328,8 @@ class _ScheduleFreeOptimizer(_ScheduleFreeBase):
             zs, vs = self._init_state(params)
             beta2 = group["betas"][1] if self._adaptive else 0.0
             fn = _multi_tensor_schedule_free if self._use_foreach(group) else _single_tensor_schedule_free
+            if group.get("fused", False):
+                fn = _fused_schedule_free
             fn([local_tensor(p) for p in params], grads, zs, vs,
                lr=lr, ckp1=ckp1, beta=self._momentum(group), weight_decay=group["weight_decay"],
                beta2=beta2, bias_correction2=1.0 - beta2 ** (k + 1), eps=group.get("eps", 0.0))
@@ -339,6 +386,9 @@ class ScheduleFreeSGD(_ScheduleFreeOptimizer):
         weight_lr_power: averaging weights proportional to the largest lr so far to this power
             (default 2.0), which discounts the iterates of the warmup.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        fused: one compiled single-pass kernel per group of tensors instead of the vectorized
+            chain (default False): faster on a CPU, at the cost of compiling it at the first
+            step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
 
     Example:
         >>> import torch, tuneless
@@ -364,15 +414,16 @@ class ScheduleFreeSGD(_ScheduleFreeOptimizer):
 
     def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
         v.check_range(owner, "momentum", momentum, 0.0, 1.0, inclusive="()", recommended=0.9)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         _check_schedule(owner, warmup_steps, r, weight_lr_power, foreach)
+        v.check_bool(owner, "fused", fused)
         super().__init__(params, dict(
             lr=lr, momentum=float(momentum), weight_decay=float(weight_decay), warmup_steps=int(warmup_steps),
-            r=float(r), weight_lr_power=float(weight_lr_power), foreach=foreach,
+            r=float(r), weight_lr_power=float(weight_lr_power), foreach=foreach, fused=fused,
             # schedule state, identical in form to the reference's (host numbers, no device reads)
             k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, **{MODE_KEY: True}))
 
@@ -407,6 +458,9 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
         weight_lr_power: averaging weights proportional to the largest lr so far to this power
             (default 2.0).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        fused: one compiled single-pass kernel per group of tensors instead of the vectorized
+            chain (default False): faster on a CPU, at the cost of compiling it at the first
+            step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
 
     References:
         Defazio et al., "The Road Less Scheduled", NeurIPS 2024, arXiv:2405.15682 (matches
@@ -422,7 +476,7 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
 
     def __init__(self, params: Any, lr: float = 0.0025, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                 weight_lr_power: float = 2.0, foreach: bool | None = None) -> None:
+                 weight_lr_power: float = 2.0, foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=0.0025)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
@@ -430,9 +484,10 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         _check_schedule(owner, warmup_steps, r, weight_lr_power, foreach)
+        v.check_bool(owner, "fused", fused)
         super().__init__(params, dict(
             lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(weight_decay),
-            warmup_steps=int(warmup_steps), r=float(r), weight_lr_power=float(weight_lr_power), foreach=foreach,
+            warmup_steps=int(warmup_steps), r=float(r), weight_lr_power=float(weight_lr_power), foreach=foreach, fused=fused,
             k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, **{MODE_KEY: True}))
 
     def _momentum(self, group: dict[str, Any]) -> float:
