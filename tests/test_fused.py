@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.test_contract import SyncCounter
-from tuneless import COCOB, DAdaptAdam, InvalidArgumentError, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
+from tuneless import COCOB, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -95,6 +95,7 @@ def _train(cls, kwargs, steps=25, dtype=torch.float64):
 FUSED_CONFIGS = [
     (DAdaptAdam, dict(weight_decay=0.01, decouple=True, use_bias_correction=True)),
     (DAdaptAdam, dict(weight_decay=0.01)),
+    (DAdaptAdaGrad, dict(momentum=0.5, weight_decay=0.01)),
     (Prodigy, dict(weight_decay=0.01, use_bias_correction=True)),
     (Prodigy, dict(betas=(0.0, 0.999), weight_decay=0.01, decouple=False, safeguard_warmup=True)),
     (COCOB, dict(weight_decay=0.01)),
@@ -130,7 +131,7 @@ def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
     assert counter.count == 0
 
 
-@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD])
+@pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptAdaGrad, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD])
 def test_fused_must_be_a_bool(cls) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"^{cls.__name__}: fused = 'yes' is invalid; allowed: True or False$"):
         cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")
