@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.test_contract import SyncCounter
-from tuneless import COCOB, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
+from tuneless import COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -101,6 +101,7 @@ FUSED_CONFIGS = [
     (COCOB, dict(weight_decay=0.01)),
     (ScheduleFreeAdamW, dict(lr=0.05, weight_decay=0.01, warmup_steps=3)),
     (ScheduleFreeSGD, dict(lr=0.05, weight_decay=0.01)),
+    (AdamHD, dict(init_lr=0.01, hypergrad_lr=1e-4, weight_decay=0.01)),
 ]
 
 
@@ -111,6 +112,9 @@ def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
     for x, y, start in zip(fused, loop, _quadratic_model()[0]):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
         assert not torch.equal(x, start.detach())  # every parameter moved
+    if "learned_lr" in a.param_groups[0]:  # the hypergradient moved the rate the same way
+        torch.testing.assert_close(a.param_groups[1]["learned_lr"], b.param_groups[1]["learned_lr"], rtol=1e-10, atol=0)
+        assert float(a.param_groups[1]["learned_lr"]) != 0.01
     if "d" in a.param_groups[0]:
         torch.testing.assert_close(a.param_groups[0]["d"], b.param_groups[0]["d"], rtol=1e-10, atol=0)
         assert float(a.param_groups[0]["d"]) > 1e-6  # d moved: the sums were right
@@ -131,7 +135,7 @@ def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
     assert counter.count == 0
 
 
-@pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptAdaGrad, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD])
+@pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptAdaGrad, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD, AdamHD])
 def test_fused_must_be_a_bool(cls) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"^{cls.__name__}: fused = 'yes' is invalid; allowed: True or False$"):
         cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")

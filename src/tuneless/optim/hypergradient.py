@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import add_scaled_, total_dot, total_dot_loop
+from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
 __all__ = ["SGDHD", "AdamHD"]
@@ -276,6 +277,10 @@ class AdamHD(_HypergradientBase):
         eps: added to :math:`\sqrt{\hat v}` (default 1e-8).
         weight_decay: coupled L2 penalty, as ``torch.optim.Adam`` (default 0.0).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        fused: compiled single-pass kernels (the hypergradient, then the step), one call per
+            group of tensors, instead of the vectorized chain (default False): faster on a
+            CPU, at the cost of compiling them at the first step (see
+            :mod:`tuneless.optim._fused`); ignores ``foreach``.
 
     References:
         Baydin, Cornish, Martinez Rubio, Schmidt, Wood, ICLR 2018, arXiv:1703.04782;
@@ -290,14 +295,15 @@ class AdamHD(_HypergradientBase):
 
     def __init__(self, params: Any, lr: float = 1.0, *, init_lr: float = 1e-3, hypergrad_lr: float = 1e-7,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-7)
+        v.check_bool(owner, "fused", fused)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         super().__init__(params, dict(lr=lr, init_lr=float(init_lr), hypergrad_lr=float(hypergrad_lr),
                                       betas=tuple(float(b) for b in betas), eps=float(eps),
-                                      weight_decay=float(weight_decay), foreach=foreach))
+                                      weight_decay=float(weight_decay), foreach=foreach, fused=fused))
 
     def _moments(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         ms, vs = [], []
@@ -318,6 +324,8 @@ class AdamHD(_HypergradientBase):
         t = group["hd_step"]
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         ms, vs = self._moments(params)
+        if group.get("fused", False):
+            return _fused_adam_hd_dot(grads, ms, vs, bc1, bc2, group["eps"], dtype, device), None
         if self._use_foreach(group):
             # one temporary per tensor, reused by the update as its denominator
             dirs = torch._foreach_sqrt(vs)
@@ -334,7 +342,9 @@ class AdamHD(_HypergradientBase):
         t = group["hd_step"]  # already counts this step
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         ms, vs = self._moments(params)
-        if self._use_foreach(group):
+        if group.get("fused", False):
+            _fused_adam_hd_step(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"])
+        elif self._use_foreach(group):
             _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"], scratch)
         else:
             _single_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, group["eps"])
@@ -372,6 +382,47 @@ def _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps, 
         # s = 0 gives den / s = -inf and a zero update.
         torch._foreach_div_(den, (-step / bc1).to(dt))
         torch._foreach_addcdiv_(x, m, den)
+
+
+def _adam_hd_dot_kernel(g: Tensor, m: Tensor, w: Tensor, sqrt_bc2: Tensor, eps: float,
+                        sum_dtype: torch.dtype) -> tuple[Tensor]:
+    """<g, m / (sqrt(v) / sqrt(bc2) + eps)> of one tensor (compiled; zeros add 0)."""
+    return ((g * (m / (w.sqrt() / sqrt_bc2 + eps))).sum(dtype=sum_dtype),)
+
+
+def _adam_hd_step_kernel(x: Tensor, g: Tensor, m: Tensor, w: Tensor, step: Tensor, bc1: Tensor, sqrt_bc2: Tensor,
+                         beta1: float, beta2: float, eps: float) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_adam_hd` (compiled; zeros stay 0)."""
+    g = g.to(x.dtype)
+    m.lerp_(g, 1 - beta1)
+    w.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    x.sub_((m / bc1) / (w.sqrt() / sqrt_bc2 + eps) * step)
+    return ()
+
+
+_ADAM_HD_DOT = FusedKernel(_adam_hd_dot_kernel, num_tensors=3, num_sums=1)
+_ADAM_HD_STEP = FusedKernel(_adam_hd_step_kernel, num_tensors=4, num_sums=0)
+
+
+def _coefficients(like: Tensor, *values: float) -> list[Tensor]:
+    """Host-side numbers (exact in double) as 1-element tensors on ``like``'s device: fills, no copy."""
+    dt = like.dtype if like.dtype.itemsize >= 4 else torch.float32
+    return [torch.full((1,), value, dtype=dt, device=like.device) for value in values]
+
+
+def _fused_adam_hd_dot(grads, ms, vs, bc1, bc2, eps, dtype, device) -> Tensor:
+    """<g_t, d_{t-1}> over the group as one compiled kernel per group of tensors (``fused=True``)."""
+    (sqrt_bc2,) = _coefficients(ms[0], math.sqrt(bc2))
+    (dot,) = _ADAM_HD_DOT([grads, ms, vs], (sqrt_bc2, eps, dtype), sum_dtype=dtype, device=device)
+    return dot / bc1
+
+
+def _fused_adam_hd_step(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) -> None:
+    """:func:`_single_tensor_adam_hd` as one compiled kernel per group of tensors (``fused=True``)."""
+    bc1_t, sqrt_bc2 = _coefficients(xs[0], bc1, math.sqrt(bc2))
+    step = step.to(bc1_t.dtype)
+    _ADAM_HD_STEP([xs, grads, ms, vs], (step, bc1_t, sqrt_bc2, beta1, beta2, eps), sum_dtype=step.dtype,
+                  device=step.device)
 
 
 def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
