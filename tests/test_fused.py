@@ -105,6 +105,7 @@ FUSED_CONFIGS = [
 ]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to the uncompiled function fails the test
 @pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
 def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
     fused, a = _train(cls, {**kwargs, "fused": True})
@@ -143,3 +144,11 @@ def test_fused_must_be_a_bool(cls) -> None:
 
 def test_the_group_size_is_what_the_module_says() -> None:
     assert _fused.GROUP_SIZE == GROUP_SIZE >= 2
+
+
+def test_every_kernel_compiles_under_a_code_object_of_its_own() -> None:
+    """torch.compile caches graphs per code object (at most 8): kernels must not share one."""
+    first = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    second = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    assert first._grouped.__code__ is not second._grouped.__code__
+    assert first._grouped.__name__ == "fused_axpy_kernel"

@@ -28,6 +28,7 @@ cache makes later processes faster), which is why ``fused`` is opt-in.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -54,20 +55,12 @@ class FusedKernel:
         self.per_tensor = per_tensor
         self.num_tensors = num_tensors
         self.num_sums = num_sums
+        self._grouped = _grouped_function(per_tensor, num_tensors, GROUP_SIZE)
         self._compiled: Callable[..., Any] | None = None
         self._failed = False
         self._padding: dict[tuple[Any, ...], list[list[Tensor]]] = {}
 
     # ------------------------------------------------------------------ the grouped function
-
-    def _grouped(self, *args: Any) -> tuple[Tensor, ...]:
-        n, k = self.num_tensors, GROUP_SIZE
-        tensors, scalars = args[: n * k], args[n * k:]
-        sums: list[Tensor] | None = None
-        for i in range(k):
-            out = self.per_tensor(*tensors[i * n:(i + 1) * n], *scalars)
-            sums = list(out) if sums is None else [a + b for a, b in zip(sums, out)]
-        return tuple(sums or ())
 
     def _compiled_grouped(self) -> Callable[..., Any]:
         if self._compiled is None:
@@ -128,6 +121,26 @@ class FusedKernel:
                 out = self._run_group([t for row in group for t in row], scalars)
                 sums = [a + b.to(sum_dtype) for a, b in zip(sums, out)]
         return sums
+
+
+def _grouped_function(per_tensor: Callable[..., tuple[Tensor, ...]], n: int, k: int) -> Callable[..., tuple[Tensor, ...]]:
+    """``per_tensor`` over ``k`` tensors at once (``n`` arguments each), summing what it returns.
+
+    Each kernel gets a code object of its own: ``torch.compile`` keeps its compiled graphs (and
+    its limit of 8 recompilations) per code object, so kernels sharing one would evict each
+    other, and every call would test the others' guards."""
+
+    def grouped(*args: Any) -> tuple[Tensor, ...]:
+        tensors, scalars = args[: n * k], args[n * k:]
+        sums: list[Tensor] | None = None
+        for i in range(k):
+            out = per_tensor(*tensors[i * n:(i + 1) * n], *scalars)
+            sums = list(out) if sums is None else [a + b for a, b in zip(sums, out)]
+        return tuple(sums or ())
+
+    name = f"fused_{getattr(per_tensor, '__name__', 'kernel').lstrip('_')}"
+    code = grouped.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, grouped.__globals__, name, None, grouped.__closure__)
 
 
 def _flat_alias(t: Tensor) -> Tensor:
