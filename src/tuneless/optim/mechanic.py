@@ -64,7 +64,8 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import add_scaled_, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop
+from ._batched import (Scratch, add_scaled_, cache_blocks, flat_dot, flat_sum_of_squares, total_dot, total_dot_loop,
+                       total_sum_of_squares, total_sum_of_squares_loop)
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
 __all__ = ["Mechanic", "DEFAULT_BASE"]
@@ -336,10 +337,13 @@ class Mechanic(TunelessOptimizer):
         deltas = [local_tensor(self.state[p][_DELTA]) for p in active]
         # 1. Statistics, one reduction (entered even by a rank with no gradient at all):
         #    <Delta, g>, <Delta, x>, ||x||^2, ||g||^2, with x = x_t + u_t.
-        dot = total_dot if foreach else total_dot_loop
-        sq = total_sum_of_squares if foreach else total_sum_of_squares_loop
-        stats = self._global_sum(torch.stack([dot(deltas, gs, dtype, device), dot(deltas, xs, dtype, device),
-                                              sq(xs, dtype, device), sq(gs, dtype, device)]))
+        if foreach:
+            local = _multi_tensor_statistics(deltas, gs, xs, self._scratch(), dtype, device)
+        else:
+            local = torch.stack([total_dot_loop(deltas, gs, dtype, device), total_dot_loop(deltas, xs, dtype, device),
+                                 total_sum_of_squares_loop(xs, dtype, device),
+                                 total_sum_of_squares_loop(gs, dtype, device)])
+        stats = self._global_sum(local)
         delta_g, delta_x, x_sq, g_sq = stats.unbind(0)
         # 2. The tuner.
         s_decay, eps = self.defaults["mechanic_s_decay"], self.defaults["mechanic_eps"]
@@ -393,13 +397,29 @@ def _single_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list
         x_ref.sub_((new_scale - scale).to(x_ref.dtype) * delta)
 
 
+def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], scratch: Scratch,
+                             dtype: torch.dtype, device: torch.device) -> Tensor:
+    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 in one pass over the parameters: on the CPU block by
+    block (cache-sized), each sum one reduction over the reused scratch buffer; elsewhere
+    batched multi-tensor reductions."""
+    if not deltas:
+        return torch.zeros(4, dtype=dtype, device=device)
+    if deltas[0].device.type != "cpu":
+        return torch.stack([total_dot(deltas, gs, dtype, device), total_dot(deltas, xs, dtype, device),
+                            total_sum_of_squares(xs, dtype, device), total_sum_of_squares(gs, dtype, device)])
+    parts = []
+    for db, gb, xb in cache_blocks(deltas, gs, xs):
+        parts.append(torch.stack([flat_dot(db, gb, scratch, dtype), flat_dot(db, xb, scratch, dtype),
+                                  flat_sum_of_squares(xb, scratch, dtype), flat_sum_of_squares(gb, scratch, dtype)]))
+    return torch.stack(parts).sum(0)
+
+
 def _multi_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
                            f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
-    """The same over all tensors at once, in place (x holds u_t for a moment)."""
-    for dt, idx in _by_dtype(xs).items():
-        x = [xs[i] for i in idx]
-        ref = [x_refs[i] for i in idx]
-        delta = [deltas[i] for i in idx]
+    """The same over all tensors at once, in place (x holds u_t for a moment); on the CPU block
+    by block, so that the five passes reuse the cache."""
+    for x, ref, delta in cache_blocks(xs, x_refs, deltas):
+        dt = x[0].dtype
         torch._foreach_sub_(x, ref)
         add_scaled_(x, delta, (-scale).to(dt))
         torch._foreach_add_(delta, x)
