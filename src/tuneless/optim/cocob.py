@@ -146,19 +146,9 @@ class COCOB(TunelessOptimizer):
 def _single_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Tensor],
                          abs_grad_sum: list[Tensor], max_abs_grad: list[Tensor], reward: list[Tensor],
                          bet: list[Tensor], lr: Tensor, alpha: float, weight_decay: float) -> None:
-    """One COCOB-Backprop step, one tensor at a time (the readable truth)."""
+    """One COCOB-Backprop step, one tensor at a time (the readable truth: :func:`_cocob_kernel`)."""
     for x, g, theta, G, L, R, b in zip(xs, grads, neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet):
-        g = g.to(x.dtype)
-        if weight_decay != 0:
-            g = g + weight_decay * x
-        abs_g = g.abs()
-        L.copy_(torch.maximum(L, abs_g))
-        G.add_(abs_g)
-        R.copy_(torch.clamp(R - g * b, min=0.0))  # the reward of the bet b_t just played
-        theta.sub_(g)
-        new_bet = theta * (L + R) / (L * torch.maximum(G + L, alpha * L))
-        x.add_((new_bet - b) * lr.to(x.dtype))
-        b.copy_(new_bet)
+        _cocob_kernel(x, g, theta, G, L, R, b, lr.to(x.dtype), alpha, weight_decay)
 
 
 def _multi_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Tensor],
@@ -197,15 +187,16 @@ def _multi_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: 
 
 def _cocob_kernel(x: Tensor, g: Tensor, theta: Tensor, G: Tensor, L: Tensor, R: Tensor, b: Tensor, lr: Tensor,
                   alpha: float, weight_decay: float) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_cocob`, compiled by :class:`~tuneless.optim._fused.FusedKernel`
-    (no sums: the padding's values, 0/0 included, are discarded)."""
+    """One COCOB-Backprop step of one tensor: the per-parameter path runs it as is, and
+    :class:`~tuneless.optim._fused.FusedKernel` compiles it for ``fused=True`` (no sums: the
+    padding's values, 0/0 included, are discarded)."""
     g = g.to(x.dtype)
     if weight_decay != 0:
         g = g + weight_decay * x
     abs_g = g.abs()
     L.copy_(torch.maximum(L, abs_g))
     G.add_(abs_g)
-    R.copy_(torch.clamp(R - g * b, min=0.0))
+    R.copy_(torch.clamp(R - g * b, min=0.0))  # the reward of the bet b_t just played
     theta.sub_(g)
     new_bet = theta * (L + R) / (L * torch.maximum(G + L, alpha * L))
     x.add_((new_bet - b) * lr)
