@@ -37,10 +37,13 @@ import torch._dynamo.config as _dynamo_config
 import torch.fx.experimental._config as _shape_config
 from torch import Tensor
 
-__all__ = ["GROUP_SIZE", "FusedKernel"]
+__all__ = ["GROUP_SIZE", "KERNELS", "FusedKernel"]
 
 #: Tensors per compiled call.
 GROUP_SIZE = 16
+
+#: Every kernel made (module-level ones, a few): whether one fell back is ``kernel.failed``.
+KERNELS: list["FusedKernel"] = []
 
 
 class FusedKernel:
@@ -59,6 +62,12 @@ class FusedKernel:
         self._compiled: Callable[..., Any] | None = None
         self._failed = False
         self._padding: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+        KERNELS.append(self)
+
+    @property
+    def failed(self) -> bool:
+        """Whether compiling failed in this process (the kernel then runs uncompiled)."""
+        return self._failed
 
     # ------------------------------------------------------------------ the grouped function
 
