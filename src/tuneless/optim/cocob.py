@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import add_scaled_
+from ._batched import add_scaled_, coefficient_dtype
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -213,7 +213,7 @@ def _fused_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Te
     """:func:`_single_tensor_cocob` as one compiled single-pass kernel per group of tensors (``fused=True``)."""
     if xs:
         _COCOB_KERNEL([xs, grads, neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet],
-                      (lr.to(xs[0].dtype if xs[0].dtype.itemsize >= 4 else torch.float32), alpha, weight_decay),
+                      (lr.to(coefficient_dtype(xs[0])), alpha, weight_decay),
                       sum_dtype=lr.dtype, device=lr.device)
 
 

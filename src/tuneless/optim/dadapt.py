@@ -54,8 +54,8 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import InvalidArgumentError
-from ._batched import (Scratch, add_scaled_, cache_blocks, flat_abs_sum, flat_dot, flat_sum_of_squares, total_dot,
-                       total_sum_of_squares)
+from ._batched import (Scratch, _sum_stacked, add_scaled_, cache_blocks, coefficient, coefficient_dtype,
+                       flat_abs_sum, flat_dot, flat_sum_of_squares, total_abs_sum, total_dot, total_sum_of_squares)
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -158,11 +158,6 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _coef(scalar: Tensor, like: Tensor) -> Tensor:
-    """A 0-d coefficient for in-place ops on ``like``: its dtype, or float32 for 16-bit tensors."""
-    return scalar.to(like.dtype if like.dtype.itemsize >= 4 else torch.float32)
-
-
 def _coupled(grads: list[Tensor], xs: list[Tensor], wd: float, foreach: bool) -> list[Tensor]:
     """g + wd x in new tensors (coupled weight decay; ``p.grad`` itself is never modified)."""
     if wd == 0 or not grads:
@@ -170,20 +165,6 @@ def _coupled(grads: list[Tensor], xs: list[Tensor], wd: float, foreach: bool) ->
     if foreach:
         return list(torch._foreach_add(grads, xs, alpha=wd))
     return [g.add(x, alpha=wd) for g, x in zip(grads, xs)]
-
-
-def _stack_sum(values: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if not values:
-        return torch.zeros((), dtype=dtype, device=device)
-    return torch.stack([t.reshape(()).to(dtype) for t in values]).sum()
-
-
-def _total_l1(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """sum_i ||t_i||_1 in ``dtype``, batched. ``torch._foreach_norm(ord=1)`` rather than
-    ``_batched.total_abs_sum`` (``_foreach_powsum(p=1)``), which is 5-7x slower on CPU (torch 2.13)."""
-    if not tensors:
-        return torch.zeros((), dtype=dtype, device=device)
-    return torch.stack(torch._foreach_norm(tensors, 1, dtype=dtype)).sum()
 
 
 def _wide_dtype(device: torch.device) -> torch.dtype:
@@ -322,9 +303,9 @@ class DAdaptSGD(_DAdaptBase):
                 if not grads:
                     continue
                 if self._use_foreach(group):
-                    partial = partial + _stack_sum(list(torch._foreach_powsum(grads, 2, dtype=wide)), wide, device)
+                    partial = partial + _sum_stacked(list(torch._foreach_powsum(grads, 2, dtype=wide)), wide, device)
                 else:
-                    partial = partial + _stack_sum([torch.linalg.vector_norm(g, dtype=wide) ** 2 for g in grads],
+                    partial = partial + _sum_stacked([torch.linalg.vector_norm(g, dtype=wide) ** 2 for g in grads],
                                                    wide, device)
             g0_sq, moved = self._global_sum(torch.stack([partial, moved_here.to(wide)])).unbind(0)
             g0_new = g0_sq.sqrt().to(dtype)
@@ -374,7 +355,7 @@ def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: lis
         if weight_decay != 0:
             g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
         s = local_tensor(state["s"])
-        eta = _coef(step_size, s)
+        eta = coefficient(step_size, s)
         if with_stats:
             dots.append((g * s).sum())
         s.add_(g * eta)
@@ -386,7 +367,7 @@ def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: lis
             ck = 1 - momentum
             z = local_tensor(state["x0"]) - s
             x.mul_(1 - ck).add_(z, alpha=ck)
-    return _stack_sum(dots, dtype, device), _stack_sum(sqs, dtype, device)
+    return _sum_stacked(dots, dtype, device), _sum_stacked(sqs, dtype, device)
 
 
 def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
@@ -404,7 +385,7 @@ def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list
     for xb, gb, sb, x0b in cache_blocks(xs, grads, ss, x0s):
         cpu = sb[0].device.type == "cpu"
         gb = _coupled(gb, xb, weight_decay, True)
-        eta = _coef(step_size, sb[0])
+        eta = coefficient(step_size, sb[0])
         if with_stats:
             dot = dot + (flat_dot(gb, sb, scratch, dtype) if cpu else total_dot(gb, sb, dtype, device))
         add_scaled_(sb, gb, eta)
@@ -586,7 +567,7 @@ def _single_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: li
         if weight_decay != 0 and not decouple:
             g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
         s, m, u = (local_tensor(state[key]) for key in ("s", "exp_avg", "exp_avg_sq"))
-        eta = _coef(step_size, s)
+        eta = coefficient(step_size, s)
         dots.append((g * s.div(u.sqrt().add(eps))).sum())  # the previous s and v
         m.mul_(beta1).add_(g * (eta * (1 - beta1)))
         u.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -595,7 +576,7 @@ def _single_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: li
         if weight_decay != 0 and decouple:
             x.mul_(1 - weight_decay * eta)
         x.addcdiv_(m, u.sqrt().add(eps), value=-1)
-    return _stack_sum(dots, dtype, device), _stack_sum(l1s, dtype, device)
+    return _sum_stacked(dots, dtype, device), _sum_stacked(l1s, dtype, device)
 
 
 def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
@@ -618,7 +599,7 @@ def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: lis
         cpu = ub[0].device.type == "cpu"
         if not decouple:
             gb = _coupled(gb, xb, weight_decay, True)
-        eta = _coef(step_size, sb[0])
+        eta = coefficient(step_size, sb[0])
         # <g, s / (sqrt(v) + eps)> with the previous s and v.
         if cpu:
             flat, buf = scratch.views(ub)
@@ -640,7 +621,7 @@ def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: lis
         torch._foreach_addcmul_(ub, gb, gb, value=1 - beta2)
         torch._foreach_mul_(sb, sqrt_beta2)
         add_scaled_(sb, gb, eta * (1 - sqrt_beta2))
-        l1 = l1 + (flat_abs_sum(sb, scratch, dtype) if cpu else _total_l1(sb, dtype, device))
+        l1 = l1 + (flat_abs_sum(sb, scratch, dtype) if cpu else total_abs_sum(sb, dtype, device))
         # The step, with the new v: the same buffer now holds sqrt(v) + eps.
         torch._foreach_copy_(buf, ub)
         torch._foreach_sqrt_(buf)
@@ -657,7 +638,7 @@ def _dadapt_adam_kernel(x: Tensor, g: Tensor, s: Tensor, m: Tensor, v: Tensor, s
     """One tensor of :func:`_single_tensor_dadapt_adam`, as the fused kernel compiles it (tensors
     whose entries are all 0 stay 0 and add 0 to both sums: the padding is harmless)."""
     sqrt_beta2 = beta2 ** 0.5
-    eta = step_size.to(x.dtype if x.dtype.itemsize >= 4 else torch.float32)
+    eta = step_size.to(coefficient_dtype(x))
     if weight_decay != 0 and not decouple:
         g = g + weight_decay * x
     dot = (g * s / (v.sqrt() + eps)).sum(dtype=sum_dtype)
@@ -823,7 +804,7 @@ def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states:
         alpha.addcmul_(g, g)
         denom = alpha.sqrt().add_(eps)
         g_sqs.append((g * g).div(denom).sum())
-        s.add_(g * _coef(step_size, s))
+        s.add_(g * coefficient(step_size, s))
         s_sqs.append((s * s).div(denom).sum())
         l1s.append(s.abs().sum())
         z = x0 - s.div(denom)
@@ -832,7 +813,7 @@ def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states:
         else:
             ck = 1 - momentum
             x.mul_(1 - ck).add_(z, alpha=ck)
-    return _stack_sum(g_sqs, dtype, device), _stack_sum(s_sqs, dtype, device), _stack_sum(l1s, dtype, device)
+    return _sum_stacked(g_sqs, dtype, device), _sum_stacked(s_sqs, dtype, device), _sum_stacked(l1s, dtype, device)
 
 
 def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
@@ -870,7 +851,7 @@ def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: 
             g_over_a = torch._foreach_div(gb, buf)
             g_sq = g_sq + total_dot(g_over_a, gb, dtype, device)
             del g_over_a
-        add_scaled_(sb, gb, _coef(step_size, sb[0]))
+        add_scaled_(sb, gb, coefficient(step_size, sb[0]))
         torch._foreach_reciprocal_(buf)
         torch._foreach_mul_(buf, sb)                        # buf = s / a
         if cpu:
@@ -878,7 +859,7 @@ def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: 
             l1 = l1 + flat_abs_sum(sb, scratch, dtype, slot=1)
         else:
             s_sq = s_sq + total_dot(sb, buf, dtype, device)
-            l1 = l1 + _total_l1(sb, dtype, device)
+            l1 = l1 + total_abs_sum(sb, dtype, device)
         if momentum == 0:
             torch._foreach_copy_(xb, x0b)
             torch._foreach_sub_(xb, buf)                    # x = x0 - s/a
@@ -918,7 +899,7 @@ def _fused_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[di
                           dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adagrad` as one compiled kernel per group of tensors (``fused=True``)."""
     alphas, ss, x0s = ([local_tensor(st[key]) for st in states] for key in ("alpha", "s", "x0"))
-    eta = step_size.to(xs[0].dtype if xs[0].dtype.itemsize >= 4 else torch.float32)
+    eta = step_size.to(coefficient_dtype(xs[0]))
     g_sq, s_sq, l1 = _DADAPT_ADAGRAD_KERNEL([xs, grads, alphas, ss, x0s], (eta, eps, weight_decay, momentum, dtype),
                                             sum_dtype=dtype, device=device)
     return g_sq, s_sq, l1

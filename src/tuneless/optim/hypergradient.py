@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import add_scaled_, total_dot, total_dot_loop
+from ._batched import add_scaled_, coefficient_dtype, total_dot, total_dot_loop
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -406,7 +406,7 @@ _ADAM_HD_STEP = FusedKernel(_adam_hd_step_kernel, num_tensors=4, num_sums=0)
 
 def _coefficients(like: Tensor, *values: float) -> list[Tensor]:
     """Host-side numbers (exact in double) as 1-element tensors on ``like``'s device: fills, no copy."""
-    dt = like.dtype if like.dtype.itemsize >= 4 else torch.float32
+    dt = coefficient_dtype(like)
     return [torch.full((1,), value, dtype=dt, device=like.device) for value in values]
 
 

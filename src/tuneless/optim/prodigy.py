@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import InvalidArgumentError
-from ._batched import Scratch, _sum_stacked, add_scaled_, total_dot
+from ._batched import Scratch, _sum_stacked, add_scaled_, coefficient, coefficient_dtype, total_abs_sum, total_dot
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -363,9 +363,9 @@ class Prodigy(TunelessOptimizer):
                 state = self.state[p]
                 if "grad_avg" in state:
                     m = local_tensor(state["grad_avg"])
-                    m.mul_(_coef(moment_ratio, m))
+                    m.mul_(coefficient(moment_ratio, m))
                 u = local_tensor(state["grad_sq_avg"])
-                u.mul_(_coef(moment_ratio * moment_ratio, u))
+                u.mul_(coefficient(moment_ratio * moment_ratio, u))
 
 
 def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
@@ -389,23 +389,9 @@ def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _coef(scalar: Tensor, like: Tensor) -> Tensor:
-    """A 0-d coefficient for in-place ops on ``like``: its dtype, or float32 for 16-bit tensors
-    (rounding 0.999 to bfloat16 would change the coefficient itself)."""
-    dtype = like.dtype if like.dtype.itemsize >= 4 else torch.float32
-    return scalar if scalar.dtype == dtype else scalar.to(dtype)
-
-
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> for one tensor pair, with the kernel of :func:`~tuneless.optim._batched.total_dot`."""
     return torch.mm(a.reshape(1, -1), b.reshape(-1, 1)).reshape(())
-
-
-def _total_l1(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """sum_i ||t_i||_1 (off the CPU), like :func:`~tuneless.optim._batched.total_abs_sum` but through
-    ``_foreach_norm``, which has a multi-tensor kernel, where ``_foreach_powsum(..., 1)`` measured
-    7x slower than a pass over the data (torch 2.13, CPU)."""
-    return _sum_stacked(torch._foreach_norm(tensors, 1, dtype=dtype), dtype, device)
 
 
 def _slice_start(p: Tensor, slice_p: int) -> int:
@@ -578,9 +564,9 @@ def _single_tensor_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor
             # that cancellation loses the early estimates to rounding (x0 = 0 needs no difference).
             dots.append(-_dot(g_est, x_est) if x0.dim() == 0 else _dot(g_est, x0 - x_est))
         if b.m is not None:
-            b.m[i].mul_(_coef(m_coef, u)).add_(g, alpha=one_minus_beta1)
-        u.mul_(_coef(v_coef, u)).addcmul_(g, g, value=one_minus_beta2)
-        s.mul_(beta3).addcmul_(g_est, _coef(s_weight, s))
+            b.m[i].mul_(coefficient(m_coef, u)).add_(g, alpha=one_minus_beta1)
+        u.mul_(coefficient(v_coef, u)).addcmul_(g, g, value=one_minus_beta2)
+        s.mul_(beta3).addcmul_(g_est, coefficient(s_weight, s))
         l1s.append(s.abs().sum())
     return _sum_stacked(dots, dtype, device), _sum_stacked(l1s, dtype, device)
 
@@ -594,13 +580,13 @@ def _single_tensor_prodigy_step(b: _Buffers, *, step_size: Tensor, growth: Tenso
     """
     for i, (x, g, u) in enumerate(zip(b.x, b.g, b.u)):
         if decay != 0:
-            x.addcmul_(x, _coef(-decay * step_size, x))
-        denom = u.sqrt().add_(_coef(growth * eps, u))
+            x.addcmul_(x, coefficient(-decay * step_size, x))
+        denom = u.sqrt().add_(coefficient(growth * eps, u))
         if b.m is not None:
             direction, scale = b.m[i], step_size
         else:
             direction, scale = g, step_size * growth
-        x.addcdiv_(direction, denom.div_(_coef(-scale, denom)))
+        x.addcdiv_(direction, denom.div_(coefficient(-scale, denom)))
 
 
 # ----------------------------------------------------------------------------- vectorized
@@ -618,15 +604,15 @@ def _multi_tensor_prodigy_estimate(buffers: _Buffers, *, beta3: float, m_coef: T
         if with_numerator:
             dots.append(_chunk_numerator(b, flat, dtype, device))
         if b.m is not None:
-            torch._foreach_mul_(b.m, _coef(m_coef, like))
+            torch._foreach_mul_(b.m, coefficient(m_coef, like))
             torch._foreach_add_(b.m, b.g, alpha=one_minus_beta1)
-        torch._foreach_mul_(b.u, _coef(v_coef, like))
+        torch._foreach_mul_(b.u, coefficient(v_coef, like))
         torch._foreach_addcmul_(b.u, b.g, b.g, value=one_minus_beta2)
         s_est = list(b.s_est)
         torch._foreach_mul_(s_est, beta3)
-        add_scaled_(s_est, b.g_est, _coef(s_weight, like))
+        add_scaled_(s_est, b.g_est, coefficient(s_weight, like))
         if flat is None:
-            l1s.append(_total_l1(s_est, dtype, device))
+            l1s.append(total_abs_sum(s_est, dtype, device))
         else:  # |s| summed in one pass over a flat copy (in cache)
             torch._foreach_copy_(flat[1], s_est)
             l1s.append(flat[0].abs_().sum(dtype=dtype))
@@ -674,19 +660,19 @@ def _multi_tensor_prodigy_step(buffers: _Buffers, *, step_size: Tensor, growth: 
     for b in (c for bd in buffers.by_dtype() for c in bd.chunks(_CPU_CHUNK)):
         like = b.x[0]
         if decay != 0:
-            add_scaled_(b.x, b.x, _coef(-decay * step_size, like))
+            add_scaled_(b.x, b.x, coefficient(-decay * step_size, like))
         if like.device.type == "cpu":
             denom = scratch.views(b.u)[1]
             torch._foreach_copy_(denom, b.u)
             torch._foreach_sqrt_(denom)
         else:
             denom = torch._foreach_sqrt(b.u)
-        torch._foreach_add_(denom, _coef(growth * eps, like))
+        torch._foreach_add_(denom, coefficient(growth * eps, like))
         if b.m is not None:
             directions, scale = b.m, step_size
         else:
             directions, scale = b.g, step_size * growth
-        torch._foreach_div_(denom, _coef(-scale, like))
+        torch._foreach_div_(denom, coefficient(-scale, like))
         torch._foreach_addcdiv_(b.x, directions, denom)
 
 
@@ -730,10 +716,6 @@ _ESTIMATE_KERNELS: dict[tuple[bool, bool], FusedKernel] = {}
 _STEP_KERNEL = FusedKernel(_prodigy_step_kernel, num_tensors=3, num_sums=0)
 
 
-def _coef_dtype(like: Tensor) -> torch.dtype:
-    return like.dtype if like.dtype.itemsize >= 4 else torch.float32
-
-
 def _fused_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_minus_beta1: float, v_coef: Tensor,
                             one_minus_beta2: float, s_weight: Tensor, with_numerator: bool, dtype: torch.dtype,
                             device: torch.device) -> tuple[Tensor, Tensor]:
@@ -743,7 +725,7 @@ def _fused_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_mi
     l1 = torch.zeros((), dtype=dtype, device=device)
     if not b.x:
         return dot, l1
-    cd = _coef_dtype(b.u[0])
+    cd = coefficient_dtype(b.u[0])
     coefs = (m_coef.to(cd), v_coef.to(cd), s_weight.to(cd), one_minus_beta1, one_minus_beta2, beta3, with_numerator)
     for has_x0 in (True, False):
         rows = [i for i, x0 in enumerate(b.x0_est) if (x0.dim() > 0) == has_x0]
@@ -769,7 +751,7 @@ def _fused_prodigy_step(b: _Buffers, *, step_size: Tensor, growth: Tensor, eps: 
     """:func:`_single_tensor_prodigy_step` as one compiled kernel per group of tensors (``fused=True``)."""
     if not b.x:
         return
-    cd = _coef_dtype(b.u[0])
+    cd = coefficient_dtype(b.u[0])
     along_gradient = b.m is None
     _STEP_KERNEL([b.x, b.g if along_gradient else b.m, b.u],
                  (step_size.to(cd), growth.to(cd), eps, decay, along_gradient),

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
+from ._batched import coefficient_dtype
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -257,7 +258,7 @@ def _fused_schedule_free(
     if not ys:
         return
     like = ys[0]
-    cd = like.dtype if like.dtype.itemsize >= 4 else torch.float32
+    cd = coefficient_dtype(like)
     coefs = [torch.full((1,), value, dtype=cd, device=like.device)
              for value in (ckp1, lr * (beta * (1.0 - ckp1) - 1.0), lr, bias_correction2)]
     adaptive = exp_avg_sqs is not None
