@@ -153,8 +153,20 @@ def test_fused_must_be_a_bool(cls) -> None:
         cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")
 
 
-def test_the_group_size_is_what_the_module_says() -> None:
-    assert _fused.GROUP_SIZE == GROUP_SIZE >= 2
+def test_one_compiled_call_per_group_of_tensors(monkeypatch) -> None:
+    """19 contiguous tensors make two calls (16, then 3 padded to 16); a non-contiguous one none."""
+    kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    calls = []
+
+    def counted(tensors, scalars):
+        calls.append(len(tensors))
+        return kernel._grouped(*tensors, *scalars)
+
+    monkeypatch.setattr(kernel, "_run_group", counted)
+    xs, gs = _lists(19)  # plus one non-contiguous tensor, run uncompiled on its own
+    kernel([xs, gs], (torch.tensor(1.0, dtype=torch.float64), torch.float64), sum_dtype=torch.float64,
+           device=torch.device("cpu"))
+    assert calls == [2 * GROUP_SIZE, 2 * GROUP_SIZE]
 
 
 def test_every_kernel_compiles_under_a_code_object_of_its_own() -> None:

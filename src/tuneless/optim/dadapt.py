@@ -290,7 +290,7 @@ class DAdaptSGD(_DAdaptBase):
         per_group = [self._params_with_grad(group) for group in self.param_groups]
         active = [group["lr"] != 0 for group in self.param_groups]
         stepped = any(on and grads for on, (_, grads) in zip(active, per_group))  # something moves here
-        moved_here = torch.tensor(float(stepped), dtype=dtype, device=device)
+        moved_here = torch.full((), float(stepped), dtype=dtype, device=device)  # a fill, no copy
         measured = first.get("g0_measured")
         if measured is None:  # a checkpoint of an earlier version (plain int k): one sync, once
             measured = bool(float(scalars["k"]) > 0)
@@ -549,7 +549,7 @@ class DAdaptAdam(_DAdaptBase):
 
         # One reduction per step, always reached (no early return: no hang when sharded); whether
         # anything moved on any rank travels with it.
-        moved_here = torch.tensor(float(stepped), dtype=dtype, device=device)
+        moved_here = torch.full((), float(stepped), dtype=dtype, device=device)  # a fill, no copy
         numerator, s_l1, moved = self._global_sum(torch.stack([numerator, s_l1, moved_here])).unbind(0)
         r = sqrt_beta2 * scalars["numerator_weighted"] + (1 - sqrt_beta2) * numerator
         d_hat = _ratio(r, (1 - sqrt_beta2) * s_l1)
