@@ -58,7 +58,7 @@ def test_a_failed_compilation_warns_once_and_gives_the_same_results(monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler (simulated)")
 
-    monkeypatch.setattr(kernel, "_compiled_grouped", lambda: broken)
+    monkeypatch.setattr(kernel, "_compiled_grouped", lambda key: broken)
     xs, gs = _lists(5)
     ys = [x.clone() for x in xs]
     with pytest.warns(RuntimeWarning, match="running it uncompiled"):
@@ -70,11 +70,44 @@ def test_a_failed_compilation_warns_once_and_gives_the_same_results(monkeypatch)
         torch.testing.assert_close(y, x + 4.0 * g, rtol=1e-14, atol=1e-14)
 
 
+def test_each_dtype_gets_a_variant_of_its_own() -> None:
+    """Variants run without Dynamo's guards: the kernel's own key must tell float64 from float32."""
+    kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    for dtype in (torch.float64, torch.float32, torch.float64):
+        xs, gs = _lists(GROUP_SIZE, dtype=dtype)
+        ys = [x.clone() for x in xs]
+        sums = kernel([ys, gs], (torch.tensor(0.5, dtype=dtype), dtype), sum_dtype=dtype, device=torch.device("cpu"))
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        for y, x, g in zip(ys, xs, gs):
+            assert y.dtype == dtype
+            torch.testing.assert_close(y, x + 0.5 * g, **tol)
+        torch.testing.assert_close(sums[1], sum(g.abs().sum() for g in gs), **tol)
+    assert len(kernel._variants) == 2 and not kernel.failed
+
+
+def test_variants_beyond_the_limit_run_uncompiled_with_one_warning(monkeypatch) -> None:
+    kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    monkeypatch.setattr(_fused, "MAX_VARIANTS", 1)
+    monkeypatch.setattr(kernel, "_compiled_grouped", lambda key: kernel._grouped)  # no real compiling
+    xs, gs = _lists(3)
+    kernel([xs, gs], (torch.tensor(1.0, dtype=torch.float64), torch.float64), sum_dtype=torch.float64,
+           device=torch.device("cpu"))
+    ys = [x.clone() for x in xs]
+    with pytest.warns(RuntimeWarning, match="more than 1 variants"):
+        kernel([ys, gs], (torch.tensor(2.0, dtype=torch.float32), torch.float64), sum_dtype=torch.float64,
+               device=torch.device("cpu"))
+    for y, x, g in zip(ys, xs, gs):
+        torch.testing.assert_close(y, x + 2.0 * g, rtol=1e-14, atol=1e-14)
+    assert len(kernel._variants) == 1
+
+
 def _quadratic_model(n=GROUP_SIZE + 5, dtype=torch.float64):
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(i % 5 + 1, i % 4 + 2, generator=gen, dtype=dtype)) for i in range(n)]
     params.append(torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=dtype).t()))  # not contiguous
     params.append(torch.nn.Parameter(torch.zeros(7, dtype=dtype)))  # starts at 0 (Prodigy: a 0-d x0)
+    params.append(torch.nn.Parameter(torch.tensor(0.7, dtype=dtype)))  # 0-d and 1-element: run uncompiled
+    params.append(torch.nn.Parameter(torch.tensor([-0.3], dtype=dtype)))
     weights = [1.0 + (i % 3) for i in range(len(params))]
 
     def loss():
@@ -83,9 +116,9 @@ def _quadratic_model(n=GROUP_SIZE + 5, dtype=torch.float64):
     return params, loss
 
 
-def _train(cls, kwargs, steps=25, dtype=torch.float64):
+def _train(cls, kwargs, steps=25, dtype=torch.float64, second_lr=0.5):
     params, loss = _quadratic_model(dtype=dtype)
-    opt = cls([{"params": params[:9]}, {"params": params[9:], "lr": 0.5}], **kwargs)
+    opt = cls([{"params": params[:9]}, {"params": params[9:], "lr": second_lr}], **kwargs)
     for _ in range(steps):
         opt.zero_grad()
         loss().backward()
@@ -116,7 +149,7 @@ def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused, a = _train(cls, {**kwargs, "fused": True})
-    fallbacks = [str(w.message) for w in caught if "running it uncompiled" in str(w.message)]
+    fallbacks = [str(w.message) for w in caught if "uncompiled" in str(w.message)]
     if _have_cpp_compiler():  # the kernels must have compiled: a fallback here is a bug
         assert not fallbacks, fallbacks
         assert not [k.per_tensor.__name__ for k in _fused.KERNELS if k.failed and k.per_tensor is not _axpy_kernel]
@@ -158,7 +191,7 @@ def test_one_compiled_call_per_group_of_tensors(monkeypatch) -> None:
     kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
     calls = []
 
-    def counted(tensors, scalars):
+    def counted(tensors, scalars, key):
         calls.append(len(tensors))
         return kernel._grouped(*tensors, *scalars)
 
@@ -175,3 +208,16 @@ def test_every_kernel_compiles_under_a_code_object_of_its_own() -> None:
     second = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
     assert first._grouped.__code__ is not second._grouped.__code__
     assert first._grouped.__name__ == "fused_axpy_kernel"
+
+
+def test_fused_prodigy_with_a_group_at_lr_0_keeps_it_still_and_its_moments_moving() -> None:
+    """The fused Prodigy updates the moments in its step kernel: a group with lr = 0 still gets them."""
+    fused, a = _train(Prodigy, {"fused": True}, steps=6, second_lr=0.0)
+    loop, b = _train(Prodigy, {"foreach": False}, steps=6, second_lr=0.0)
+    start = _quadratic_model()[0]
+    for i, (x, y, x0) in enumerate(zip(fused, loop, start)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        assert torch.equal(x, x0.detach()) == (i >= 9)  # only the second group stayed
+    for p, q in zip(a.param_groups[1]["params"], b.param_groups[1]["params"]):
+        torch.testing.assert_close(a.state[p]["grad_sq_avg"], b.state[q]["grad_sq_avg"], rtol=1e-10, atol=0)
+        assert float(a.state[p]["grad_sq_avg"].abs().sum()) > 0

@@ -131,3 +131,23 @@ def test_matches_prodigyopt_when_a_tensor_skips_steps() -> None:
             opt.step()
         for a, b in zip(ours_model.params, theirs_model.params):
             assert _close(a.detach(), b.detach()) <= RTOL, f"step {step}"
+
+
+@pytest.mark.parametrize("foreach, fused", [(False, False), (True, False), (True, True)], ids=["loop", "foreach", "fused"])
+def test_matches_prodigyopt_with_a_0d_parameter(foreach, fused) -> None:
+    """A 0-d parameter (a logit temperature) that does not start at 0: its x0 is its starting
+    value, not the 0-d "started at 0" marker of the other tensors (that confusion once left d
+    at d0 here)."""
+    theirs_model, ours_model = SeparableLogistic(), SeparableLogistic()
+    temps = [torch.nn.Parameter(torch.tensor(0.3, dtype=DT)) for _ in range(2)]
+    losses = [lambda m=m, t=t: m.loss() * (1 + t) for m, t in zip((theirs_model, ours_model), temps)]
+    theirs = prodigyopt.Prodigy([*theirs_model.groups(), {"params": [temps[0]]}])
+    ours = Prodigy([*ours_model.groups(), {"params": [temps[1]]}], foreach=foreach, fused=fused)
+    for step in range(STEPS):
+        for loss, opt in zip(losses, (theirs, ours)):
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            opt.step()
+        for a, b in zip([*ours_model.params, temps[1]], [*theirs_model.params, temps[0]]):
+            assert _close(a.detach(), b.detach()) <= RTOL, f"step {step}"
+    assert float(ours.param_groups[0]["d"]) > 100 * 1e-6, "d should have grown"

@@ -11,14 +11,21 @@ How the kernel is called, so that neither the compile time nor the calls grow wi
 
 * The per-tensor function is compiled once, with dynamic shapes, over a *group* of
   :data:`GROUP_SIZE` tensors (one graph, one call per group: no per-tensor Python loop). The
-  tensors are passed flattened (1-D aliases of their memory); a list whose length is not a multiple of the group
+  tensors are passed flattened (1-D views); a list whose length is not a multiple of the group
   size is padded with small zero tensors, which every kernel here leaves at zero and which add
   nothing to the sums (each kernel's docstring says why).
 * Values that change from step to step (the learned step size, bias corrections) must be
   tensors (0-d ones reach the kernel as 1-element tensors); Python numbers are compiled in as
-  constants (hyperparameters), so a changed one recompiles.
-* Tensors that are not contiguous cannot be flattened without a copy: they go through the
-  plain per-tensor function (uncompiled), one at a time.
+  constants (hyperparameters), so a changed one compiles another variant.
+* **No Dynamo guards.** Checking the guards of a graph over ~100 tensors cost about as much as
+  the kernel itself on many small tensors, so each variant is compiled without them
+  (``torch.compiler.skip_all_guards_unsafe``) and this class does the guarding: a variant is
+  keyed by everything a guard would check here (the dtypes of a row, the device, the constants
+  and the scalars' dtypes, grad mode), and it only receives what the compiled code assumes:
+  contiguous 1-D tensors of at least 2 elements (sizes 0 and 1 are specialized by the
+  compiler), the same size within a row (one parameter and its buffers), none aliasing another.
+  Everything else (non-contiguous or single-element tensors) goes through the plain per-tensor
+  function (uncompiled), one tensor at a time.
 * If compilation fails (no C++ compiler, an unsupported device), a warning says so once and
   the same per-tensor function runs uncompiled: slower, same results.
 
@@ -37,10 +44,13 @@ import torch._dynamo.config as _dynamo_config
 import torch.fx.experimental._config as _shape_config
 from torch import Tensor
 
-__all__ = ["GROUP_SIZE", "KERNELS", "FusedKernel"]
+__all__ = ["GROUP_SIZE", "MAX_VARIANTS", "KERNELS", "FusedKernel"]
 
 #: Tensors per compiled call.
 GROUP_SIZE = 16
+
+#: Compiled variants per kernel in a process (each compiles for seconds); more run uncompiled.
+MAX_VARIANTS = 8
 
 #: Every kernel made (module-level ones, a few): whether one fell back is ``kernel.failed``.
 KERNELS: list["FusedKernel"] = []
@@ -59,8 +69,9 @@ class FusedKernel:
         self.num_tensors = num_tensors
         self.num_sums = num_sums
         self._grouped = _grouped_function(per_tensor, num_tensors, GROUP_SIZE)
-        self._compiled: Callable[..., Any] | None = None
+        self._variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._failed = False
+        self._warned = False
         self._padding: dict[tuple[Any, ...], list[list[Tensor]]] = {}
         KERNELS.append(self)
 
@@ -71,29 +82,44 @@ class FusedKernel:
 
     # ------------------------------------------------------------------ the grouped function
 
-    def _compiled_grouped(self) -> Callable[..., Any]:
-        if self._compiled is None:
-            self._compiled = torch.compile(self._grouped, dynamic=True, fullgraph=True)
-        return self._compiled
+    def _compiled_grouped(self, key: tuple[Any, ...]) -> Callable[..., Any]:
+        """The compiled function for one signature (dtypes, device, constants): one ``torch.compile``
+        each, of a code object of its own, without Dynamo's guards (the key is the guard)."""
+        grouped = _grouped_function(self.per_tensor, self.num_tensors, GROUP_SIZE)
+        return torch.compile(grouped, dynamic=True, fullgraph=True,
+                             options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
-    def _run_group(self, tensors: list[Tensor], scalars: tuple[Any, ...]) -> tuple[Tensor, ...]:
+    def _run_group(self, tensors: list[Tensor], scalars: tuple[Any, ...], key: tuple[Any, ...]) -> tuple[Tensor, ...]:
         if not self._failed:
             try:
-                # Without "duck sizing": tensors of different parameters that happen to have the
-                # same size at the first call must not be assumed equal (a recompile each time
-                # the pattern changes).
+                compiled = self._variants.get(key)
+                if compiled is not None:
+                    return compiled(*tensors, *scalars)
+                if len(self._variants) >= MAX_VARIANTS:
+                    self._warn_once(f"more than {MAX_VARIANTS} variants (dtypes, devices, hyperparameter values) "
+                                    "were asked for in this process; the others run uncompiled (slower, same results)")
+                    return self._grouped(*tensors, *scalars)
+                compiled = self._compiled_grouped(key)
+                # The first call compiles. Without "duck sizing": tensors of different parameters
+                # that happen to have the same size at this call must not be assumed equal.
                 # Python floats compiled in as constants (hyperparameters; as graph inputs they
                 # cost 2x in the generated loops).
                 with _shape_config.patch(use_duck_shape=False), _dynamo_config.patch(specialize_float=True):
-                    return self._compiled_grouped()(*tensors, *scalars)
+                    out = compiled(*tensors, *scalars)
+                self._variants[key] = compiled
+                return out
             except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
                 self._failed = True
-                warnings.warn(
-                    f"tuneless: compiling the fused step ({getattr(self.per_tensor, '__name__', 'kernel')}) "
-                    f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                    f"running it uncompiled (slower, same results). Use fused=False for the vectorized path.",
-                    RuntimeWarning, stacklevel=4)
+                self._warn_once(f"compiling it failed ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0] if str(error) else ''}); running it uncompiled "
+                                "(slower, same results). Use fused=False for the vectorized path.")
         return self._grouped(*tensors, *scalars)
+
+    def _warn_once(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"tuneless: fused step ({getattr(self.per_tensor, '__name__', 'kernel')}): {why}",
+                          RuntimeWarning, stacklevel=5)
 
     def _pad(self, like: Sequence[Tensor], count: int) -> list[list[Tensor]]:
         """``count`` rows of zero tensors shaped (2,) like ``like``'s dtypes (zeroed before each use;
@@ -111,25 +137,30 @@ class FusedKernel:
     def __call__(self, lists: Sequence[Sequence[Tensor]], scalars: Sequence[Any], *,
                  sum_dtype: torch.dtype, device: torch.device) -> list[Tensor]:
         """Run the kernel over parallel ``lists`` (one entry per tensor each); returns the sums."""
-        sums = [torch.zeros((), dtype=sum_dtype, device=device) for _ in range(self.num_sums)]
         # 0-d tensors as 1-element ones: the compiled graph would read a 0-d CPU tensor's value
-        # on the host in its guards (a NaN check), at every call.
-        scalars = tuple(v.reshape(1) if isinstance(v, Tensor) and v.dim() == 0 else v for v in scalars)
+        # on the host (a NaN check) when it compiles.
+        compiled_scalars = tuple(v.reshape(1) if isinstance(v, Tensor) and v.dim() == 0 else v for v in scalars)
+        parts: list[tuple[Tensor, ...]] = []
         by_dtypes: dict[tuple[torch.dtype, ...], list[tuple[Tensor, ...]]] = {}
         for row in zip(*lists):
-            if all(t.is_contiguous() for t in row):
-                by_dtypes.setdefault(tuple(t.dtype for t in row), []).append(tuple(_flat_alias(t) for t in row))
-            else:  # uncompiled, one tensor at a time
-                out = self.per_tensor(*row, *scalars)
-                sums = [a + b.to(sum_dtype) for a, b in zip(sums, out)]
-        for flat in by_dtypes.values():  # one graph per dtype combination
+            n = row[0].numel()
+            if not all(t.is_contiguous() and t.numel() == n for t in row):  # uncompiled, as they are
+                parts.append(tuple(self.per_tensor(*row, *scalars)))
+            elif n <= 1:  # uncompiled, flattened like the others
+                parts.append(tuple(self.per_tensor(*(t.view(-1) for t in row), *compiled_scalars)))
+            else:
+                by_dtypes.setdefault(tuple(t.dtype for t in row), []).append(tuple(t.view(-1) for t in row))
+        scalar_key = tuple((t.dtype, t.device) if isinstance(t, Tensor) else (type(t), t) for t in compiled_scalars)
+        for dtypes, flat in by_dtypes.items():  # one graph per dtype combination
+            key = (dtypes, flat[0][0].device, scalar_key, torch.is_grad_enabled())
             for start in range(0, len(flat), GROUP_SIZE):
                 group = [list(row) for row in flat[start:start + GROUP_SIZE]]
                 if len(group) < GROUP_SIZE:
                     group += self._pad(group[0], GROUP_SIZE - len(group))
-                out = self._run_group([t for row in group for t in row], scalars)
-                sums = [a + b.to(sum_dtype) for a, b in zip(sums, out)]
-        return sums
+                parts.append(tuple(self._run_group([t for row in group for t in row], compiled_scalars, key)))
+        if not parts:
+            return [torch.zeros((), dtype=sum_dtype, device=device) for _ in range(self.num_sums)]
+        return [torch.stack([part[i].reshape(()).to(sum_dtype) for part in parts]).sum() for i in range(self.num_sums)]
 
 
 def _grouped_function(per_tensor: Callable[..., tuple[Tensor, ...]], n: int, k: int) -> Callable[..., tuple[Tensor, ...]]:
@@ -150,11 +181,3 @@ def _grouped_function(per_tensor: Callable[..., tuple[Tensor, ...]], n: int, k: 
     name = f"fused_{getattr(per_tensor, '__name__', 'kernel').lstrip('_')}"
     code = grouped.__code__.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, grouped.__globals__, name, None, grouped.__closure__)
-
-
-def _flat_alias(t: Tensor) -> Tensor:
-    """A 1-D tensor over ``t``'s memory (contiguous ``t``) that is not a view in autograd's sense:
-    a view would make the compiled graph guard on its base's shape and ``requires_grad``, and
-    recompile for every new combination."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
-        t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
