@@ -64,8 +64,9 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (Scratch, add_scaled_, cache_blocks, flat_dot, flat_sum_of_squares, total_dot, total_dot_loop,
-                       total_sum_of_squares, total_sum_of_squares_loop)
+from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares, total_dot,
+                       total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
 __all__ = ["Mechanic", "DEFAULT_BASE"]
@@ -119,6 +120,11 @@ class Mechanic(TunelessOptimizer):
         eps: added to denominators (default 1e-8).
         foreach: vectorized implementation of Mechanic's own passes (None or True) or the
             per-parameter loop (False); the base optimizer keeps its own setting.
+        fused: Mechanic's own two passes (the statistics, then the update of :math:`\Delta` and
+            :math:`x`) as compiled single-pass kernels, one call per group of tensors (default
+            False; see :mod:`tuneless.optim._fused`: compiles at the first step); ignores
+            ``foreach``. The base optimizer keeps its own setting (e.g. ``torch.optim.Adam(...,
+            fused=True)``).
 
     Example:
         >>> import torch, tuneless
@@ -149,7 +155,7 @@ class Mechanic(TunelessOptimizer):
 
     def __init__(self, params: Any, base: str | None = None, *, s_decay: float = 0.01,
                  betas: tuple[float, ...] = _DEFAULT_BETAS, s_init: float = 1e-8, eps: float = 1e-8,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "s_decay", s_decay, 0.0, None, inclusive="[)", recommended=0.01)
         betas = _check_beta_list(owner, betas)
@@ -157,6 +163,7 @@ class Mechanic(TunelessOptimizer):
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         if foreach is not None:
             v.check_bool(owner, "foreach", foreach)
+        v.check_bool(owner, "fused", fused)
         if isinstance(params, torch.optim.Optimizer):
             if base is not None:
                 v.fail(owner, "base", base, "None when an optimizer is given (that optimizer is the base)")
@@ -176,7 +183,7 @@ class Mechanic(TunelessOptimizer):
         self.base_optimizer = base_optimizer
         #: True when the base takes its step size from the loss: then so does Mechanic.
         self.requires_loss = bool(getattr(base_optimizer, "requires_loss", False))
-        defaults = dict(foreach=foreach, mechanic_s_decay=float(s_decay), mechanic_betas=betas,
+        defaults = dict(foreach=foreach, mechanic_fused=fused, mechanic_s_decay=float(s_decay), mechanic_betas=betas,
                         mechanic_s_init=float(s_init), mechanic_eps=float(eps))
         super().__init__(base_optimizer.param_groups, defaults)
         # From here on the groups are the base's own list: whatever changes them (a scheduler,
@@ -337,7 +344,10 @@ class Mechanic(TunelessOptimizer):
         deltas = [local_tensor(self.state[p][_DELTA]) for p in active]
         # 1. Statistics, one reduction (entered even by a rank with no gradient at all):
         #    <Delta, g>, <Delta, x>, ||x||^2, ||g||^2, with x = x_t + u_t.
-        if foreach:
+        fused = bool(self.defaults.get("mechanic_fused", False))
+        if fused:
+            local = _fused_statistics(deltas, gs, xs, dtype, device)
+        elif foreach:
             local = _multi_tensor_statistics(deltas, gs, xs, self._scratch(), dtype, device)
         else:
             local = torch.stack([total_dot_loop(deltas, gs, dtype, device), total_dot_loop(deltas, xs, dtype, device),
@@ -365,7 +375,7 @@ class Mechanic(TunelessOptimizer):
         #    stay where they are, their reference point absorbing the change of scale.
         f_refs = [local_tensor(self.state[p][_REF]) for p in frozen]
         f_deltas = [local_tensor(self.state[p][_DELTA]) for p in frozen]
-        fn = _multi_tensor_mechanic if foreach else _single_tensor_mechanic
+        fn = _fused_mechanic if fused else _multi_tensor_mechanic if foreach else _single_tensor_mechanic
         fn(xs, x_refs, deltas, f_refs, f_deltas, scale, new_scale)
         self._publish(new_scale)
 
@@ -427,6 +437,48 @@ def _multi_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[
         add_scaled_(x, delta, new_scale.to(dt))
     for dt, idx in _by_dtype(f_refs).items():
         add_scaled_([f_refs[i] for i in idx], [f_deltas[i] for i in idx], (scale - new_scale).to(dt))
+
+
+# ----------------------------------------------------------------------------- fused (compiled)
+
+
+def _statistics_kernel(delta: Tensor, g: Tensor, x: Tensor, sum_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """One tensor's share of <Delta, g>, <Delta, x>, ||x||^2, ||g||^2, compiled by
+    :class:`~tuneless.optim._fused.FusedKernel` (read only; zero padding adds 0)."""
+    d, gw, xw = delta.to(sum_dtype), g.to(sum_dtype), x.to(sum_dtype)
+    return (d * gw).sum(), (d * xw).sum(), (xw * xw).sum(), (gw * gw).sum()
+
+
+def _update_kernel(x: Tensor, x_ref: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_mechanic` (tuned parameters), compiled: Delta += u_t
+    with u_t = x - x_ref - S_t Delta, then x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
+    u = (x - x_ref) - scale * delta
+    delta.add_(u)
+    x.copy_(x_ref + new_scale * delta)
+    return ()
+
+
+_STATISTICS_KERNEL = FusedKernel(_statistics_kernel, num_tensors=3, num_sums=4)
+_UPDATE_KERNEL = FusedKernel(_update_kernel, num_tensors=3, num_sums=0)
+
+
+def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """The four statistics as one compiled read-only pass (``fused=True``)."""
+    if not deltas:
+        return torch.zeros(4, dtype=dtype, device=device)
+    return torch.stack(_STATISTICS_KERNEL([deltas, gs, xs], (dtype,), sum_dtype=dtype, device=device))
+
+
+def _fused_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
+                    f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
+    """:func:`_single_tensor_mechanic` with the tuned parameters' update as one compiled pass
+    (``fused=True``); the frozen ones (rare) keep the vectorized path."""
+    if xs:
+        cd = coefficient_dtype(xs[0])
+        _UPDATE_KERNEL([xs, x_refs, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype,
+                       device=scale.device)
+    _multi_tensor_mechanic([], [], [], f_refs, f_deltas, scale, new_scale)
 
 
 def _first_call_returns(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
