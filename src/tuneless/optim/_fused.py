@@ -141,7 +141,7 @@ class FusedKernel:
         # on the host (a NaN check) when it compiles.
         compiled_scalars = tuple(v.reshape(1) if isinstance(v, Tensor) and v.dim() == 0 else v for v in scalars)
         parts: list[tuple[Tensor, ...]] = []
-        by_dtypes: dict[tuple[torch.dtype, ...], list[tuple[Tensor, ...]]] = {}
+        by_kind: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
         for row in zip(*lists):
             n = row[0].numel()
             if not all(t.is_contiguous() and t.numel() == n for t in row):  # uncompiled, as they are
@@ -149,10 +149,11 @@ class FusedKernel:
             elif n <= 1:  # uncompiled, flattened like the others
                 parts.append(tuple(self.per_tensor(*(t.view(-1) for t in row), *compiled_scalars)))
             else:
-                by_dtypes.setdefault(tuple(t.dtype for t in row), []).append(tuple(t.view(-1) for t in row))
+                kind = (tuple(t.dtype for t in row), row[0].device)
+                by_kind.setdefault(kind, []).append(tuple(t.view(-1) for t in row))
         scalar_key = tuple((t.dtype, t.device) if isinstance(t, Tensor) else (type(t), t) for t in compiled_scalars)
-        for dtypes, flat in by_dtypes.items():  # one graph per dtype combination
-            key = (dtypes, flat[0][0].device, scalar_key, torch.is_grad_enabled())
+        for (dtypes, row_device), flat in by_kind.items():  # one graph per dtype combination and device
+            key = (dtypes, row_device, scalar_key, torch.is_grad_enabled())
             for start in range(0, len(flat), GROUP_SIZE):
                 group = [list(row) for row in flat[start:start + GROUP_SIZE]]
                 if len(group) < GROUP_SIZE:
@@ -160,7 +161,10 @@ class FusedKernel:
                 parts.append(tuple(self._run_group([t for row in group for t in row], compiled_scalars, key)))
         if not parts:
             return [torch.zeros((), dtype=sum_dtype, device=device) for _ in range(self.num_sums)]
-        return [torch.stack([part[i].reshape(()).to(sum_dtype) for part in parts]).sum() for i in range(self.num_sums)]
+        # (parameters on several devices in one process: each device's partial sums moved to
+        # ``device``; untested here, no GPU)
+        return [torch.stack([part[i].reshape(()).to(device=device, dtype=sum_dtype) for part in parts]).sum()
+                for i in range(self.num_sums)]
 
 
 def _grouped_function(per_tensor: Callable[..., tuple[Tensor, ...]], n: int, k: int) -> Callable[..., tuple[Tensor, ...]]:
