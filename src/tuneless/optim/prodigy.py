@@ -291,6 +291,7 @@ class Prodigy(TunelessOptimizer):
         d_ratio = d / d0  # the reference's d/d0 factor, which keeps r and s away from underflow
 
         partials, work = [], []
+        s_weights: dict[int, Tensor] = {}
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
             self._rescale_idle_moments(group, moment_ratio)
@@ -309,7 +310,7 @@ class Prodigy(TunelessOptimizer):
                 [local_tensor(st["grad_sq_avg"]) for st in states],
                 *zip(*(self._estimate_views(p, g, st, group["slice_p"]) for p, g, st in zip(params, grads, states))),
             )
-            s_weight = d_ratio * (d if group["safeguard_warmup"] else step_size)
+            s_weight = s_weights[id(group)] = d_ratio * (d if group["safeguard_warmup"] else step_size)
             first_pass = _multi_tensor_prodigy_estimate if self._use_foreach(group) else _single_tensor_prodigy_estimate
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
             if self._fused(group):
@@ -336,10 +337,11 @@ class Prodigy(TunelessOptimizer):
         for group, buffers, step_size in work:
             self._publish_step_size(group, step_size)
             decay = group["weight_decay"] if group["decouple"] else 0.0
-            if buffers is not None and self._fused(group):  # the moments, then the step (lr = 0: no step)
-                _fused_prodigy_step(buffers, step_size=step_size, growth=growth, eps=group["eps"], decay=decay,
-                                    m_coef=m_coef, one_minus_beta1=1 - beta1, v_coef=v_coef,
-                                    one_minus_beta2=1 - beta2, move=group["lr"] != 0)
+            if buffers is not None and self._fused(group):  # s, the moments, then the step (lr = 0: no step)
+                _fused_prodigy_step(buffers, s_weight=s_weights[id(group)], beta3=beta3, step_size=step_size,
+                                    growth=growth, eps=group["eps"], decay=decay, m_coef=m_coef,
+                                    one_minus_beta1=1 - beta1, v_coef=v_coef, one_minus_beta2=1 - beta2,
+                                    move=group["lr"] != 0)
                 continue
             if group["lr"] == 0 or buffers is None:
                 continue  # lr = 0: the group does not move
@@ -687,31 +689,33 @@ def _multi_tensor_prodigy_step(buffers: _Buffers, *, step_size: Tensor, growth: 
 
 
 def _prodigy_estimate_kernel(*args: Any) -> tuple[Tensor, Tensor]:
-    """The estimate's part of :func:`_single_tensor_prodigy_estimate` for one tensor (``slice_p = 1``),
-    compiled by :class:`~tuneless.optim._fused.FusedKernel`: s and the two sums. The tensors are
-    x, g, s, [x0] (x0 unless the parameter started at 0), then the scalars. The moments are
-    updated by :func:`_prodigy_step_kernel` instead, in the same pass as the step (they do not
-    depend on the new d): one pass of 20 bytes per parameter here and one of 28 there, rather
-    than 36 and 16. All-zero tensors stay 0 and add 0 to both sums (the padding is harmless)."""
+    """The sums of :func:`_single_tensor_prodigy_estimate` for one tensor (``slice_p = 1``),
+    compiled by :class:`~tuneless.optim._fused.FusedKernel`: <g, x0 - x> and the l1 norm of the
+    new s, which is *not* stored here (a kernel that reduces and stores is split by Inductor into
+    two loops that both read the buffers). The tensors are x, g, s, [x0] (x0 unless the
+    parameter started at 0), then the scalars. Read only: 16 bytes per parameter. All-zero
+    tensors add 0 to both sums (the padding is harmless)."""
     *tensors, s_weight, beta3, with_numerator, has_x0, sum_dtype = args
     x, g, s = tensors[0], tensors[1], tensors[2]
     x0 = tensors[3] if has_x0 else None
     dot = torch.zeros((), dtype=sum_dtype, device=x.device)
     if with_numerator:
         dot = (g * (x0 - x)).sum(dtype=sum_dtype) if x0 is not None else -(g * x).sum(dtype=sum_dtype)
-    s.mul_(beta3).addcmul_(g, s_weight)
-    return dot, s.abs().sum(dtype=sum_dtype)
+    return dot, torch.addcmul(s * beta3, g, s_weight).abs().sum(dtype=sum_dtype)
 
 
 def _prodigy_step_kernel(*args: Any) -> tuple[()]:
-    """The moments of :func:`_single_tensor_prodigy_estimate` and :func:`_single_tensor_prodigy_step`
-    for one tensor, compiled: the tensors are x, g, [m], v (m without ``beta1 = 0``; the step then
-    goes along g). With ``move`` False (a group with lr = 0) only the moments change. All-zero
-    tensors stay 0."""
-    *tensors, m_coef, one_minus_beta1, v_coef, one_minus_beta2, step_size, growth, eps, decay, has_m, move = args
-    x, g = tensors[0], tensors[1]
-    m = tensors[2] if has_m else None
-    u = tensors[2 + has_m]
+    """The updates of :func:`_single_tensor_prodigy_estimate` (s and the moments, which do not
+    depend on the new d) and :func:`_single_tensor_prodigy_step` for one tensor, compiled, in one
+    pass: the tensors are x, g, s, [m], v (m without ``beta1 = 0``; the step then goes along g).
+    s gets the same value the estimate kernel summed. With ``move`` False (a group with
+    lr = 0) x does not change. All-zero tensors stay 0."""
+    (*tensors, s_weight, beta3, m_coef, one_minus_beta1, v_coef, one_minus_beta2, step_size, growth, eps, decay,
+     has_m, move) = args
+    x, g, s = tensors[0], tensors[1], tensors[2]
+    m = tensors[3] if has_m else None
+    u = tensors[3 + has_m]
+    s.mul_(beta3).addcmul_(g, s_weight)
     if m is not None:
         m.mul_(m_coef).add_(g, alpha=one_minus_beta1)
     u.mul_(v_coef).addcmul_(g, g, value=one_minus_beta2)
@@ -727,16 +731,16 @@ def _prodigy_step_kernel(*args: Any) -> tuple[()]:
 
 _ESTIMATE_KERNELS = {has_x0: FusedKernel(_prodigy_estimate_kernel, num_tensors=3 + has_x0, num_sums=2)
                      for has_x0 in (True, False)}
-_STEP_KERNELS = {has_m: FusedKernel(_prodigy_step_kernel, num_tensors=3 + has_m, num_sums=0)
+_STEP_KERNELS = {has_m: FusedKernel(_prodigy_step_kernel, num_tensors=4 + has_m, num_sums=0)
                  for has_m in (True, False)}
 
 
 def _fused_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_minus_beta1: float, v_coef: Tensor,
                             one_minus_beta2: float, s_weight: Tensor, with_numerator: bool, dtype: torch.dtype,
                             device: torch.device) -> tuple[Tensor, Tensor]:
-    """The estimate (s and the two sums) as compiled kernels (``fused=True``): one kernel for the
-    parameters that started at 0 (a 0-d x0) and one for the others. The moments are left to
-    :func:`_fused_prodigy_step`."""
+    """The two sums of the estimate as compiled read-only kernels (``fused=True``): one kernel for
+    the parameters that started at 0 (a 0-d x0) and one for the others. s and the moments are
+    updated by :func:`_fused_prodigy_step`."""
     dot = torch.zeros((), dtype=dtype, device=device)
     l1 = torch.zeros((), dtype=dtype, device=device)
     if not b.x:
@@ -755,14 +759,15 @@ def _fused_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_mi
     return dot, l1
 
 
-def _fused_prodigy_step(b: _Buffers, *, step_size: Tensor, growth: Tensor, eps: float, decay: float, m_coef: Tensor,
-                        one_minus_beta1: float, v_coef: Tensor, one_minus_beta2: float, move: bool) -> None:
-    """The moments and the step as one compiled kernel per group of tensors (``fused=True``)."""
+def _fused_prodigy_step(b: _Buffers, *, s_weight: Tensor, beta3: float, step_size: Tensor, growth: Tensor, eps: float,
+                        decay: float, m_coef: Tensor, one_minus_beta1: float, v_coef: Tensor, one_minus_beta2: float,
+                        move: bool) -> None:
+    """s, the moments and the step as one compiled kernel per group of tensors (``fused=True``)."""
     if not b.x:
         return
     cd = coefficient_dtype(b.u[0])
     has_m = b.m is not None
-    lists = [b.x, b.g, b.m, b.u] if has_m else [b.x, b.g, b.u]
-    _STEP_KERNELS[has_m](lists, (m_coef.to(cd), one_minus_beta1, v_coef.to(cd), one_minus_beta2, step_size.to(cd),
-                                 growth.to(cd), eps, decay, has_m, move),
+    lists = [b.x, b.g, list(b.s_est), b.m, b.u] if has_m else [b.x, b.g, list(b.s_est), b.u]
+    _STEP_KERNELS[has_m](lists, (s_weight.to(cd), beta3, m_coef.to(cd), one_minus_beta1, v_coef.to(cd),
+                                 one_minus_beta2, step_size.to(cd), growth.to(cd), eps, decay, has_m, move),
                          sum_dtype=step_size.dtype, device=step_size.device)
