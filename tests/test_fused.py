@@ -17,7 +17,7 @@ import torch
 
 from tests.test_contract import SyncCounter
 from tuneless import (COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Mechanic, Prodigy, ScheduleFreeAdamW,
-                      ScheduleFreeSGD)
+                      ScheduleFreeProdigy, ScheduleFreeSGD)
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -138,6 +138,7 @@ FUSED_CONFIGS = [
     (ScheduleFreeSGD, dict(lr=0.05, weight_decay=0.01)),
     (AdamHD, dict(init_lr=0.01, hypergrad_lr=1e-4, weight_decay=0.01)),
     (Mechanic, dict(base="adam:lr=0.1")),
+    (ScheduleFreeProdigy, dict(weight_decay=0.01)),
 ]
 
 
@@ -183,7 +184,7 @@ def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
 
 
 @pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptAdaGrad, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD, AdamHD,
-                                 Mechanic])
+                                 Mechanic, ScheduleFreeProdigy])
 def test_fused_must_be_a_bool(cls) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"^{cls.__name__}: fused = 'yes' is invalid; allowed: True or False$"):
         cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")

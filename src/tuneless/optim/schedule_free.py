@@ -856,6 +856,8 @@ class ScheduleFreeProdigy(ScheduleFree):
         weight_lr_power: averaging weights proportional to (largest :math:`d\cdot\mathrm{lr}`)
             to this power (default 2.0).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        fused: Prodigy's compiled kernels for the base (see :class:`~tuneless.optim.prodigy.Prodigy`;
+            default False); the wrapper's own work keeps ``foreach``.
 
     References:
         Defazio et al., "The Road Less Scheduled", NeurIPS 2024, arXiv:2405.15682 (their
@@ -868,15 +870,18 @@ class ScheduleFreeProdigy(ScheduleFree):
 
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, d0: float = 1e-6, d_coef: float = 1.0,
-                 r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None) -> None:
+                 r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
+                 fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        v.check_bool(owner, "fused", fused)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.99))
         v.check_range(owner, "betas[0]", betas[0], 0.0, 1.0, inclusive="()", recommended=0.9)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         from .prodigy import Prodigy  # the base; imported here to keep module imports one-way
 
-        base = Prodigy(params, lr=lr, betas=(0.0, float(betas[1])), eps=eps, d0=d0, d_coef=d_coef, foreach=foreach)
+        base = Prodigy(params, lr=lr, betas=(0.0, float(betas[1])), eps=eps, d0=d0, d_coef=d_coef, foreach=foreach,
+                       fused=fused)
         super().__init__(base, momentum=float(betas[0]), weight_decay_at_y=float(weight_decay), r=r,
                          weight_lr_power=weight_lr_power, foreach=foreach)
 
