@@ -17,7 +17,7 @@ import torch
 
 from tests.test_contract import SyncCounter
 from tuneless import (COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Mechanic, Prodigy, ScheduleFreeAdamW,
-                      ScheduleFreeProdigy, ScheduleFreeSGD)
+                      ScheduleFree, ScheduleFreeProdigy, ScheduleFreeSGD)
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -225,3 +225,24 @@ def test_fused_prodigy_with_a_group_at_lr_0_keeps_it_still_and_its_moments_movin
     for p, q in zip(a.param_groups[1]["params"], b.param_groups[1]["params"]):
         torch.testing.assert_close(a.state[p]["grad_sq_avg"], b.state[q]["grad_sq_avg"], rtol=1e-10, atol=0)
         assert float(a.state[p]["grad_sq_avg"].abs().sum()) > 0
+
+
+def test_fused_schedule_free_wrapper_over_a_torch_optimizer_matches_the_loop() -> None:
+    """The wrapper's own passes compiled, with the decay at y taken at a plain float step size."""
+    def train(**kwargs):
+        params, loss = _quadratic_model()
+        opt = ScheduleFree(torch.optim.SGD(params, lr=0.05), momentum=0.8, weight_decay_at_y=0.01, **kwargs)
+        for _ in range(15):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    fused, a = train(fused=True)
+    loop, b = train(foreach=False)
+    for x, y, start in zip(fused, loop, _quadratic_model()[0]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        assert not torch.equal(x, start.detach())
+    with a.evaluation_point(), b.evaluation_point():  # the averages agree too
+        for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -500,7 +500,7 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
 # =============================================================================================
 
 #: Keys the wrapper adds to the base optimizer's param groups (prefixed: no clash with the base's).
-_WRAP_KEYS = ("sf_momentum", "sf_weight_decay_at_y", "sf_r", "sf_weight_lr_power", "sf_foreach")
+_WRAP_KEYS = ("sf_momentum", "sf_weight_decay_at_y", "sf_r", "sf_weight_lr_power", "sf_foreach", "sf_fused")
 
 
 class ScheduleFree(_ScheduleFreeBase):
@@ -541,6 +541,9 @@ class ScheduleFree(_ScheduleFreeBase):
             power (default 2.0).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False) of
             the wrapper's own work (the base keeps its own setting).
+        fused: the wrapper's own two passes (before and after the base's step) as compiled
+            single-pass kernels, one call per group of tensors (default False; see
+            :mod:`tuneless.optim._fused`: compiles at the first step); ignores ``foreach``.
 
     Example:
         >>> import torch, tuneless
@@ -566,7 +569,8 @@ class ScheduleFree(_ScheduleFreeBase):
     _z_key = "sf_z"
 
     def __init__(self, base: torch.optim.Optimizer, *, momentum: float = 0.9, weight_decay_at_y: float = 0.0,
-                 r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None) -> None:
+                 r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
+                 fused: bool = False) -> None:
         owner = type(self).__name__
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"{owner}: base must be a torch.optim.Optimizer instance; got {type(base).__name__}")
@@ -575,13 +579,15 @@ class ScheduleFree(_ScheduleFreeBase):
         v.check_range(owner, "momentum", momentum, 0.0, 1.0, inclusive="()", recommended=0.9)
         v.check_range(owner, "weight_decay_at_y", weight_decay_at_y, 0.0, None, inclusive="[)")
         _check_schedule(owner, 0, r, weight_lr_power, foreach)
+        v.check_bool(owner, "fused", fused)
         # Set up the torch.optim.Optimizer machinery without creating param groups of our own:
         # the groups are the base's (see the param_groups property).
         self.base = base
         #: True when the base takes its step size from the loss: then so does the wrapper.
         self.requires_loss = bool(getattr(base, "requires_loss", False))
         self.defaults = dict(sf_momentum=float(momentum), sf_weight_decay_at_y=float(weight_decay_at_y),
-                             sf_r=float(r), sf_weight_lr_power=float(weight_lr_power), sf_foreach=foreach)
+                             sf_r=float(r), sf_weight_lr_power=float(weight_lr_power), sf_foreach=foreach,
+                             sf_fused=fused)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -697,6 +703,8 @@ class ScheduleFree(_ScheduleFreeBase):
         beta, wd = group["sf_momentum"], group["sf_weight_decay_at_y"]
         gamma = self._base_step_size(group) if wd != 0 else 0.0
         fn = _multi_tensor_to_base_iterate if self._use_foreach(group) else _single_tensor_to_base_iterate
+        if group.get("sf_fused", False):
+            fn = _fused_to_base_iterate
         return ys, zs, fn(ys, zs, beta, wd, gamma)
 
     def _back_to_y(self, group: dict[str, Any], ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]) -> None:
@@ -727,6 +735,8 @@ class ScheduleFree(_ScheduleFreeBase):
                            torch.zeros_like(weight_sum))
         if ys:
             fn = _multi_tensor_back_to_y if self._use_foreach(group) else _single_tensor_back_to_y
+            if group.get("sf_fused", False):
+                fn = _fused_back_to_y
             fn(ys, zs, xs, ckp1, group["sf_momentum"])
 
     # ------------------------------------------------------------------ checkpoints and copies
@@ -825,6 +835,56 @@ def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]
         torch._foreach_lerp_(y, x, beta)
 
 
+def _to_base_iterate_kernel(y: Tensor, z: Tensor, x: Tensor, step: Tensor, beta: float,
+                            with_decay: bool) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_to_base_iterate`, compiled by
+    :class:`~tuneless.optim._fused.FusedKernel`, with ``x`` an empty buffer that receives x
+    (``step`` = gamma * weight decay, a 1-element tensor). Zero padding stays 0."""
+    if with_decay:
+        z.sub_(y * step)
+        y.mul_(1 - step * (1 - beta))
+    x.copy_(torch.lerp(y, z, 1.0 - 1.0 / beta))
+    y.copy_(z)
+    return ()
+
+
+def _back_to_y_kernel(y: Tensor, x: Tensor, ckp1: Tensor, beta: float) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_back_to_y` after z was stored, compiled; x (transient)
+    is read, not written back. Zero padding stays 0.
+
+    Storing z (``z.copy_(y)``) is left out of the kernel: with it, torch 2.13's Inductor wrote
+    the *new* y into z (a plain copy of an input that the same graph mutates afterwards), so it
+    is done before, by one ``torch._foreach_copy_``."""
+    y.copy_(torch.lerp(y, torch.lerp(x, y, ckp1), beta))
+    return ()
+
+
+_TO_BASE_KERNEL = FusedKernel(_to_base_iterate_kernel, num_tensors=3, num_sums=0)
+_BACK_TO_Y_KERNEL = FusedKernel(_back_to_y_kernel, num_tensors=2, num_sums=0)
+
+
+def _fused_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
+                           gamma: Tensor | float) -> list[Tensor]:
+    """:func:`_single_tensor_to_base_iterate` as one compiled pass (``fused=True``): read y, z,
+    write x, y (and z with the decay)."""
+    xs = [torch.empty_like(y, memory_format=torch.preserve_format) for y in ys]
+    if ys:
+        cd = coefficient_dtype(ys[0])
+        step = gamma * wd
+        step = step.to(cd) if isinstance(step, Tensor) else torch.full((), float(step), dtype=cd, device=ys[0].device)
+        _TO_BASE_KERNEL([ys, zs, xs], (step, beta, wd != 0), sum_dtype=cd, device=ys[0].device)
+    return xs
+
+
+def _fused_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
+    """:func:`_single_tensor_back_to_y` as a copy (z <- y) and one compiled pass (``fused=True``):
+    read x, y, write y."""
+    for (y, z), _ in _group_by_device_and_dtype([ys, zs]):
+        torch._foreach_copy_(z, y)
+    cd = coefficient_dtype(ys[0])
+    _BACK_TO_Y_KERNEL([ys, xs], (ckp1.to(cd), beta), sum_dtype=cd, device=ys[0].device)
+
+
 # =============================================================================================
 # The fully learning-rate-free combination.
 # =============================================================================================
@@ -856,8 +916,8 @@ class ScheduleFreeProdigy(ScheduleFree):
         weight_lr_power: averaging weights proportional to (largest :math:`d\cdot\mathrm{lr}`)
             to this power (default 2.0).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
-        fused: Prodigy's compiled kernels for the base (see :class:`~tuneless.optim.prodigy.Prodigy`;
-            default False); the wrapper's own work keeps ``foreach``.
+        fused: compiled kernels, for Prodigy's step and for the wrapper's own passes (default
+            False; see :mod:`tuneless.optim._fused`: compiles at the first step).
 
     References:
         Defazio et al., "The Road Less Scheduled", NeurIPS 2024, arXiv:2405.15682 (their
@@ -883,7 +943,7 @@ class ScheduleFreeProdigy(ScheduleFree):
         base = Prodigy(params, lr=lr, betas=(0.0, float(betas[1])), eps=eps, d0=d0, d_coef=d_coef, foreach=foreach,
                        fused=fused)
         super().__init__(base, momentum=float(betas[0]), weight_decay_at_y=float(weight_decay), r=r,
-                         weight_lr_power=weight_lr_power, foreach=foreach)
+                         weight_lr_power=weight_lr_power, foreach=foreach, fused=fused)
 
     def __repr__(self) -> str:
         return TunelessOptimizer.__repr__(self)
