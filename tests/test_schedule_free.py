@@ -464,7 +464,8 @@ class TestScheduleFreeWrapper:
         train(opt, model, 20)
         assert loss_at_x(opt, model) < 0.5 * start
 
-    def test_wrapper_puts_y_back_when_the_base_raises(self) -> None:
+    @pytest.mark.parametrize("fused", [False, True], ids=["vectorized", "fused"])
+    def test_wrapper_puts_y_back_when_the_base_raises(self, fused) -> None:
         class Failing(torch.optim.SGD):
             calls = 0
 
@@ -475,7 +476,7 @@ class TestScheduleFreeWrapper:
                 return super().step(closure)
 
         model = Model()
-        opt = ScheduleFree(Failing(model.params, lr=0.1))
+        opt = ScheduleFree(Failing(model.params, lr=0.1), fused=fused)
         train(opt, model, 2)
         y = snapshot(model)
         z = [opt.state[p]["sf_z"].clone() for p in model.params]

@@ -560,7 +560,9 @@ class ScheduleFree(_ScheduleFreeBase):
         ``schedulefree.ScheduleFreeWrapper`` 1.4.1 on the bases it supports).
 
     .. note:: During ``step`` the wrapper holds one transient copy of the parameters (the
-       average x) so that z is exchanged exactly, without the reference's three byte-wise XOR
+       average x; with ``fused=True`` none: x is kept in z's buffer while the base steps, and
+       if the base's step raises, the parameters go back to y around the z the base left)
+       so that z is exchanged exactly, without the reference's three byte-wise XOR
        passes. A closure is evaluated once, at y, before the base steps; bases that need to
        re-evaluate it (L-BFGS) are not supported.
     """
@@ -678,6 +680,12 @@ class ScheduleFree(_ScheduleFreeBase):
                 self.base.step()
         except BaseException:
             for group, (ys, zs, xs) in zip(self.param_groups, work):  # put y back from x and the stored z
+                if xs is zs:  # fused: z's buffers hold x, the parameters z (as the base left it)
+                    for y, x in zip(ys, xs):
+                        z = y.clone()
+                        y.copy_(torch.lerp(z, x, group["sf_momentum"]))
+                        x.copy_(z)
+                    continue
                 for y, z, x in zip(ys, zs, xs):
                     y.copy_(torch.lerp(z, x, group["sf_momentum"]))
             raise
@@ -835,54 +843,53 @@ def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]
         torch._foreach_lerp_(y, x, beta)
 
 
-def _to_base_iterate_kernel(y: Tensor, z: Tensor, x: Tensor, step: Tensor, beta: float,
-                            with_decay: bool) -> tuple[()]:
+def _to_base_iterate_kernel(y: Tensor, s: Tensor, step: Tensor, beta: float, with_decay: bool) -> tuple[()]:
     """One tensor of :func:`_single_tensor_to_base_iterate`, compiled by
-    :class:`~tuneless.optim._fused.FusedKernel`, with ``x`` an empty buffer that receives x
-    (``step`` = gamma * weight decay, a 1-element tensor). Zero padding stays 0."""
-    if with_decay:
-        z.sub_(y * step)
-        y.mul_(1 - step * (1 - beta))
-    x.copy_(torch.lerp(y, z, 1.0 - 1.0 / beta))
-    y.copy_(z)
+    :class:`~tuneless.optim._fused.FusedKernel`, with x kept in z's buffer ``s`` instead of a
+    transient: the parameter gets z, ``s`` gets x (``step`` = gamma * weight decay, a 1-element
+    tensor). One pass, read y, s and write y, s; zero padding stays 0.
+
+    (The ``+ 0.0`` keeps the copy an expression: a plain copy of an input that the same graph
+    mutates afterwards came out wrong from torch 2.13's Inductor, which wrote the new value.)"""
+    z = s - y * step if with_decay else s
+    y_now = y * (1 - step * (1 - beta)) if with_decay else y
+    x = torch.lerp(y_now, z, 1.0 - 1.0 / beta)
+    y.copy_(z + 0.0)
+    s.copy_(x)
     return ()
 
 
-def _back_to_y_kernel(y: Tensor, x: Tensor, ckp1: Tensor, beta: float) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_back_to_y` after z was stored, compiled; x (transient)
-    is read, not written back. Zero padding stays 0.
-
-    Storing z (``z.copy_(y)``) is left out of the kernel: with it, torch 2.13's Inductor wrote
-    the *new* y into z (a plain copy of an input that the same graph mutates afterwards), so it
-    is done before, by one ``torch._foreach_copy_``."""
-    y.copy_(torch.lerp(y, torch.lerp(x, y, ckp1), beta))
+def _back_to_y_kernel(y: Tensor, s: Tensor, ckp1: Tensor, beta: float) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_back_to_y`, compiled, after
+    :func:`_to_base_iterate_kernel`: ``s`` holds x and the parameter the new z; ``s`` gets z back
+    and the parameter y. One pass, read y, s and write y, s; zero padding stays 0."""
+    x = torch.lerp(s, y, ckp1)
+    s.copy_(y + 0.0)
+    y.copy_(torch.lerp(y, x, beta))
     return ()
 
 
-_TO_BASE_KERNEL = FusedKernel(_to_base_iterate_kernel, num_tensors=3, num_sums=0)
+_TO_BASE_KERNEL = FusedKernel(_to_base_iterate_kernel, num_tensors=2, num_sums=0)
 _BACK_TO_Y_KERNEL = FusedKernel(_back_to_y_kernel, num_tensors=2, num_sums=0)
 
 
 def _fused_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
                            gamma: Tensor | float) -> list[Tensor]:
-    """:func:`_single_tensor_to_base_iterate` as one compiled pass (``fused=True``): read y, z,
-    write x, y (and z with the decay)."""
-    xs = [torch.empty_like(y, memory_format=torch.preserve_format) for y in ys]
+    """:func:`_single_tensor_to_base_iterate` as one compiled pass (``fused=True``) that swaps
+    instead of copying: the parameters get z and z's buffers get x, which is returned (the same
+    list as ``zs``; no transient buffer)."""
     if ys:
         cd = coefficient_dtype(ys[0])
         step = gamma * wd
         step = step.to(cd) if isinstance(step, Tensor) else torch.full((), float(step), dtype=cd, device=ys[0].device)
-        _TO_BASE_KERNEL([ys, zs, xs], (step, beta, wd != 0), sum_dtype=cd, device=ys[0].device)
-    return xs
+        _TO_BASE_KERNEL([ys, zs], (step, beta, wd != 0), sum_dtype=cd, device=ys[0].device)
+    return zs
 
 
 def _fused_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
-    """:func:`_single_tensor_back_to_y` as a copy (z <- y) and one compiled pass (``fused=True``):
-    read x, y, write y."""
-    for (y, z), _ in _group_by_device_and_dtype([ys, zs]):
-        torch._foreach_copy_(z, y)
+    """:func:`_single_tensor_back_to_y` as one compiled pass (``fused=True``), ``zs`` holding x."""
     cd = coefficient_dtype(ys[0])
-    _BACK_TO_Y_KERNEL([ys, xs], (ckp1.to(cd), beta), sum_dtype=cd, device=ys[0].device)
+    _BACK_TO_Y_KERNEL([ys, zs], (ckp1.to(cd), beta), sum_dtype=cd, device=ys[0].device)
 
 
 # =============================================================================================
