@@ -173,3 +173,11 @@ def test_a_wrapper_is_timed_against_its_base() -> None:
     assert row.state_bytes_per_param == pytest.approx(4)  # the base's momentum buffer is counted
     text = ss.format_markdown(out, {"tiny": SHAPES}, {})
     assert "## Wrappers over their base" in text and "| wrapped-sgd | tiny | sgd |" in text
+
+
+def test_a_miss_met_by_the_fused_variant_says_so() -> None:
+    slow = ss.Row("few-large", "prodigy", "prodigy", "tuneless", x_bound=5.0, bound_bytes=40)
+    fast = ss.Row("few-large", "prodigy:fused=True", "prodigy", "tuneless", x_bound=1.5, bound_bytes=40)
+    assert ss.check_targets([slow, fast]) == ["prodigy [few-large]: 5.00x its bound (40 B/param) > 4x (met with fused=True)"]
+    fast.x_bound = 4.5  # both miss: no note
+    assert ss.check_targets([slow, fast])[0].endswith("> 4x")
