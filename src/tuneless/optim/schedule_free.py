@@ -850,7 +850,8 @@ def _to_base_iterate_kernel(y: Tensor, s: Tensor, step: Tensor, beta: float, wit
     tensor). One pass, read y, s and write y, s; zero padding stays 0.
 
     (The ``+ 0.0`` keeps the copy an expression: a plain copy of an input that the same graph
-    mutates afterwards came out wrong from torch 2.13's Inductor, which wrote the new value.)"""
+    mutates afterwards came out wrong from torch 2.13's Inductor, which wrote the new value:
+    pytorch/pytorch#198131.)"""
     z = s - y * step if with_decay else s
     y_now = y * (1 - step * (1 - beta)) if with_decay else y
     x = torch.lerp(y_now, z, 1.0 - 1.0 / beta)
