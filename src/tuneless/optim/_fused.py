@@ -28,10 +28,10 @@ How the kernel is called, so that neither the compile time nor the calls grow wi
   function (uncompiled), one tensor at a time.
 * If compilation fails (no C++ compiler, an unsupported device), a warning says so once and
   the same per-tensor function runs uncompiled: slower, same results.
-* For kernel authors: torch 2.13's Inductor can miscompile ``z.copy_(y)`` followed by a mutation of
-  ``y`` in the same graph (z received the new y: Inductor's ``remove_noop_ops``, pytorch/pytorch#198131).
-  Copy an expression instead (``y + 0.0``), or
-  copy outside the kernel; every kernel here has a parity test against its uncompiled function.
+* For kernel authors: torch 2.13's Inductor can miscompile ``z.copy_(y)`` followed by a
+  mutation of ``y`` in the same graph: z receives the new y (its ``remove_noop_ops`` pass,
+  pytorch/pytorch#198131). Copy an expression instead (``y + 0.0``), or copy outside the
+  kernel. Every kernel here has a parity test against its uncompiled function.
 
 The first fused step of a process compiles (about 10-30 s on a 2-core CPU; torch's on-disk
 cache makes later processes faster), which is why ``fused`` is opt-in.
