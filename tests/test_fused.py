@@ -246,3 +246,24 @@ def test_fused_schedule_free_wrapper_over_a_torch_optimizer_matches_the_loop() -
     with a.evaluation_point(), b.evaluation_point():  # the averages agree too
         for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+#: bfloat16 compiles each kernel anew (about 30 s a configuration), so a few: the kernels that
+#: interpolate with a tensor weight (Schedule-Free) or mix 16-bit and float32 state (COCOB, Adam-HD).
+BF16_CONFIGS = [c for c in FUSED_CONFIGS if c[0] in (ScheduleFreeAdamW, ScheduleFreeProdigy, COCOB, AdamHD)]
+
+
+@pytest.mark.parametrize("cls, kwargs", BF16_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_fused_step_keeps_bfloat16_parameters_and_matches_the_loop(cls, kwargs) -> None:
+    """16-bit parameters compile (coefficients in float32; a tensor lerp weight once made the
+    Schedule-Free kernel fail to compile, then fail uncompiled) and agree with the per-parameter
+    path to bfloat16 rounding."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused, _ = _train(cls, {**kwargs, "fused": True}, steps=5, dtype=torch.bfloat16)
+    if _have_cpp_compiler():
+        assert not [str(w.message) for w in caught if "uncompiled" in str(w.message)]
+    loop, _ = _train(cls, {**kwargs, "foreach": False}, steps=5, dtype=torch.bfloat16)
+    for x, y in zip(fused, loop):
+        assert x.dtype == torch.bfloat16 and torch.isfinite(x.float()).all()
+        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)

@@ -237,7 +237,8 @@ def _schedule_free_kernel(*args: Any) -> tuple[()]:
         u = g
     if weight_decay != 0.0:
         u = u + weight_decay * y
-    y.lerp_(z, ckp1)
+    # (a tensor weight must have the dtype of what it interpolates: 16-bit y and z go through ckp1's)
+    y.copy_(torch.lerp(y.to(ckp1.dtype), z.to(ckp1.dtype), ckp1))
     y.add_(u * a)
     z.sub_(u * lr)
     return ()
@@ -864,9 +865,10 @@ def _back_to_y_kernel(y: Tensor, s: Tensor, ckp1: Tensor, beta: float) -> tuple[
     """One tensor of :func:`_single_tensor_back_to_y`, compiled, after
     :func:`_to_base_iterate_kernel`: ``s`` holds x and the parameter the new z; ``s`` gets z back
     and the parameter y. One pass, read y, s and write y, s; zero padding stays 0."""
-    x = torch.lerp(s, y, ckp1)
+    y_c = y.to(ckp1.dtype)  # (16-bit tensors interpolated in ckp1's dtype, as a tensor weight requires)
+    x = torch.lerp(s.to(ckp1.dtype), y_c, ckp1)
     s.copy_(y + 0.0)
-    y.copy_(torch.lerp(y, x, beta))
+    y.copy_(torch.lerp(y_c, x, beta))
     return ()
 
 
