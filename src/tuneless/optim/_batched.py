@@ -20,6 +20,7 @@ __all__ = [
     "CPU_BLOCK_NUMEL",
     "coefficient_dtype",
     "coefficient",
+    "host_coefficients",
     "cache_blocks",
     "Scratch",
     "flat_dot",
@@ -44,6 +45,13 @@ def coefficient(scalar: Tensor, like: Tensor) -> Tensor:
     """``scalar`` (a 0-d tensor) in :func:`coefficient_dtype` of ``like``."""
     dtype = coefficient_dtype(like)
     return scalar if scalar.dtype == dtype else scalar.to(dtype)
+
+
+def host_coefficients(like: Tensor, *values: float) -> list[Tensor]:
+    """Numbers known on the host (computed in double) as 1-element tensors in
+    :func:`coefficient_dtype` of ``like``, on its device: fills, not copies (no sync)."""
+    dtype = coefficient_dtype(like)
+    return [torch.full((1,), float(value), dtype=dtype, device=like.device) for value in values]
 
 
 def _sum_stacked(values: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:

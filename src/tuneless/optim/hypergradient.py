@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import add_scaled_, coefficient_dtype, total_dot, total_dot_loop
+from ._batched import add_scaled_, host_coefficients, total_dot, total_dot_loop
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -404,22 +404,16 @@ _ADAM_HD_DOT = FusedKernel(_adam_hd_dot_kernel, num_tensors=3, num_sums=1)
 _ADAM_HD_STEP = FusedKernel(_adam_hd_step_kernel, num_tensors=4, num_sums=0)
 
 
-def _coefficients(like: Tensor, *values: float) -> list[Tensor]:
-    """Host-side numbers (exact in double) as 1-element tensors on ``like``'s device: fills, no copy."""
-    dt = coefficient_dtype(like)
-    return [torch.full((1,), value, dtype=dt, device=like.device) for value in values]
-
-
 def _fused_adam_hd_dot(grads, ms, vs, bc1, bc2, eps, dtype, device) -> Tensor:
     """<g_t, d_{t-1}> over the group as one compiled kernel per group of tensors (``fused=True``)."""
-    (sqrt_bc2,) = _coefficients(ms[0], math.sqrt(bc2))
+    (sqrt_bc2,) = host_coefficients(ms[0], math.sqrt(bc2))
     (dot,) = _ADAM_HD_DOT([grads, ms, vs], (sqrt_bc2, eps, dtype), sum_dtype=dtype, device=device)
     return dot / bc1
 
 
 def _fused_adam_hd_step(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) -> None:
     """:func:`_single_tensor_adam_hd` as one compiled kernel per group of tensors (``fused=True``)."""
-    bc1_t, sqrt_bc2 = _coefficients(xs[0], bc1, math.sqrt(bc2))
+    bc1_t, sqrt_bc2 = host_coefficients(xs[0], bc1, math.sqrt(bc2))
     step = step.to(bc1_t.dtype)
     _ADAM_HD_STEP([xs, grads, ms, vs], (step, bc1_t, sqrt_bc2, beta1, beta2, eps), sum_dtype=step.dtype,
                   device=step.device)

@@ -291,14 +291,13 @@ class Prodigy(TunelessOptimizer):
         d_ratio = d / d0  # the reference's d/d0 factor, which keeps r and s away from underflow
 
         partials, work = [], []
-        s_weights: dict[int, Tensor] = {}
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
             self._rescale_idle_moments(group, moment_ratio)
             lr = group["lr"]
             step_size = d * (lr * bias_correction)  # eta_k for this group
             if not params:
-                work.append((group, None, step_size))
+                work.append((group, None, step_size, None))
                 continue
             states = [self._init_state(p, group) for p in params]
             xs = [local_tensor(p) for p in params]
@@ -310,7 +309,7 @@ class Prodigy(TunelessOptimizer):
                 [local_tensor(st["grad_sq_avg"]) for st in states],
                 *zip(*(self._estimate_views(p, g, st, group["slice_p"]) for p, g, st in zip(params, grads, states))),
             )
-            s_weight = s_weights[id(group)] = d_ratio * (d if group["safeguard_warmup"] else step_size)
+            s_weight = d_ratio * (d if group["safeguard_warmup"] else step_size)
             first_pass = _multi_tensor_prodigy_estimate if self._use_foreach(group) else _single_tensor_prodigy_estimate
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
             if self._fused(group):
@@ -319,7 +318,7 @@ class Prodigy(TunelessOptimizer):
                                  one_minus_beta2=1 - beta2, s_weight=s_weight, with_numerator=lr != 0,
                                  dtype=dtype, device=device, **extra)
             partials.append(torch.stack([(d_ratio * step_size) * dot, l1]))
-            work.append((group, buffers, step_size))
+            work.append((group, buffers, step_size, s_weight))
 
         # One reduction per step, always reached (no early return: no hang when sharded).
         local = torch.stack(partials).sum(0) if partials else torch.zeros(2, dtype=dtype, device=device)
@@ -334,11 +333,11 @@ class Prodigy(TunelessOptimizer):
         d_next = torch.minimum(d_max, d_raised * first["growth_rate"])
 
         growth = d_next / d  # d_{k+1} / d_k, for the eps term and the beta1 = 0 step
-        for group, buffers, step_size in work:
+        for group, buffers, step_size, s_weight in work:
             self._publish_step_size(group, step_size)
             decay = group["weight_decay"] if group["decouple"] else 0.0
             if buffers is not None and self._fused(group):  # s, the moments, then the step (lr = 0: no step)
-                _fused_prodigy_step(buffers, s_weight=s_weights[id(group)], beta3=beta3, step_size=step_size,
+                _fused_prodigy_step(buffers, s_weight=s_weight, beta3=beta3, step_size=step_size,
                                     growth=growth, eps=group["eps"], decay=decay, m_coef=m_coef,
                                     one_minus_beta1=1 - beta1, v_coef=v_coef, one_minus_beta2=1 - beta2,
                                     move=group["lr"] != 0)

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
-from ._batched import coefficient_dtype
+from ._batched import coefficient_dtype, host_coefficients
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -260,8 +260,7 @@ def _fused_schedule_free(
         return
     like = ys[0]
     cd = coefficient_dtype(like)
-    coefs = [torch.full((1,), value, dtype=cd, device=like.device)
-             for value in (ckp1, lr * (beta * (1.0 - ckp1) - 1.0), lr, bias_correction2)]
+    coefs = host_coefficients(like, ckp1, lr * (beta * (1.0 - ckp1) - 1.0), lr, bias_correction2)
     adaptive = exp_avg_sqs is not None
     lists = [ys, grads, zs] + ([exp_avg_sqs] if adaptive else [])
     _SF_KERNELS[adaptive](lists, (*coefs, weight_decay, beta2, eps, adaptive), sum_dtype=cd, device=like.device)
@@ -884,7 +883,7 @@ def _fused_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: 
     if ys:
         cd = coefficient_dtype(ys[0])
         step = gamma * wd
-        step = step.to(cd) if isinstance(step, Tensor) else torch.full((), float(step), dtype=cd, device=ys[0].device)
+        step = step.to(cd) if isinstance(step, Tensor) else host_coefficients(ys[0], step)[0]
         _TO_BASE_KERNEL([ys, zs], (step, beta, wd != 0), sum_dtype=cd, device=ys[0].device)
     return zs
 
