@@ -21,6 +21,7 @@ __all__ = [
     "coefficient_dtype",
     "coefficient",
     "host_coefficients",
+    "indices_by_dtype",
     "cache_blocks",
     "Scratch",
     "flat_dot",
@@ -52,6 +53,14 @@ def host_coefficients(like: Tensor, *values: float) -> list[Tensor]:
     :func:`coefficient_dtype` of ``like``, on its device: fills, not copies (no sync)."""
     dtype = coefficient_dtype(like)
     return [torch.full((1,), float(value), dtype=dtype, device=like.device) for value in values]
+
+
+def indices_by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, list[int]]:
+    """The positions of ``tensors`` grouped by dtype, in order of appearance (a foreach op needs one dtype)."""
+    out: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.dtype, []).append(i)
+    return out
 
 
 def _sum_stacked(values: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import add_scaled_, coefficient_dtype
+from ._batched import add_scaled_, coefficient_dtype, indices_by_dtype
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -155,7 +155,7 @@ def _multi_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: 
                         abs_grad_sum: list[Tensor], max_abs_grad: list[Tensor], reward: list[Tensor],
                         bet: list[Tensor], lr: Tensor, alpha: float, weight_decay: float) -> None:
     """The same step over all tensors at once: one temporary (|g|), reused as the denominator."""
-    for dt, idx in _by_dtype(xs).items():
+    for dt, idx in indices_by_dtype(xs).items():
         x = [xs[i] for i in idx]
         g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
         theta, G, L, R, b = ([t[i] for i in idx] for t in (neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet))
@@ -215,10 +215,3 @@ def _fused_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Te
         _COCOB_KERNEL([xs, grads, neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet],
                       (lr.to(coefficient_dtype(xs[0])), alpha, weight_decay),
                       sum_dtype=lr.dtype, device=lr.device)
-
-
-def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
-    out: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault(t.dtype, []).append(i)
-    return out

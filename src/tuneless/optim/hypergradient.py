@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import add_scaled_, host_coefficients, total_dot, total_dot_loop
+from ._batched import add_scaled_, host_coefficients, indices_by_dtype, total_dot, total_dot_loop
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -226,7 +226,7 @@ def _single_tensor_sgd_hd(xs, grads, bufs, prevs, step, mu, nesterov) -> None:
 
 def _multi_tensor_sgd_hd(xs, grads, bufs, prevs, step, mu, nesterov) -> None:
     """The same over all tensors at once (in place; d_t is written into its buffer)."""
-    for dt, idx in _by_dtype(xs).items():
+    for dt, idx in indices_by_dtype(xs).items():
         x = [xs[i] for i in idx]
         g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
         s = (-step).to(dt)
@@ -362,7 +362,7 @@ def _single_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps)
 
 def _multi_tensor_adam_hd(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps, scratch=None) -> None:
     """The same over all tensors at once; ``scratch`` (same shapes) is reused for the denominator."""
-    for dt, idx in _by_dtype(xs).items():
+    for dt, idx in indices_by_dtype(xs).items():
         x = [xs[i] for i in idx]
         g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
         m = [ms[i] for i in idx]
@@ -417,10 +417,3 @@ def _fused_adam_hd_step(xs, grads, ms, vs, step, beta1, beta2, bc1, bc2, eps) ->
     step = step.to(bc1_t.dtype)
     _ADAM_HD_STEP([xs, grads, ms, vs], (step, bc1_t, sqrt_bc2, beta1, beta2, eps), sum_dtype=step.dtype,
                   device=step.device)
-
-
-def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
-    out: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault(t.dtype, []).append(i)
-    return out

@@ -64,8 +64,8 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares, total_dot,
-                       total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares,
+                       indices_by_dtype, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -435,7 +435,7 @@ def _multi_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[
         torch._foreach_add_(delta, x)
         torch._foreach_copy_(x, ref)
         add_scaled_(x, delta, new_scale.to(dt))
-    for dt, idx in _by_dtype(f_refs).items():
+    for dt, idx in indices_by_dtype(f_refs).items():
         add_scaled_([f_refs[i] for i in idx], [f_deltas[i] for i in idx], (scale - new_scale).to(dt))
 
 
@@ -500,11 +500,3 @@ def _check_beta_list(owner: str, betas: Any) -> tuple[float, ...]:
     for i, b in enumerate(betas):
         v.check_range(owner, f"betas[{i}]", b, 0.0, 1.0, inclusive="[)")
     return tuple(float(b) for b in betas)
-
-
-def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
-    out: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault(t.dtype, []).append(i)
-    return out
-
