@@ -61,6 +61,9 @@ class OptimizerInfo:
     #: all-reduces of statistics per step under sharding, at most (a wrapper over a base that
     #: reduces its own statistics makes one more)
     statistics_collectives: int = 1
+    #: of those, how many come before the loss's all-reduce (a wrapper that reads its statistics
+    #: before running a loss-based base)
+    statistics_before_loss: int = 0
 
     def build(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         kwargs = {**self.kwargs, **overrides}

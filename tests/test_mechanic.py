@@ -33,12 +33,17 @@ def step(opt, ps, **kwargs):
     return loss.detach()
 
 
-def assert_invariant(opt: Mechanic) -> None:
-    """Every parameter with state sits at x_ref + S * Delta (what the next base update is read against)."""
+def reference_points(opt: Mechanic) -> dict:
+    """x - S * Delta for every parameter with state: the reference point the parameters imply."""
     scale = opt.param_groups[0]["mechanic_s"].sum()
-    for p, state in opt.state.items():
-        torch.testing.assert_close(p.detach(), state["mechanic_x_ref"] + scale * state["mechanic_delta"],
-                                   rtol=1e-12, atol=1e-13)
+    return {p: (p.detach() - scale * state["mechanic_delta"]).clone() for p, state in opt.state.items()}
+
+
+def assert_reference_points(opt: Mechanic, expected: dict) -> None:
+    """The tuned parameters sit at x_ref + S * Delta with x_ref where it was (``expected``)."""
+    now = reference_points(opt)
+    for p, x_ref in expected.items():
+        torch.testing.assert_close(now[p], x_ref, rtol=1e-12, atol=1e-13)
 
 
 class Boom(torch.optim.SGD):
@@ -55,6 +60,26 @@ def test_grad_mode_is_restored_when_the_base_step_raises(grad_enabled) -> None:
         with pytest.raises(RuntimeError, match="boom"):
             opt.step()
         assert torch.is_grad_enabled() is grad_enabled
+
+
+def test_a_base_step_that_raises_changes_nothing_of_mechanics() -> None:
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0))
+    for _ in range(3):
+        step(opt, ps)
+    saved = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in ps]
+    opt.base_optimizer.step = lambda closure=None: (_ for _ in ()).throw(RuntimeError("boom"))
+    loss_of(ps).backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    after = opt.state_dict()
+    for key, entry in saved["state"].items():
+        assert torch.equal(after["state"][key]["mechanic_delta"], entry["mechanic_delta"])
+    for k in ("mechanic_s", "mechanic_max_product", "mechanic_sum_sq", "mechanic_reward"):
+        assert torch.equal(after["param_groups"][0][k], saved["param_groups"][0][k])
+    assert after["param_groups"][0]["mechanic_step"] == saved["param_groups"][0]["mechanic_step"] == 3
+    assert all(torch.equal(p, q) for p, q in zip(ps, params))
 
 
 def test_base_runs_in_the_callers_grad_mode() -> None:
@@ -80,9 +105,10 @@ def test_several_groups_with_their_own_base_lr_share_one_scale() -> None:
     opt = Mechanic(base)
     assert opt.param_groups is base.param_groups
     first = loss_of(ps).item()
+    start = {p: p.detach().clone() for p in ps}
     for _ in range(60):
         step(opt, ps)
-        assert_invariant(opt)
+        assert_reference_points(opt, start)
     assert loss_of(ps).item() < 0.5 * first
     scale = opt.param_groups[0]["mechanic_s"].sum()
     for group in opt.param_groups:
@@ -92,8 +118,10 @@ def test_several_groups_with_their_own_base_lr_share_one_scale() -> None:
 def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly() -> None:
     ps = make_params()
     opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1.0))
+    start = {p: p.detach().clone() for p in ps}
     for _ in range(15):
         step(opt, ps)
+    assert_reference_points(opt, start)
     # group 1 frozen by lr = 0; ps[1] gets no gradient for a few steps
     opt.param_groups[1]["lr"] = 0.0
     held = [p.detach().clone() for p in ps]
@@ -105,14 +133,32 @@ def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly() -> No
         opt.step()
         assert torch.equal(ps[1].detach(), held[1])
         assert torch.equal(ps[2].detach(), held[2])
-        assert_invariant(opt)
+        assert_reference_points(opt, {ps[0]: start[ps[0]]})
     assert not torch.equal(ps[0].detach(), held[0])
-    # back on: they take part again, from where they are (the invariant still holds)
+    assert not torch.equal(reference_points(opt)[ps[2]], start[ps[2]])  # the scale changed under it
+    # back on: they take part again, from where they are, around their new reference points
     opt.param_groups[1]["lr"] = 1.0
+    moved = reference_points(opt)
     for _ in range(3):
         step(opt, ps)
-        assert_invariant(opt)
+        assert_reference_points(opt, moved)
     assert not torch.equal(ps[2].detach(), held[2])
+
+
+def test_a_change_between_steps_moves_the_reference_point() -> None:
+    """Weights changed between two steps (loaded, edited) stay changed: the change is not read
+    as part of the next base update, which Mechanic would rescale."""
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0))
+    for _ in range(5):
+        step(opt, ps)
+    refs = reference_points(opt)
+    with torch.no_grad():
+        ps[0].add_(0.25)
+    for _ in range(3):
+        step(opt, ps)
+    torch.testing.assert_close(reference_points(opt)[ps[0]], refs[ps[0]] + 0.25, rtol=1e-12, atol=1e-13)
+    assert_reference_points(opt, {ps[1]: refs[ps[1]], ps[2]: refs[ps[2]]})
 
 
 def test_registry_and_spec_string_bases() -> None:
@@ -159,6 +205,7 @@ def test_non_finite_statistics_do_not_poison_the_scale() -> None:
     """A step whose gradient is infinite: the base skips it, and Mechanic's tuner takes h = 0."""
     ps = make_params()
     opt = Mechanic(SkipsNonFinite(ps, lr=1.0))
+    start = {p: p.detach().clone() for p in ps}
     for _ in range(5):
         step(opt, ps)
     opt.zero_grad()
@@ -166,7 +213,7 @@ def test_non_finite_statistics_do_not_poison_the_scale() -> None:
     ps[0].grad[0, 0] = float("inf")
     opt.step()
     assert torch.isfinite(opt.param_groups[0]["mechanic_s"]).all()
-    assert_invariant(opt)
+    assert_reference_points(opt, start)
     for _ in range(3):
         step(opt, ps)
     assert all(torch.isfinite(p).all() for p in ps)
@@ -211,9 +258,10 @@ def test_groups_stay_shared_after_load_deepcopy_pickle_and_add_param_group() -> 
     opt.add_param_group({"params": [ps[2]], "lr": 0.25})
     assert len(opt.base_optimizer.param_groups) == 2
     assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
+    refs = {**reference_points(opt), ps[2]: ps[2].detach().clone()}
     for _ in range(3):
         step(opt, ps)
-        assert_invariant(opt)
+        assert_reference_points(opt, refs)
     assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
 
 
@@ -224,7 +272,7 @@ def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint() -> N
         step(opt, ps)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_x_ref", "mechanic_delta"}
+    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_delta"}
     # a checkpoint of the base alone: the base keeps its state, Mechanic starts afresh from here
     base = torch.optim.SGD(ps, lr=1.0, momentum=0.9)
     step(base, ps)
@@ -233,8 +281,34 @@ def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint() -> N
     assert fresh.param_groups is fresh.base_optimizer.param_groups
     assert torch.equal(fresh.base_optimizer.state[ps[0]]["momentum_buffer"], base.state[ps[0]]["momentum_buffer"])
     assert len(fresh.state) == 0
-    before = [p.detach().clone() for p in ps]
+    before = {p: p.detach().clone() for p in ps}
     step(fresh, ps)
-    assert_invariant(fresh)
-    for p, b in zip(fresh.state, before):
-        assert torch.equal(fresh.state[p]["mechanic_x_ref"], b)
+    assert_reference_points(fresh, before)
+
+
+def test_loads_a_checkpoint_that_still_stores_x_ref() -> None:
+    """Checkpoints written before x_ref became implied (it is redundant there: x = x_ref + S Delta)
+    load, without it, and resume as the same checkpoint without it does."""
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+    start = {p: p.detach().clone() for p in ps}
+    for _ in range(3):
+        step(opt, ps)
+    sd = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(sd)
+    for i, p in enumerate(ps):
+        old["state"][i]["mechanic_x_ref"] = start[p]
+    saved = [p.detach().clone() for p in ps]
+    finals = []
+    for checkpoint in (sd, old):
+        with torch.no_grad():
+            for p, q in zip(ps, saved):
+                p.copy_(q)
+        fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+        fresh.load_state_dict(checkpoint)
+        assert all(set(fresh.state[p]) == {"mechanic_delta"} for p in ps)
+        assert all("mechanic_x_ref" not in fresh.base_optimizer.state[p] for p in ps)
+        for _ in range(2):
+            step(fresh, ps)
+        finals.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))

@@ -71,7 +71,8 @@ ROWS = [
         ],
         misspelt="s_dacay",
         loss_based=True,
-        statistics_collectives=2,  # Polyak's ||g||^2, then Mechanic's four statistics
+        statistics_collectives=2,  # Mechanic's four statistics (before the base step), then Polyak's ||g||^2
+        statistics_before_loss=1,
         id="Mechanic-Polyak",
     ),
     OptimizerInfo(

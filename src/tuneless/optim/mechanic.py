@@ -5,9 +5,9 @@ arXiv:2306.00144 (Algorithm 1).
 
 Reference implementation matched: ``mechanic-pytorch`` 0.0.1 (``mechanic_pytorch.mechanize``),
 with its defaults (``s_decay=0.01``, ``betas=(0.9, 0.99, ..., 0.999999)``, ``s_init=1e-8``,
-``eps=1e-8``). With ``store_delta=True`` it computes what this class computes:
-``tests/test_parity_mechanic.py`` checks the iterates to relative 1e-10 over 200 steps in
-float64, over ``torch.optim.SGD`` and ``torch.optim.Adam``, with two param groups.
+``eps=1e-8``). With ``store_delta=True`` and ``s_decay=0`` it computes what this class
+computes: ``tests/test_parity_mechanic.py`` checks the iterates to relative 1e-10 over 200
+steps in float64, over ``torch.optim.SGD`` and ``torch.optim.Adam``, with two param groups.
 
 Mechanic runs the base optimizer as it is, reads the update :math:`u_t` it made, adds it to the
 sum :math:`\Delta` of all updates, and places the parameters at :math:`x_{ref} + s\,\Delta`,
@@ -22,50 +22,62 @@ What differs from the reference, deliberately:
   It can also be built from parameters, with the base named by a spec string
   (``Mechanic(params, base="sgd:lr=1.0")``; the default base is ``"adam:lr=1.0"``), which is
   how ``tuneless.create("mechanic", params)`` builds it.
-* **Resumable**: the per-parameter state (:math:`x_{ref}`, :math:`\Delta`) lives in
-  ``self.state`` keyed by parameter and the tuner's scalars in ``param_groups``, so
-  ``state_dict()`` / ``load_state_dict()`` resume bit-exactly, also through
-  ``torch.distributed.checkpoint``: ``state_dict()`` has the standard layout, each
-  parameter's entry holding the base's state and Mechanic's ``mechanic_*`` buffers. The
-  reference keys its state by ``Parameter`` objects inside a string entry, which
-  ``state_dict`` cannot map, and fails with ``KeyError`` after loading.
+* **Resumable**: the per-parameter state (:math:`\Delta`) lives in ``self.state`` keyed by
+  parameter and the tuner's scalars in ``param_groups``, so ``state_dict()`` /
+  ``load_state_dict()`` resume bit-exactly, also through ``torch.distributed.checkpoint``:
+  ``state_dict()`` has the standard layout, each parameter's entry holding the base's state
+  and Mechanic's ``mechanic_delta``. The reference keys its state by ``Parameter`` objects
+  inside a string entry, which ``state_dict`` cannot map, and fails with ``KeyError`` after
+  loading.
 * **Grad mode is restored** even when the base step raises (the reference turns it off
   globally and leaves it off).
-* :math:`\Delta` **is stored**, as the paper's algorithm and the reference's
-  ``store_delta=True``; the reference's default (``store_delta=False``) recomputes it as
-  :math:`(x - x_{ref}) / (s + \epsilon)`, which loses a fraction :math:`\epsilon/(s+\epsilon)`
-  of it each step while :math:`s` is small and, in float32, most of its precision. Memory:
-  two buffers per parameter, and no per-step copies (the reference copies the gradients and
-  the parameters every step, so its peak is three).
+* :math:`\Delta` **is stored, exactly, and** :math:`x_{ref}` **is not**: it is implied by
+  :math:`x_t = x_{ref} + S_t\Delta_t`. A step copies :math:`x_t` before the base step moves the
+  parameters (a transient buffer, freed when the step ends), reads the base's update :math:`u_t` as
+  the difference between where the base put the parameters and that copy, and places the parameters at
+  :math:`(x_t - S_t\Delta_t) + S_{t+1}\Delta_{t+1}`. State: one buffer per parameter, as the
+  reference's default (``store_delta=False``), which instead stores :math:`x_{ref}` and
+  recomputes :math:`\Delta` as :math:`(x - x_{ref}) / (S + \epsilon)`: that loses a fraction
+  :math:`\epsilon/(S+\epsilon)` of it each step while :math:`S` is small and, in float32,
+  most of its precision. Its exact mode (``store_delta=True``) keeps two buffers. Peak during a
+  step: two buffers (the reference copies the gradients and the parameters every step: three).
+  The price: the parameters accumulate one rounding per step, as under any optimizer, instead
+  of being recomputed from a fixed :math:`x_{ref}`.
 * **No host synchronization** in a step (the reference reads the scale with Python's ``max``
-  and ``.item()``), the dot products are batched (four statistics, one reduction), and the
-  base's update is recovered as :math:`u_t = x_{new} - x_{ref} - s_t\Delta_t` without copying
-  the parameters before the base step: the step costs the base optimizer's plus two passes
-  over the parameters (one reading the statistics, one writing :math:`\Delta` and :math:`x`).
+  and ``.item()``), and two passes over the parameters: before the base step, one reads the
+  four statistics of :math:`h_t` (one batched reduction) and copies :math:`x_t`; after it,
+  one updates :math:`\Delta` and :math:`x`.
+* **The** :math:`s_{decay}` **term is taken at** :math:`x_t`, as the paper writes it (the
+  reference takes its norm and direction at the base's proposal :math:`x_t + u_t`). Every
+  statistic of :math:`h_t` is then read before the base step, in the pass that copies
+  :math:`x_t`. With ``s_decay=0`` the two compute the same thing
+  (``tests/test_parity_mechanic.py``); with the default 0.01 this class is checked against the
+  paper's Algorithm 1 written out in float64.
 * ``lr = 0`` **freezes a group** (a Python number 0, as lr schedulers set): its parameters do
-  not move although :math:`s` keeps changing; so do parameters that have no gradient at a
-  step. Their reference point absorbs the change of scale,
-  :math:`x_{ref} \leftarrow x_{ref} - (s_{t+1} - s_t)\Delta`, so that they resume where they
-  are. (In the reference such parameters stay put but then jump to the new scale.)
+  not move although :math:`S` keeps changing; so do parameters that have no gradient at a
+  step. Their implied reference point absorbs the change of scale,
+  :math:`x_{ref} = x - S\Delta`, so that they resume where they are. (In the reference such
+  parameters stay put but then jump to the new scale.) Likewise a change made to the
+  parameters between two steps (loading weights, say) moves the reference point with them
+  instead of being read as part of the next base update.
 * A non-finite :math:`h_t` (a NaN or infinite gradient) is taken as 0 by the tuner, so that
-  one bad batch does not poison :math:`s` for good.
+  one bad batch does not poison :math:`S` for good.
 
-Kept from the reference although the paper differs (so that parity holds with the defaults):
-the norm and the direction of the ``s_decay`` term are taken at the base optimizer's proposal
-:math:`x_t + u_t` (the paper writes :math:`x_t`), with :math:`\epsilon` added to the norm, and
-the running maximum of :math:`|h|` starts at 1e-6 (the paper: 0).
+Kept from the reference although the paper differs (so that parity holds): :math:`\epsilon`
+is added to the norm :math:`\|x_t\|` of the ``s_decay`` term, and the running maximum of
+:math:`|h|` starts at 1e-6 (the paper: 0).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import _validate as v
 from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares,
-                       indices_by_dtype, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+                       total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -85,7 +97,9 @@ _S, _M, _V, _R, _STEP = "mechanic_s", "mechanic_max_product", "mechanic_sum_sq",
 # Keys of the per-parameter state; with the prefix, they share a parameter's entry of state_dict
 # with the base optimizer's own state (one standard layout, as torch.distributed.checkpoint needs).
 _PREFIX = "mechanic_"
-_REF, _DELTA = "mechanic_x_ref", "mechanic_delta"
+_DELTA = "mechanic_delta"
+# Written by tuneless before 0.1.0 was released (x_ref, now implied by x - S Delta); dropped on load.
+_LEGACY_REF = "mechanic_x_ref"
 
 
 class Mechanic(TunelessOptimizer):
@@ -98,7 +112,7 @@ class Mechanic(TunelessOptimizer):
     .. math::
         \Delta_{t+1} &= \Delta_t + u_t \\
         h_t &= \Big\langle \Delta_t,\ g_t + \lambda\, S_t\,
-              \frac{\|g_t\|}{\|x_t + u_t\| + \epsilon}\,(x_t + u_t) \Big\rangle \\
+              \frac{\|g_t\|}{\|x_t\| + \epsilon}\,x_t \Big\rangle \\
         m_{t,j} &= \max(\beta_j m_{t-1,j},\ |h_t|), \qquad v_{t,j} = \beta_j^2 v_{t-1,j} + h_t^2 \\
         r_{t,j} &= \max(0,\ \beta_j r_{t-1,j} - s_{t,j} h_t), \qquad
         s_{t+1,j} = \frac{s_{init}\, m_{t,j} / n + r_{t,j}}{\sqrt{v_{t,j}} + \epsilon} \\
@@ -120,8 +134,8 @@ class Mechanic(TunelessOptimizer):
         eps: added to denominators (default 1e-8).
         foreach: vectorized implementation of Mechanic's own passes (None or True) or the
             per-parameter loop (False); the base optimizer keeps its own setting.
-        fused: Mechanic's own two passes (the statistics, then the update of :math:`\Delta` and
-            :math:`x`) as compiled single-pass kernels, one call per group of tensors (default
+        fused: Mechanic's own two passes (the statistics with the copy of :math:`x_t`, then the
+            update of :math:`\Delta` and :math:`x`) compiled, one call per group of tensors (default
             False; see :mod:`tuneless.optim._fused`: compiles at the first step); ignores
             ``foreach``. The base optimizer keeps its own setting (e.g. ``torch.optim.Adam(...,
             fused=True)``).
@@ -139,15 +153,15 @@ class Mechanic(TunelessOptimizer):
         A. Cutkosky, A. Defazio, H. Mehta, "Mechanic: A Learning Rate Tuner", NeurIPS 2023,
         arXiv:2306.00144.
 
-    .. warning:: Mechanic owns the parameters between steps: it expects them to be where it
-       put them (:math:`x_{ref} + S\Delta`), and reads any other change made between two
-       steps as part of the next base update. Load a checkpoint through
-       :meth:`load_state_dict` of the Mechanic (not of its base), together with the model.
-       Bases that keep their own averaged point (Schedule-Free) are not supported, nor bases
-       whose ``step`` must re-evaluate a closure several times and then leaves the parameters
-       elsewhere than their last evaluation (LBFGS). A group ``lr`` given as a tensor is not
-       inspected (that would synchronize), so a tensor ``lr`` of 0 does not freeze its group.
-       Memory: two buffers per parameter on top of the base's.
+    .. warning:: Load a checkpoint through :meth:`load_state_dict` of the Mechanic (not of its
+       base), together with the model: the reference point is implied by the parameters and
+       :math:`\Delta` together. A change made to the parameters between two steps moves the
+       reference point with them. Bases that keep their own averaged point (Schedule-Free)
+       are not supported, nor bases whose ``step`` must re-evaluate a closure several times
+       and then leaves the parameters elsewhere than their last evaluation (LBFGS). A group
+       ``lr`` given as a tensor is not inspected (that would synchronize), so a tensor ``lr``
+       of 0 does not freeze its group. Memory: one buffer per parameter on top of the base's
+       (:math:`\Delta`), and a transient copy of the parameters during a step.
     """
 
     registry_name = "mechanic"
@@ -231,6 +245,7 @@ class Mechanic(TunelessOptimizer):
         for key, entry in state_dict["state"].items():
             own = {k: val for k, val in entry.items() if isinstance(k, str) and k.startswith(_PREFIX)}
             base = {k: val for k, val in entry.items() if k not in own}
+            own.pop(_LEGACY_REF, None)
             if own:
                 own_state[key] = own
             if base:
@@ -274,12 +289,15 @@ class Mechanic(TunelessOptimizer):
                 loss = closure()
         with torch.no_grad():
             self._check_gradients()
-            active, frozen, all_frozen = self._prepare()
+            tuned = self._prepare()
+            # Before the base step: the statistics at x_t, the new scale, a copy of x_t.
+            pending = self._measure(tuned)
             # The base runs in the caller's grad mode (as the reference does, for
             # differentiable optimizers); both context managers restore the mode on any exit.
+            # If it raises, nothing of Mechanic's has changed.
             with torch.set_grad_enabled(grad_mode):
                 self._base_step(closure, loss)
-            self._tune(active, frozen, all_frozen)
+            self._apply(pending)
         return loss
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - step() is overridden
@@ -294,13 +312,12 @@ class Mechanic(TunelessOptimizer):
         else:
             base.step()
 
-    def _prepare(self) -> tuple[list[Tensor], list[Tensor], bool]:
-        """Split the parameters into those tuned at this step and the frozen ones with state.
+    def _prepare(self) -> list[Tensor] | None:
+        """The parameters tuned at this step, or None when every group is frozen (the same on
+        every rank: lr is not sharded).
 
-        Tuned: a gradient, in a group whose lr is not the number 0. State is created here for
-        every parameter with a gradient, before the base step moves it: x_ref = x_t, Delta = 0
-        (for a frozen one that changes nothing: it stays at x_ref + S * 0). Also returns whether
-        every group is frozen (the same on every rank: lr is not sharded).
+        Tuned: a gradient, in a group whose lr is not the number 0. Delta = 0 is created here for
+        every parameter with a gradient, before the base step moves it.
         """
         if _S not in self.param_groups[0]:
             n = len(self.defaults["mechanic_betas"])
@@ -311,51 +328,44 @@ class Mechanic(TunelessOptimizer):
             r = torch.zeros(n, dtype=dtype, device=device)                              # reward (wealth won)
             for group in self.param_groups:
                 group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sq, r, 0
-        active, frozen = [], []
+        tuned = []
         all_frozen = True
         for group in self.param_groups:
             lr = group.get("lr", 1.0)
             group_frozen = isinstance(lr, (int, float)) and lr == 0
             all_frozen = all_frozen and group_frozen
             for p in group["params"]:
-                state = self.state[p] if p.grad is not None else self.state.get(p, {})
-                if p.grad is not None and _REF not in state:
-                    # The reference point x_ref: where the parameter was when Mechanic met it.
-                    state[_REF] = p.detach().clone(memory_format=torch.preserve_format)
-                    # Delta: the sum of the base optimizer's updates since then.
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if _DELTA not in state:
+                    # Delta: the sum of the base optimizer's updates since Mechanic met the parameter.
                     state[_DELTA] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if p.grad is not None and not group_frozen:
-                    active.append(p)
-                elif _REF in state:
-                    frozen.append(p)
-        return active, frozen, all_frozen
+                if not group_frozen:
+                    tuned.append(p)
+        return None if all_frozen else tuned
 
-    def _tune(self, active: list[Tensor], frozen: list[Tensor], all_frozen: bool) -> None:
-        groups = self.param_groups
-        first = groups[0]
-        if all_frozen:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
-            self._publish(first[_S].sum())
-            return
+    def _measure(self, tuned: list[Tensor] | None) -> _Pending | None:
+        """Before the base step: h_t's statistics at x_t (one reduction, entered even by a rank
+        with no gradient at all), the tuner's next state, and a copy of x_t (the base's update
+        is read against it). Nothing is stored yet."""
+        if tuned is None:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
+            return None
         dtype, device = self._stat_dtype(), self._stat_device()
-        foreach = self._use_foreach(first)
-        xs = [local_tensor(p) for p in active]
-        gs = [local_tensor(p.grad) for p in active]
-        x_refs = [local_tensor(self.state[p][_REF]) for p in active]
-        deltas = [local_tensor(self.state[p][_DELTA]) for p in active]
-        # 1. Statistics, one reduction (entered even by a rank with no gradient at all):
-        #    <Delta, g>, <Delta, x>, ||x||^2, ||g||^2, with x = x_t + u_t.
+        first = self.param_groups[0]
+        xs = [local_tensor(p) for p in tuned]
+        gs = [local_tensor(p.grad) for p in tuned]
+        deltas = [local_tensor(self.state[p][_DELTA]) for p in tuned]
+        starts = [torch.empty_like(x) for x in xs]  # x_t, freed with the step
         fused = bool(self.defaults.get("mechanic_fused", False))
         if fused:
-            local = _fused_statistics(deltas, gs, xs, dtype, device)
-        elif foreach:
-            local = _multi_tensor_statistics(deltas, gs, xs, self._scratch(), dtype, device)
+            local = _fused_statistics(deltas, gs, xs, starts, dtype, device)
+        elif self._use_foreach(first):
+            local = _multi_tensor_statistics(deltas, gs, xs, starts, self._scratch(), dtype, device)
         else:
-            local = torch.stack([total_dot_loop(deltas, gs, dtype, device), total_dot_loop(deltas, xs, dtype, device),
-                                 total_sum_of_squares_loop(xs, dtype, device),
-                                 total_sum_of_squares_loop(gs, dtype, device)])
-        stats = self._global_sum(local)
-        delta_g, delta_x, x_sq, g_sq = stats.unbind(0)
-        # 2. The tuner.
+            local = _single_tensor_statistics(deltas, gs, xs, starts, dtype, device)
+        delta_g, delta_x, x_sq, g_sq = self._global_sum(local).unbind(0)
+        # The tuner.
         s_decay, eps = self.defaults["mechanic_s_decay"], self.defaults["mechanic_eps"]
         s_init = self.defaults["mechanic_s_init"]
         betas = self._betas_tensor(dtype, device)
@@ -367,17 +377,28 @@ class Mechanic(TunelessOptimizer):
         sum_sq = betas * betas * sum_sq + h * h
         reward = torch.clamp(betas * reward - s * h, min=0.0)
         s = (s_init * m / len(betas) + reward) / (torch.sqrt(sum_sq) + eps)
-        new_scale = torch.clamp(s.sum(), min=0.0)
+        return _Pending(tuned, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
+
+    def _apply(self, pending: _Pending | None) -> None:
+        """After the base step: the tuner's state stored, Delta += u_t and x = x_ref + S_{t+1} Delta
+        for the tuned parameters (the frozen ones stay where they are: their implied reference
+        point x - S Delta absorbs the change of scale)."""
+        first = self.param_groups[0]
+        if pending is None:
+            self._publish(first[_S].sum())
+            return
+        s, m, sum_sq, reward = pending.tuner
         step = first[_STEP] + 1
-        for group in groups:
+        for group in self.param_groups:
             group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sum_sq, reward, step
-        # 3. Delta += u_t and x = x_ref + S_{t+1} Delta for the tuned parameters; the frozen ones
-        #    stay where they are, their reference point absorbing the change of scale.
-        f_refs = [local_tensor(self.state[p][_REF]) for p in frozen]
-        f_deltas = [local_tensor(self.state[p][_DELTA]) for p in frozen]
-        fn = _fused_mechanic if fused else _multi_tensor_mechanic if foreach else _single_tensor_mechanic
-        fn(xs, x_refs, deltas, f_refs, f_deltas, scale, new_scale)
-        self._publish(new_scale)
+        xs = [local_tensor(p) for p in pending.tuned]
+        deltas = [local_tensor(self.state[p][_DELTA]) for p in pending.tuned]
+        if self.defaults.get("mechanic_fused", False):
+            fn = _fused_mechanic
+        else:
+            fn = _multi_tensor_mechanic if self._use_foreach(first) else _single_tensor_mechanic
+        fn(xs, pending.starts, deltas, pending.scale, pending.new_scale)
+        self._publish(pending.new_scale)
 
     def _betas_tensor(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The betas as a tensor on the device, made once (a copy from the host would synchronize)."""
@@ -395,48 +416,67 @@ class Mechanic(TunelessOptimizer):
             self._publish_step_size(group, scale * base_size)
 
 
-def _single_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
-                            f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
-    """One tensor at a time (the readable truth)."""
-    for x, x_ref, delta in zip(xs, x_refs, deltas):
+class _Pending(NamedTuple):
+    """What a step measured before the base step, for after it."""
+
+    tuned: list[Tensor]                           # the parameters tuned at this step
+    starts: list[Tensor]                          # copies of x_t (local tensors)
+    tuner: tuple[Tensor, Tensor, Tensor, Tensor]  # s_{t+1}, m_t, v_t, r_t
+    scale: Tensor                                 # S_t
+    new_scale: Tensor                             # S_{t+1}
+
+
+def _single_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
+                              dtype: torch.dtype, device: torch.device) -> Tensor:
+    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 and the copy of x_t, one tensor at a time (the
+    readable truth)."""
+    for start, x in zip(starts, xs):
+        start.copy_(x)
+    return torch.stack([total_dot_loop(deltas, gs, dtype, device), total_dot_loop(deltas, xs, dtype, device),
+                        total_sum_of_squares_loop(xs, dtype, device), total_sum_of_squares_loop(gs, dtype, device)])
+
+
+def _single_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                            new_scale: Tensor) -> None:
+    """One tensor at a time (the readable truth): x holds x_t + u_t (the base's proposal)."""
+    for x, start, delta in zip(xs, starts, deltas):
         s_old, s_new = scale.to(x.dtype), new_scale.to(x.dtype)
-        u = (x - x_ref) - s_old * delta  # the base's update: x was x_ref + S_t Delta before it
+        u = x - start                  # the base's update u_t
+        x_ref = start - s_old * delta  # x_t = x_ref + S_t Delta_t
         delta.add_(u)
         x.copy_(x_ref + s_new * delta)
-    for x_ref, delta in zip(f_refs, f_deltas):
-        x_ref.sub_((new_scale - scale).to(x_ref.dtype) * delta)
 
 
-def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], scratch: Scratch,
-                             dtype: torch.dtype, device: torch.device) -> Tensor:
-    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 in one pass over the parameters: on the CPU block by
-    block (cache-sized), each sum one reduction over the reused scratch buffer; elsewhere
-    batched multi-tensor reductions."""
+def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
+                             scratch: Scratch, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The same over all tensors at once: on the CPU block by block (cache-sized), each sum one
+    reduction over the reused scratch buffer and the copy of x_t made while the block is in
+    the cache; elsewhere batched multi-tensor reductions and one multi-tensor copy."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
     if deltas[0].device.type != "cpu":
+        torch._foreach_copy_(starts, xs)
         return torch.stack([total_dot(deltas, gs, dtype, device), total_dot(deltas, xs, dtype, device),
                             total_sum_of_squares(xs, dtype, device), total_sum_of_squares(gs, dtype, device)])
     parts = []
-    for db, gb, xb in cache_blocks(deltas, gs, xs):
+    for db, gb, xb, sb in cache_blocks(deltas, gs, xs, starts):
         parts.append(torch.stack([flat_dot(db, gb, scratch, dtype), flat_dot(db, xb, scratch, dtype),
                                   flat_sum_of_squares(xb, scratch, dtype), flat_sum_of_squares(gb, scratch, dtype)]))
+        torch._foreach_copy_(sb, xb)
     return torch.stack(parts).sum(0)
 
 
-def _multi_tensor_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
-                           f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
-    """The same over all tensors at once, in place (x holds u_t for a moment); on the CPU block
-    by block, so that the five passes reuse the cache."""
-    for x, ref, delta in cache_blocks(xs, x_refs, deltas):
+def _multi_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                           new_scale: Tensor) -> None:
+    """The same over all tensors at once, in place (x holds u_t and the copy of x_t becomes x_ref
+    for a moment); on the CPU block by block, so that the five passes reuse the cache."""
+    for x, start, delta in cache_blocks(xs, starts, deltas):
         dt = x[0].dtype
-        torch._foreach_sub_(x, ref)
-        add_scaled_(x, delta, (-scale).to(dt))
+        torch._foreach_sub_(x, start)
+        add_scaled_(start, delta, (-scale).to(dt))
         torch._foreach_add_(delta, x)
-        torch._foreach_copy_(x, ref)
+        torch._foreach_copy_(x, start)
         add_scaled_(x, delta, new_scale.to(dt))
-    for dt, idx in indices_by_dtype(f_refs).items():
-        add_scaled_([f_refs[i] for i in idx], [f_deltas[i] for i in idx], (scale - new_scale).to(dt))
 
 
 # ----------------------------------------------------------------------------- fused (compiled)
@@ -449,10 +489,11 @@ def _statistics_kernel(delta: Tensor, g: Tensor, x: Tensor, sum_dtype: torch.dty
     return (d * gw).sum(), (d * xw).sum(), (xw * xw).sum(), (gw * gw).sum()
 
 
-def _update_kernel(x: Tensor, x_ref: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_mechanic` (tuned parameters), compiled: Delta += u_t
-    with u_t = x - x_ref - S_t Delta, then x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
-    u = (x - x_ref) - scale * delta
+def _update_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_mechanic`, compiled: u_t = x - x_t, Delta += u_t, then
+    x = x_ref + S_{t+1} Delta with x_ref = x_t - S_t Delta_t (zero padding stays 0)."""
+    u = x - start
+    x_ref = start - scale * delta
     delta.add_(u)
     x.copy_(x_ref + new_scale * delta)
     return ()
@@ -462,23 +503,25 @@ _STATISTICS_KERNEL = FusedKernel(_statistics_kernel, num_tensors=3, num_sums=4)
 _UPDATE_KERNEL = FusedKernel(_update_kernel, num_tensors=3, num_sums=0)
 
 
-def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], dtype: torch.dtype,
-                      device: torch.device) -> Tensor:
-    """The four statistics as one compiled read-only pass (``fused=True``)."""
+def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
+                      dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The four statistics as one compiled read-only pass (``fused=True``), and the copy of x_t
+    (a plain multi-tensor copy: compiled into the same kernel, it ran as a second loop anyway,
+    and slower)."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
-    return torch.stack(_STATISTICS_KERNEL([deltas, gs, xs], (dtype,), sum_dtype=dtype, device=device))
+    sums = _STATISTICS_KERNEL([deltas, gs, xs], (dtype,), sum_dtype=dtype, device=device)
+    torch._foreach_copy_(starts, xs)
+    return torch.stack(sums)
 
 
-def _fused_mechanic(xs: list[Tensor], x_refs: list[Tensor], deltas: list[Tensor], f_refs: list[Tensor],
-                    f_deltas: list[Tensor], scale: Tensor, new_scale: Tensor) -> None:
-    """:func:`_single_tensor_mechanic` with the tuned parameters' update as one compiled pass
-    (``fused=True``); the frozen ones (rare) keep the vectorized path."""
+def _fused_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                    new_scale: Tensor) -> None:
+    """:func:`_single_tensor_mechanic` as one compiled pass (``fused=True``)."""
     if xs:
         cd = coefficient_dtype(xs[0])
-        _UPDATE_KERNEL([xs, x_refs, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype,
+        _UPDATE_KERNEL([xs, starts, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype,
                        device=scale.device)
-    _multi_tensor_mechanic([], [], [], f_refs, f_deltas, scale, new_scale)
 
 
 def _first_call_returns(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
