@@ -34,9 +34,18 @@ def step(opt, ps, **kwargs):
 
 
 def reference_points(opt: Mechanic) -> dict:
-    """x - S * Delta for every parameter with state: the reference point the parameters imply."""
+    """x - S * Delta for every parameter with state: the reference point the parameters imply
+    (with keep_reference, also checked against the stored one)."""
     scale = opt.param_groups[0]["mechanic_s"].sum()
-    return {p: (p.detach() - scale * state["mechanic_delta"]).clone() for p, state in opt.state.items()}
+    points = {p: (p.detach() - scale * state["mechanic_delta"]).clone() for p, state in opt.state.items()}
+    for p, state in opt.state.items():
+        assert ("mechanic_x_ref" in state) is opt.defaults["mechanic_keep_reference"]
+        if "mechanic_x_ref" in state:
+            torch.testing.assert_close(state["mechanic_x_ref"], points[p], rtol=1e-12, atol=1e-13)
+    return points
+
+
+KEEP_REFERENCE = pytest.mark.parametrize("keep_reference", [False, True], ids=["copy-x_t", "keep-x_ref"])
 
 
 def assert_reference_points(opt: Mechanic, expected: dict) -> None:
@@ -62,9 +71,10 @@ def test_grad_mode_is_restored_when_the_base_step_raises(grad_enabled) -> None:
         assert torch.is_grad_enabled() is grad_enabled
 
 
-def test_a_base_step_that_raises_changes_nothing_of_mechanics() -> None:
+@KEEP_REFERENCE
+def test_a_base_step_that_raises_changes_nothing_of_mechanics(keep_reference) -> None:
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0))
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0), keep_reference=keep_reference)
     for _ in range(3):
         step(opt, ps)
     saved = copy.deepcopy(opt.state_dict())
@@ -75,7 +85,8 @@ def test_a_base_step_that_raises_changes_nothing_of_mechanics() -> None:
         opt.step()
     after = opt.state_dict()
     for key, entry in saved["state"].items():
-        assert torch.equal(after["state"][key]["mechanic_delta"], entry["mechanic_delta"])
+        assert entry.keys() == after["state"][key].keys()
+        assert all(torch.equal(after["state"][key][k], value) for k, value in entry.items())
     for k in ("mechanic_s", "mechanic_max_product", "mechanic_sum_sq", "mechanic_reward"):
         assert torch.equal(after["param_groups"][0][k], saved["param_groups"][0][k])
     assert after["param_groups"][0]["mechanic_step"] == saved["param_groups"][0]["mechanic_step"] == 3
@@ -99,10 +110,11 @@ def test_base_runs_in_the_callers_grad_mode() -> None:
     assert torch.is_grad_enabled()
 
 
-def test_several_groups_with_their_own_base_lr_share_one_scale() -> None:
+@KEEP_REFERENCE
+def test_several_groups_with_their_own_base_lr_share_one_scale(keep_reference) -> None:
     ps = make_params()
     base = torch.optim.SGD([{"params": ps[:2], "lr": 1.0}, {"params": ps[2:], "lr": 0.1}], lr=1.0)
-    opt = Mechanic(base)
+    opt = Mechanic(base, keep_reference=keep_reference)
     assert opt.param_groups is base.param_groups
     first = loss_of(ps).item()
     start = {p: p.detach().clone() for p in ps}
@@ -115,9 +127,10 @@ def test_several_groups_with_their_own_base_lr_share_one_scale() -> None:
         torch.testing.assert_close(group["effective_lr"], scale * group["lr"])
 
 
-def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly() -> None:
+@KEEP_REFERENCE
+def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly(keep_reference) -> None:
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1.0))
+    opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1.0), keep_reference=keep_reference)
     start = {p: p.detach().clone() for p in ps}
     for _ in range(15):
         step(opt, ps)
@@ -145,11 +158,13 @@ def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly() -> No
     assert not torch.equal(ps[2].detach(), held[2])
 
 
-def test_a_change_between_steps_moves_the_reference_point() -> None:
-    """Weights changed between two steps (loaded, edited) stay changed: the change is not read
-    as part of the next base update, which Mechanic would rescale."""
+@KEEP_REFERENCE
+def test_a_change_between_steps(keep_reference) -> None:
+    """Weights changed between two steps (loaded, edited) stay changed: the reference point moves
+    with them. With keep_reference the change is read as part of the next base update instead
+    (the reference point stays, and the change joins Delta, rescaled by S from then on)."""
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0))
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0), keep_reference=keep_reference)
     for _ in range(5):
         step(opt, ps)
     refs = reference_points(opt)
@@ -157,7 +172,8 @@ def test_a_change_between_steps_moves_the_reference_point() -> None:
         ps[0].add_(0.25)
     for _ in range(3):
         step(opt, ps)
-    torch.testing.assert_close(reference_points(opt)[ps[0]], refs[ps[0]] + 0.25, rtol=1e-12, atol=1e-13)
+    expected = refs[ps[0]] if keep_reference else refs[ps[0]] + 0.25
+    torch.testing.assert_close(reference_points(opt)[ps[0]], expected, rtol=1e-12, atol=1e-13)
     assert_reference_points(opt, {ps[1]: refs[ps[1]], ps[2]: refs[ps[2]]})
 
 
@@ -265,18 +281,19 @@ def test_groups_stay_shared_after_load_deepcopy_pickle_and_add_param_group() -> 
     assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
 
 
-def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint() -> None:
+@KEEP_REFERENCE
+def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint(keep_reference) -> None:
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=keep_reference)
     for _ in range(3):
         step(opt, ps)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_delta"}
+    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_delta"} | ({"mechanic_x_ref"} if keep_reference else set())
     # a checkpoint of the base alone: the base keeps its state, Mechanic starts afresh from here
     base = torch.optim.SGD(ps, lr=1.0, momentum=0.9)
     step(base, ps)
-    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=keep_reference)
     fresh.load_state_dict(base.state_dict())
     assert fresh.param_groups is fresh.base_optimizer.param_groups
     assert torch.equal(fresh.base_optimizer.state[ps[0]]["momentum_buffer"], base.state[ps[0]]["momentum_buffer"])
@@ -286,29 +303,29 @@ def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint() -> N
     assert_reference_points(fresh, before)
 
 
-def test_loads_a_checkpoint_that_still_stores_x_ref() -> None:
-    """Checkpoints written before x_ref became implied (it is redundant there: x = x_ref + S Delta)
-    load, without it, and resume as the same checkpoint without it does."""
+@pytest.mark.parametrize("saved_with, loaded_with", [(True, False), (False, True)],
+                         ids=["keep-x_ref-into-copy-x_t", "copy-x_t-into-keep-x_ref"])
+def test_either_mode_resumes_from_the_others_checkpoint(saved_with, loaded_with) -> None:
+    """x_ref is dropped (implied by x - S Delta) or rebuilt from x - S Delta; the run then goes
+    on as the uninterrupted one (to rounding: the modes compute x_ref differently)."""
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
-    start = {p: p.detach().clone() for p in ps}
-    for _ in range(3):
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=saved_with)
+    for _ in range(4):
         step(opt, ps)
     sd = copy.deepcopy(opt.state_dict())
-    old = copy.deepcopy(sd)
-    for i, p in enumerate(ps):
-        old["state"][i]["mechanic_x_ref"] = start[p]
     saved = [p.detach().clone() for p in ps]
-    finals = []
-    for checkpoint in (sd, old):
-        with torch.no_grad():
-            for p, q in zip(ps, saved):
-                p.copy_(q)
-        fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
-        fresh.load_state_dict(checkpoint)
-        assert all(set(fresh.state[p]) == {"mechanic_delta"} for p in ps)
-        assert all("mechanic_x_ref" not in fresh.base_optimizer.state[p] for p in ps)
-        for _ in range(2):
-            step(fresh, ps)
-        finals.append([p.detach().clone() for p in ps])
-    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    for _ in range(3):
+        step(opt, ps)
+    uninterrupted = [p.detach().clone() for p in ps]
+    with torch.no_grad():
+        for p, q in zip(ps, saved):
+            p.copy_(q)
+    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=loaded_with)
+    fresh.load_state_dict(sd)
+    for _ in range(3):
+        step(fresh, ps)
+    reference_points(fresh)  # the stored x_ref, where kept, agrees with x - S Delta
+    for p, q in zip(ps, uninterrupted):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-12, atol=1e-13)
+    assert all(("mechanic_x_ref" in fresh.state[p]) is loaded_with for p in ps)
+    assert all("mechanic_x_ref" not in fresh.base_optimizer.state[p] for p in ps)

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares,
-                       total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+                       indices_by_dtype, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -97,9 +97,7 @@ _S, _M, _V, _R, _STEP = "mechanic_s", "mechanic_max_product", "mechanic_sum_sq",
 # Keys of the per-parameter state; with the prefix, they share a parameter's entry of state_dict
 # with the base optimizer's own state (one standard layout, as torch.distributed.checkpoint needs).
 _PREFIX = "mechanic_"
-_DELTA = "mechanic_delta"
-# Written by tuneless before 0.1.0 was released (x_ref, now implied by x - S Delta); dropped on load.
-_LEGACY_REF = "mechanic_x_ref"
+_DELTA, _REF = "mechanic_delta", "mechanic_x_ref"
 
 
 class Mechanic(TunelessOptimizer):
@@ -132,6 +130,14 @@ class Mechanic(TunelessOptimizer):
         s_init: initial scale (default 1e-8; optax uses 1e-6). :math:`s` grows geometrically
             from it, so it matters little.
         eps: added to denominators (default 1e-8).
+        keep_reference: store :math:`x_{ref}` as a second buffer per parameter instead of
+            copying :math:`x_t` into a buffer allocated for each step (default False). It holds
+            one more buffer between steps and allocates nothing the size of the model: faster
+            where allocating is slow (on a CPU, glibc's allocator hands freed large blocks back
+            to the kernel, and each step then pays page faults for the copy, ~2x Mechanic's own
+            time on large tensors here); on a GPU the caching allocator makes the copy's buffer
+            free, and the default's lower memory is the better deal. Parameters changed between
+            two steps are then read as part of the next base update (see the warning).
         foreach: vectorized implementation of Mechanic's own passes (None or True) or the
             per-parameter loop (False); the base optimizer keeps its own setting.
         fused: Mechanic's own two passes (the statistics with the copy of :math:`x_t`, then the
@@ -155,13 +161,16 @@ class Mechanic(TunelessOptimizer):
 
     .. warning:: Load a checkpoint through :meth:`load_state_dict` of the Mechanic (not of its
        base), together with the model: the reference point is implied by the parameters and
-       :math:`\Delta` together. A change made to the parameters between two steps moves the
-       reference point with them. Bases that keep their own averaged point (Schedule-Free)
+       :math:`\Delta` together (either mode loads the other's checkpoints). A change made to
+       the parameters between two steps moves the reference point with them; with
+       ``keep_reference=True`` it is read as part of the next base update instead (and so
+       rescaled by :math:`S`). Bases that keep their own averaged point (Schedule-Free)
        are not supported, nor bases whose ``step`` must re-evaluate a closure several times
        and then leaves the parameters elsewhere than their last evaluation (LBFGS). A group
        ``lr`` given as a tensor is not inspected (that would synchronize), so a tensor ``lr``
        of 0 does not freeze its group. Memory: one buffer per parameter on top of the base's
-       (:math:`\Delta`), and a transient copy of the parameters during a step.
+       (:math:`\Delta`), and a copy of the parameters while a step runs; with
+       ``keep_reference=True``, two buffers and no copy.
     """
 
     registry_name = "mechanic"
@@ -169,7 +178,7 @@ class Mechanic(TunelessOptimizer):
 
     def __init__(self, params: Any, base: str | None = None, *, s_decay: float = 0.01,
                  betas: tuple[float, ...] = _DEFAULT_BETAS, s_init: float = 1e-8, eps: float = 1e-8,
-                 foreach: bool | None = None, fused: bool = False) -> None:
+                 keep_reference: bool = False, foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "s_decay", s_decay, 0.0, None, inclusive="[)", recommended=0.01)
         betas = _check_beta_list(owner, betas)
@@ -178,6 +187,7 @@ class Mechanic(TunelessOptimizer):
         if foreach is not None:
             v.check_bool(owner, "foreach", foreach)
         v.check_bool(owner, "fused", fused)
+        v.check_bool(owner, "keep_reference", keep_reference)
         if isinstance(params, torch.optim.Optimizer):
             if base is not None:
                 v.fail(owner, "base", base, "None when an optimizer is given (that optimizer is the base)")
@@ -197,8 +207,9 @@ class Mechanic(TunelessOptimizer):
         self.base_optimizer = base_optimizer
         #: True when the base takes its step size from the loss: then so does Mechanic.
         self.requires_loss = bool(getattr(base_optimizer, "requires_loss", False))
-        defaults = dict(foreach=foreach, mechanic_fused=fused, mechanic_s_decay=float(s_decay), mechanic_betas=betas,
-                        mechanic_s_init=float(s_init), mechanic_eps=float(eps))
+        defaults = dict(foreach=foreach, mechanic_fused=fused, mechanic_keep_reference=keep_reference,
+                        mechanic_s_decay=float(s_decay), mechanic_betas=betas, mechanic_s_init=float(s_init),
+                        mechanic_eps=float(eps))
         super().__init__(base_optimizer.param_groups, defaults)
         # From here on the groups are the base's own list: whatever changes them (a scheduler,
         # add_param_group, zero_grad) changes them for both.
@@ -245,7 +256,8 @@ class Mechanic(TunelessOptimizer):
         for key, entry in state_dict["state"].items():
             own = {k: val for k, val in entry.items() if isinstance(k, str) and k.startswith(_PREFIX)}
             base = {k: val for k, val in entry.items() if k not in own}
-            own.pop(_LEGACY_REF, None)
+            if not self.defaults.get("mechanic_keep_reference", False):
+                own.pop(_REF, None)  # implied by x - S Delta (a checkpoint of keep_reference=True)
             if own:
                 own_state[key] = own
             if base:
@@ -312,12 +324,13 @@ class Mechanic(TunelessOptimizer):
         else:
             base.step()
 
-    def _prepare(self) -> list[Tensor] | None:
-        """The parameters tuned at this step, or None when every group is frozen (the same on
-        every rank: lr is not sharded).
+    def _prepare(self) -> tuple[list[Tensor], list[Tensor]] | None:
+        """The parameters tuned at this step and the frozen ones with state, or None when every
+        group is frozen (the same on every rank: lr is not sharded).
 
         Tuned: a gradient, in a group whose lr is not the number 0. Delta = 0 is created here for
-        every parameter with a gradient, before the base step moves it.
+        every parameter with a gradient, before the base step moves it (and, with
+        ``keep_reference``, x_ref = x_t - S_t Delta_t, which is x_t for a new parameter).
         """
         if _S not in self.param_groups[0]:
             n = len(self.defaults["mechanic_betas"])
@@ -328,42 +341,51 @@ class Mechanic(TunelessOptimizer):
             r = torch.zeros(n, dtype=dtype, device=device)                              # reward (wealth won)
             for group in self.param_groups:
                 group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sq, r, 0
-        tuned = []
+        keep_reference = self.defaults.get("mechanic_keep_reference", False)
+        tuned, frozen = [], []
         all_frozen = True
         for group in self.param_groups:
             lr = group.get("lr", 1.0)
             group_frozen = isinstance(lr, (int, float)) and lr == 0
             all_frozen = all_frozen and group_frozen
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if _DELTA not in state:
+                state = self.state[p] if p.grad is not None else self.state.get(p, {})
+                if p.grad is not None and _DELTA not in state:
                     # Delta: the sum of the base optimizer's updates since Mechanic met the parameter.
                     state[_DELTA] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if not group_frozen:
+                if keep_reference and _DELTA in state and _REF not in state:
+                    scale = self.param_groups[0][_S].sum().to(p.dtype)
+                    state[_REF] = p.detach() - scale * state[_DELTA]
+                if p.grad is not None and not group_frozen:
                     tuned.append(p)
-        return None if all_frozen else tuned
+                elif keep_reference and _REF in state:
+                    frozen.append(p)
+        return None if all_frozen else (tuned, frozen)
 
-    def _measure(self, tuned: list[Tensor] | None) -> _Pending | None:
+    def _measure(self, params: tuple[list[Tensor], list[Tensor]] | None) -> _Pending | None:
         """Before the base step: h_t's statistics at x_t (one reduction, entered even by a rank
-        with no gradient at all), the tuner's next state, and a copy of x_t (the base's update
-        is read against it). Nothing is stored yet."""
-        if tuned is None:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
+        with no gradient at all), the tuner's next state, and what the base's update is read
+        against (a copy of x_t; with ``keep_reference``, the stored x_ref). Nothing is stored yet."""
+        if params is None:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
             return None
+        tuned, frozen = params
         dtype, device = self._stat_dtype(), self._stat_device()
         first = self.param_groups[0]
+        keep_reference = bool(self.defaults.get("mechanic_keep_reference", False))
         xs = [local_tensor(p) for p in tuned]
         gs = [local_tensor(p.grad) for p in tuned]
         deltas = [local_tensor(self.state[p][_DELTA]) for p in tuned]
-        starts = [torch.empty_like(x) for x in xs]  # x_t, freed with the step
+        if keep_reference:
+            anchors, copies = [local_tensor(self.state[p][_REF]) for p in tuned], None
+        else:
+            anchors = copies = [torch.empty_like(x) for x in xs]  # x_t, freed with the step
         fused = bool(self.defaults.get("mechanic_fused", False))
         if fused:
-            local = _fused_statistics(deltas, gs, xs, starts, dtype, device)
+            local = _fused_statistics(deltas, gs, xs, copies, dtype, device)
         elif self._use_foreach(first):
-            local = _multi_tensor_statistics(deltas, gs, xs, starts, self._scratch(), dtype, device)
+            local = _multi_tensor_statistics(deltas, gs, xs, copies, self._scratch(), dtype, device)
         else:
-            local = _single_tensor_statistics(deltas, gs, xs, starts, dtype, device)
+            local = _single_tensor_statistics(deltas, gs, xs, copies, dtype, device)
         delta_g, delta_x, x_sq, g_sq = self._global_sum(local).unbind(0)
         # The tuner.
         s_decay, eps = self.defaults["mechanic_s_decay"], self.defaults["mechanic_eps"]
@@ -377,12 +399,13 @@ class Mechanic(TunelessOptimizer):
         sum_sq = betas * betas * sum_sq + h * h
         reward = torch.clamp(betas * reward - s * h, min=0.0)
         s = (s_init * m / len(betas) + reward) / (torch.sqrt(sum_sq) + eps)
-        return _Pending(tuned, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
+        return _Pending(tuned, frozen, anchors, keep_reference, (s, m, sum_sq, reward), scale,
+                        torch.clamp(s.sum(), min=0.0))
 
     def _apply(self, pending: _Pending | None) -> None:
         """After the base step: the tuner's state stored, Delta += u_t and x = x_ref + S_{t+1} Delta
-        for the tuned parameters (the frozen ones stay where they are: their implied reference
-        point x - S Delta absorbs the change of scale)."""
+        for the tuned parameters. The frozen ones stay where they are: their reference point
+        x - S Delta absorbs the change of scale (implied; a stored x_ref is moved)."""
         first = self.param_groups[0]
         if pending is None:
             self._publish(first[_S].sum())
@@ -397,7 +420,13 @@ class Mechanic(TunelessOptimizer):
             fn = _fused_mechanic
         else:
             fn = _multi_tensor_mechanic if self._use_foreach(first) else _single_tensor_mechanic
-        fn(xs, pending.starts, deltas, pending.scale, pending.new_scale)
+        fn(xs, pending.anchors, deltas, pending.scale, pending.new_scale, anchors_are_refs=pending.anchors_are_refs)
+        if pending.frozen:
+            f_refs = [local_tensor(self.state[p][_REF]) for p in pending.frozen]
+            f_deltas = [local_tensor(self.state[p][_DELTA]) for p in pending.frozen]
+            for dt, idx in indices_by_dtype(f_refs).items():
+                add_scaled_([f_refs[i] for i in idx], [f_deltas[i] for i in idx],
+                            (pending.scale - pending.new_scale).to(dt))
         self._publish(pending.new_scale)
 
     def _betas_tensor(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -420,62 +449,68 @@ class _Pending(NamedTuple):
     """What a step measured before the base step, for after it."""
 
     tuned: list[Tensor]                           # the parameters tuned at this step
-    starts: list[Tensor]                          # copies of x_t (local tensors)
+    frozen: list[Tensor]                          # frozen ones with a stored x_ref (keep_reference)
+    anchors: list[Tensor]                         # copies of x_t, or the stored x_ref (local tensors)
+    anchors_are_refs: bool                        # which of the two
     tuner: tuple[Tensor, Tensor, Tensor, Tensor]  # s_{t+1}, m_t, v_t, r_t
     scale: Tensor                                 # S_t
     new_scale: Tensor                             # S_{t+1}
 
 
-def _single_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
+def _single_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], copies: list[Tensor] | None,
                               dtype: torch.dtype, device: torch.device) -> Tensor:
-    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 and the copy of x_t, one tensor at a time (the
-    readable truth)."""
-    for start, x in zip(starts, xs):
-        start.copy_(x)
+    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 at x_t, and the copy of x_t into ``copies`` (unless
+    None), one tensor at a time (the readable truth)."""
+    for copy, x in zip(copies or [], xs):
+        copy.copy_(x)
     return torch.stack([total_dot_loop(deltas, gs, dtype, device), total_dot_loop(deltas, xs, dtype, device),
                         total_sum_of_squares_loop(xs, dtype, device), total_sum_of_squares_loop(gs, dtype, device)])
 
 
-def _single_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                            new_scale: Tensor) -> None:
+def _single_tensor_mechanic(xs: list[Tensor], anchors: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                            new_scale: Tensor, *, anchors_are_refs: bool) -> None:
     """One tensor at a time (the readable truth): x holds x_t + u_t (the base's proposal)."""
-    for x, start, delta in zip(xs, starts, deltas):
+    for x, anchor, delta in zip(xs, anchors, deltas):
         s_old, s_new = scale.to(x.dtype), new_scale.to(x.dtype)
-        u = x - start                  # the base's update u_t
-        x_ref = start - s_old * delta  # x_t = x_ref + S_t Delta_t
-        delta.add_(u)
-        x.copy_(x_ref + s_new * delta)
+        if anchors_are_refs:             # the stored x_ref: x_t = x_ref + S_t Delta_t
+            x_ref = anchor
+            u = x - (x_ref + s_old * delta)
+        else:                            # a copy of x_t: x_ref = x_t - S_t Delta_t
+            u = x - anchor
+            x_ref = anchor - s_old * delta
+        delta.add_(u)                    # Delta_{t+1} = Delta_t + u_t
+        x.copy_(x_ref + s_new * delta)   # x_{t+1} = x_ref + S_{t+1} Delta_{t+1}
 
 
-def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
+def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], copies: list[Tensor] | None,
                              scratch: Scratch, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The same over all tensors at once: on the CPU block by block (cache-sized), each sum one
-    reduction over the reused scratch buffer and the copy of x_t made while the block is in
-    the cache; elsewhere batched multi-tensor reductions and one multi-tensor copy."""
+    """The same over all tensors at once: one multi-tensor copy, then on the CPU block by block
+    (cache-sized) each sum one reduction over the reused scratch buffer, elsewhere batched
+    multi-tensor reductions."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
+    if copies is not None:
+        torch._foreach_copy_(copies, xs)
     if deltas[0].device.type != "cpu":
-        torch._foreach_copy_(starts, xs)
         return torch.stack([total_dot(deltas, gs, dtype, device), total_dot(deltas, xs, dtype, device),
                             total_sum_of_squares(xs, dtype, device), total_sum_of_squares(gs, dtype, device)])
     parts = []
-    for db, gb, xb, sb in cache_blocks(deltas, gs, xs, starts):
+    for db, gb, xb in cache_blocks(deltas, gs, xs):
         parts.append(torch.stack([flat_dot(db, gb, scratch, dtype), flat_dot(db, xb, scratch, dtype),
                                   flat_sum_of_squares(xb, scratch, dtype), flat_sum_of_squares(gb, scratch, dtype)]))
-        torch._foreach_copy_(sb, xb)
     return torch.stack(parts).sum(0)
 
 
-def _multi_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                           new_scale: Tensor) -> None:
-    """The same over all tensors at once, in place (x holds u_t and the copy of x_t becomes x_ref
-    for a moment); on the CPU block by block, so that the five passes reuse the cache."""
-    for x, start, delta in cache_blocks(xs, starts, deltas):
+def _multi_tensor_mechanic(xs: list[Tensor], anchors: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                           new_scale: Tensor, *, anchors_are_refs: bool) -> None:
+    """The same over all tensors at once, in place (x holds u_t for a moment; a copy of x_t
+    becomes x_ref); on the CPU block by block, so that the five passes reuse the cache."""
+    for x, anchor, delta in cache_blocks(xs, anchors, deltas):
         dt = x[0].dtype
-        torch._foreach_sub_(x, start)
-        add_scaled_(start, delta, (-scale).to(dt))
+        torch._foreach_sub_(x, anchor)
+        add_scaled_(x if anchors_are_refs else anchor, delta, (-scale).to(dt))
         torch._foreach_add_(delta, x)
-        torch._foreach_copy_(x, start)
+        torch._foreach_copy_(x, anchor)
         add_scaled_(x, delta, new_scale.to(dt))
 
 
@@ -489,9 +524,10 @@ def _statistics_kernel(delta: Tensor, g: Tensor, x: Tensor, sum_dtype: torch.dty
     return (d * gw).sum(), (d * xw).sum(), (xw * xw).sum(), (gw * gw).sum()
 
 
-def _update_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_mechanic`, compiled: u_t = x - x_t, Delta += u_t, then
-    x = x_ref + S_{t+1} Delta with x_ref = x_t - S_t Delta_t (zero padding stays 0)."""
+def _update_from_copy_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor,
+                             new_scale: Tensor) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_mechanic` from a copy of x_t, compiled: u_t = x - x_t,
+    x_ref = x_t - S_t Delta_t, Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
     u = x - start
     x_ref = start - scale * delta
     delta.add_(u)
@@ -499,29 +535,39 @@ def _update_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor, new_s
     return ()
 
 
+def _update_from_ref_kernel(x: Tensor, x_ref: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_mechanic` from the stored x_ref, compiled:
+    u_t = x - x_ref - S_t Delta_t, Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
+    u = (x - x_ref) - scale * delta
+    delta.add_(u)
+    x.copy_(x_ref + new_scale * delta)
+    return ()
+
+
 _STATISTICS_KERNEL = FusedKernel(_statistics_kernel, num_tensors=3, num_sums=4)
-_UPDATE_KERNEL = FusedKernel(_update_kernel, num_tensors=3, num_sums=0)
+_UPDATE_FROM_COPY_KERNEL = FusedKernel(_update_from_copy_kernel, num_tensors=3, num_sums=0)
+_UPDATE_FROM_REF_KERNEL = FusedKernel(_update_from_ref_kernel, num_tensors=3, num_sums=0)
 
 
-def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
+def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], copies: list[Tensor] | None,
                       dtype: torch.dtype, device: torch.device) -> Tensor:
     """The four statistics as one compiled read-only pass (``fused=True``), and the copy of x_t
     (a plain multi-tensor copy: compiled into the same kernel, it ran as a second loop anyway,
     and slower)."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
-    sums = _STATISTICS_KERNEL([deltas, gs, xs], (dtype,), sum_dtype=dtype, device=device)
-    torch._foreach_copy_(starts, xs)
-    return torch.stack(sums)
+    if copies is not None:
+        torch._foreach_copy_(copies, xs)
+    return torch.stack(_STATISTICS_KERNEL([deltas, gs, xs], (dtype,), sum_dtype=dtype, device=device))
 
 
-def _fused_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                    new_scale: Tensor) -> None:
+def _fused_mechanic(xs: list[Tensor], anchors: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                    new_scale: Tensor, *, anchors_are_refs: bool) -> None:
     """:func:`_single_tensor_mechanic` as one compiled pass (``fused=True``)."""
     if xs:
         cd = coefficient_dtype(xs[0])
-        _UPDATE_KERNEL([xs, starts, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype,
-                       device=scale.device)
+        kernel = _UPDATE_FROM_REF_KERNEL if anchors_are_refs else _UPDATE_FROM_COPY_KERNEL
+        kernel([xs, anchors, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype, device=scale.device)
 
 
 def _first_call_returns(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
