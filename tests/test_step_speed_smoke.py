@@ -183,19 +183,20 @@ def test_a_miss_met_by_the_fused_variant_says_so() -> None:
     assert ss.check_targets([slow, fast])[0].endswith("> 4x")
 
 
-def test_mechanic_is_held_to_its_bound_and_to_its_base_plus_two_passes() -> None:
+@pytest.mark.parametrize("keep_reference, passes", [(False, 36), (True, 32)])
+def test_mechanic_is_held_to_its_bound_and_to_its_base_plus_two_passes(keep_reference, passes) -> None:
     params = ss.make_params([(10, 10)], torch.device("cpu"))
     from tuneless import Mechanic
-    opt = Mechanic(torch.optim.Adam(params, lr=1.0))
-    assert ss.bound_bytes("mechanic", opt)[0] == 28 + ss.MECHANIC_PASS_BYTES == 64
-    limit = ss.MAX_X_BOUND * ss.MECHANIC_PASS_BYTES
+    opt = Mechanic(torch.optim.Adam(params, lr=1.0), keep_reference=keep_reference)
+    assert ss.bound_bytes("mechanic", opt)[0] == 28 + passes
+    limit = ss.MAX_X_BOUND * passes
 
     def row(overhead, x_bound):
-        return ss.Row("few-large", "mechanic", "mechanic", "tuneless", x_bound=x_bound, bound_bytes=64,
-                      base_label="adam", overhead_bytes=overhead)
+        return ss.Row("few-large", "mechanic", "mechanic", "tuneless", x_bound=x_bound, bound_bytes=28 + passes,
+                      base_label="adam", base_bound_bytes=28, overhead_bytes=overhead)
 
     assert ss.check_targets([row(limit - 1, 3.9)]) == []
     over_base = ss.check_targets([row(limit + 1, 3.9)])
     assert len(over_base) == 1 and f"> 4x its two passes' bound ({limit:g} B/param)" in over_base[0]
     over_bound = ss.check_targets([row(limit - 1, 4.1)])
-    assert len(over_bound) == 1 and "4.10x its bound (64 B/param) > 4x" in over_bound[0]
+    assert len(over_bound) == 1 and f"4.10x its bound ({28 + passes} B/param) > 4x" in over_bound[0]
