@@ -127,6 +127,13 @@ def test_command_line_writes_markdown_and_json(tmp_path, capsys) -> None:
     text = out.read_text()
     assert "| polyak | tuneless |" in text and "| sps | tuneless |" in text
     assert "- updates:\n  - " in text and "re-measured sps" in text
+    # --render prints the same tables from the file, measuring nothing
+    capsys.readouterr()
+    assert ss.main(["--render", str(js), "--out", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == text and text in capsys.readouterr().out
+    (tmp_path / "other.json").write_text('{"meta": {"parameter sets": "gone: 1 tensors"}, "rows": []}')
+    with pytest.raises(SystemExit, match="none this version knows"):
+        ss.main(["--render", str(tmp_path / "other.json")])
     with pytest.raises(SystemExit, match="parameter sets"):
         ss.main(["--quick", "--only", "sps", "--references", "none", "--reps", "1", "--update", str(js)])
     with pytest.raises(tuneless_errors().UnknownNameError, match="did you mean"):
@@ -181,10 +188,18 @@ def test_a_miss_met_by_the_fused_variant_says_so() -> None:
     assert ss.check_targets([slow, fast]) == ["prodigy [few-large]: 5.00x its bound (40 B/param) > 4x (met with fused=True)"]
     fast.x_bound = 4.5  # both miss: no note
     assert ss.check_targets([slow, fast])[0].endswith("> 4x")
+    # the note names the fused variant of the same settings only
+    other = ss.Row("few-large", "prodigy:d0=1e-5", "prodigy", "tuneless", x_bound=5.0, bound_bytes=40)
+    other_fused = ss.Row("few-large", "prodigy:d0=1e-5,fused=True", "prodigy", "tuneless", x_bound=1.5, bound_bytes=40)
+    fast.x_bound = 1.5
+    assert ss.check_targets([slow, fast, other]) == [
+        "prodigy [few-large]: 5.00x its bound (40 B/param) > 4x (met with fused=True)",
+        "prodigy:d0=1e-5 [few-large]: 5.00x its bound (40 B/param) > 4x"]
+    assert ss.check_targets([other, other_fused])[0].endswith("(met with fused=True)")
 
 
 @pytest.mark.parametrize("keep_reference, passes", [(False, 36), (True, 32)])
-def test_mechanic_is_held_to_its_bound_and_to_its_base_plus_two_passes(keep_reference, passes) -> None:
+def test_mechanic_is_held_to_its_base_plus_two_passes(keep_reference, passes) -> None:
     params = ss.make_params([(10, 10)], torch.device("cpu"))
     from tuneless import Mechanic
     opt = Mechanic(torch.optim.Adam(params, lr=1.0), keep_reference=keep_reference)
@@ -195,8 +210,7 @@ def test_mechanic_is_held_to_its_bound_and_to_its_base_plus_two_passes(keep_refe
         return ss.Row("few-large", "mechanic", "mechanic", "tuneless", x_bound=x_bound, bound_bytes=28 + passes,
                       base_label="adam", base_bound_bytes=28, overhead_bytes=overhead)
 
-    assert ss.check_targets([row(limit - 1, 3.9)]) == []
+    # its own bound counts its base's at 1x, which torch's foreach Adam is far from: not the target
+    assert ss.check_targets([row(limit - 1, 5.0)]) == []
     over_base = ss.check_targets([row(limit + 1, 3.9)])
     assert len(over_base) == 1 and f"> 4x its two passes' bound ({limit:g} B/param)" in over_base[0]
-    over_bound = ss.check_targets([row(limit - 1, 4.1)])
-    assert len(over_bound) == 1 and f"4.10x its bound ({28 + passes} B/param) > 4x" in over_bound[0]
