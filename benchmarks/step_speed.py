@@ -145,9 +145,8 @@ def _wrapper_base_bytes(opt: torch.optim.Optimizer) -> tuple[float, str]:
     return bound_bytes(name, base)[0], name
 
 
-def mechanic_pass_bytes(opt: torch.optim.Optimizer) -> float:
-    """Bytes per parameter of Mechanic's own two passes, over its base's (see its entry below)."""
-    return 32.0 if _d(opt, "mechanic_keep_reference", False) else 36.0
+#: Mechanic's own two passes, over its base's (see its entry below).
+MECHANIC_PASS_BYTES = 36.0
 
 
 BOUND_BYTES: tuple[BoundEntry, ...] = (
@@ -184,12 +183,11 @@ BOUND_BYTES: tuple[BoundEntry, ...] = (
                "read p, g, z; write p, z (PERFORMANCE.md)"),
     BoundEntry(("adamwschedulefree", "schedulefreeadamw", "sfadamw", "adamschedulefree", "schedulefreeadam"),
                lambda o: 28.0, "read p, g, z, v; write p, z, v (PERFORMANCE.md)"),
-    BoundEntry(("mechanic", "mechanize"), lambda o: _wrapper_base_bytes(o)[0] + mechanic_pass_bytes(o),
+    BoundEntry(("mechanic", "mechanize"), lambda o: _wrapper_base_bytes(o)[0] + MECHANIC_PASS_BYTES,
                "derived: base optimizer; before it, the statistics pass reads Delta, g, x (12) and writes the "
                "copy of x_t (4); after it, the update reads x, the copy, Delta and writes Delta, x (20): 36 over "
-               "the base; with keep_reference=True the update reads the stored x_ref instead and there is no "
-               "copy: 32 (PERFORMANCE.md's 44 over Adam, 16 over the base, counts neither the copy nor an "
-               "exact Delta, see mechanic.py)", wrapper=True),
+               "the base (PERFORMANCE.md's 44 over Adam, 16 over the base, counts neither the copy nor an exact "
+               "Delta, see mechanic.py)", wrapper=True),
     BoundEntry(("schedulefreewrapper", "schedulefreewrap", "sfwrapper", "wrapschedulefree", "schedulefree",
                 "sfprodigy", "schedulefreeprodigy"),
                lambda o: _wrapper_base_bytes(o)[0] + 8.0,
@@ -714,10 +712,10 @@ ISSUE3 = {"dadaptsgd", "dadaptadam", "dadaptadagrad", "prodigy", "dog", "ldog", 
 MAX_X_BOUND = 4.0
 ISSUE3_MIN_SPEEDUP = 1.3
 #: Mechanic's target (issue 4): its base optimizer's time plus at most two passes over the
-#: parameters. Its two passes (see BOUND_BYTES: the row's bound minus its base's) move 32 or 36
-#: bytes per parameter; like every step, they may take up to MAX_X_BOUND times their bound. (Two
-#: passes of the bandwidth probe's in-place add, 24 bytes per parameter, would be below that
-#: bound: no exact Mechanic meets it.)
+#: parameters. Its two passes (see BOUND_BYTES: the row's bound minus its base's) move
+#: MECHANIC_PASS_BYTES per parameter; like every step, they may take up to MAX_X_BOUND times their
+#: bound. (Two passes of the bandwidth probe's in-place add, 24 bytes per parameter, would be
+#: below that bound: no exact Mechanic meets it.)
 TARGET_BY_BASE = {"mechanic"}
 
 
@@ -843,7 +841,7 @@ def format_markdown(rows: list[Row], sets: dict[str, Shapes], meta: dict[str, An
     out += ["## Targets", "",
             f"Issues 3 and 4, applied to every tuneless optimizer: each step at most {MAX_X_BOUND:g}x its own bound "
             f"on both sets (Mechanic: its base's time plus its two passes at most {MAX_X_BOUND:g}x their bound, "
-            f"{MAX_X_BOUND * 36:g} B/param, or {MAX_X_BOUND * 32:g} with keep_reference=True); on the many-small set at least {ISSUE3_MIN_SPEEDUP:g}x faster than the authors' package "
+            f"{MAX_X_BOUND * MECHANIC_PASS_BYTES:g} B/param); on the many-small set at least {ISSUE3_MIN_SPEEDUP:g}x faster than the authors' package "
             "(issue 3's methods) or faster (the others); state per parameter no larger than the reference's.", ""]
     out += [f"- MISSED: {m}" for m in misses] or ["- every tuneless optimizer measured meets them"]
     out += ["", "## Bytes per parameter used for the bound", "", "| optimizer | bytes | counted |", "|---|---|---|"]

@@ -138,7 +138,7 @@ FUSED_CONFIGS = [
     (ScheduleFreeSGD, dict(lr=0.05, weight_decay=0.01)),
     (AdamHD, dict(init_lr=0.01, hypergrad_lr=1e-4, weight_decay=0.01)),
     (Mechanic, dict(base="adam:lr=0.1")),
-    (Mechanic, dict(base="adam:lr=0.1", keep_reference=True)),
+    (Mechanic, dict(base="adam:lr=0.1", reuse_buffer=False)),
     (ScheduleFreeProdigy, dict(weight_decay=0.01)),
 ]
 

@@ -34,18 +34,12 @@ def step(opt, ps, **kwargs):
 
 
 def reference_points(opt: Mechanic) -> dict:
-    """x - S * Delta for every parameter with state: the reference point the parameters imply
-    (with keep_reference, also checked against the stored one)."""
+    """x - S * Delta for every parameter with state: the reference point the parameters imply."""
     scale = opt.param_groups[0]["mechanic_s"].sum()
-    points = {p: (p.detach() - scale * state["mechanic_delta"]).clone() for p, state in opt.state.items()}
-    for p, state in opt.state.items():
-        assert ("mechanic_x_ref" in state) is opt.defaults["mechanic_keep_reference"]
-        if "mechanic_x_ref" in state:
-            torch.testing.assert_close(state["mechanic_x_ref"], points[p], rtol=1e-12, atol=1e-13)
-    return points
+    return {p: (p.detach() - scale * state["mechanic_delta"]).clone() for p, state in opt.state.items()}
 
 
-KEEP_REFERENCE = pytest.mark.parametrize("keep_reference", [False, True], ids=["copy-x_t", "keep-x_ref"])
+REUSE = pytest.mark.parametrize("reuse_buffer", [False, True], ids=["buffer-per-step", "buffer-reused"])
 
 
 def assert_reference_points(opt: Mechanic, expected: dict) -> None:
@@ -71,10 +65,10 @@ def test_grad_mode_is_restored_when_the_base_step_raises(grad_enabled) -> None:
         assert torch.is_grad_enabled() is grad_enabled
 
 
-@KEEP_REFERENCE
-def test_a_base_step_that_raises_changes_nothing_of_mechanics(keep_reference) -> None:
+@REUSE
+def test_a_base_step_that_raises_changes_nothing_of_mechanics(reuse_buffer) -> None:
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0), keep_reference=keep_reference)
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0), reuse_buffer=reuse_buffer)
     for _ in range(3):
         step(opt, ps)
     saved = copy.deepcopy(opt.state_dict())
@@ -85,8 +79,8 @@ def test_a_base_step_that_raises_changes_nothing_of_mechanics(keep_reference) ->
         opt.step()
     after = opt.state_dict()
     for key, entry in saved["state"].items():
-        assert entry.keys() == after["state"][key].keys()
-        assert all(torch.equal(after["state"][key][k], value) for k, value in entry.items())
+        assert entry.keys() == after["state"][key].keys() == {"mechanic_delta"}
+        assert torch.equal(after["state"][key]["mechanic_delta"], entry["mechanic_delta"])
     for k in ("mechanic_s", "mechanic_max_product", "mechanic_sum_sq", "mechanic_reward"):
         assert torch.equal(after["param_groups"][0][k], saved["param_groups"][0][k])
     assert after["param_groups"][0]["mechanic_step"] == saved["param_groups"][0]["mechanic_step"] == 3
@@ -110,11 +104,11 @@ def test_base_runs_in_the_callers_grad_mode() -> None:
     assert torch.is_grad_enabled()
 
 
-@KEEP_REFERENCE
-def test_several_groups_with_their_own_base_lr_share_one_scale(keep_reference) -> None:
+@REUSE
+def test_several_groups_with_their_own_base_lr_share_one_scale(reuse_buffer) -> None:
     ps = make_params()
     base = torch.optim.SGD([{"params": ps[:2], "lr": 1.0}, {"params": ps[2:], "lr": 0.1}], lr=1.0)
-    opt = Mechanic(base, keep_reference=keep_reference)
+    opt = Mechanic(base, reuse_buffer=reuse_buffer)
     assert opt.param_groups is base.param_groups
     first = loss_of(ps).item()
     start = {p: p.detach().clone() for p in ps}
@@ -127,10 +121,10 @@ def test_several_groups_with_their_own_base_lr_share_one_scale(keep_reference) -
         torch.testing.assert_close(group["effective_lr"], scale * group["lr"])
 
 
-@KEEP_REFERENCE
-def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly(keep_reference) -> None:
+@REUSE
+def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly(reuse_buffer) -> None:
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1.0), keep_reference=keep_reference)
+    opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1.0), reuse_buffer=reuse_buffer)
     start = {p: p.detach().clone() for p in ps}
     for _ in range(15):
         step(opt, ps)
@@ -158,13 +152,12 @@ def test_frozen_group_and_missing_gradients_stay_put_and_resume_smoothly(keep_re
     assert not torch.equal(ps[2].detach(), held[2])
 
 
-@KEEP_REFERENCE
-def test_a_change_between_steps(keep_reference) -> None:
+@REUSE
+def test_a_change_between_steps(reuse_buffer) -> None:
     """Weights changed between two steps (loaded, edited) stay changed: the reference point moves
-    with them. With keep_reference the change is read as part of the next base update instead
-    (the reference point stays, and the change joins Delta, rescaled by S from then on)."""
+    with them (the change is not read as part of the next base update, which would rescale it)."""
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0), keep_reference=keep_reference)
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0), reuse_buffer=reuse_buffer)
     for _ in range(5):
         step(opt, ps)
     refs = reference_points(opt)
@@ -172,8 +165,7 @@ def test_a_change_between_steps(keep_reference) -> None:
         ps[0].add_(0.25)
     for _ in range(3):
         step(opt, ps)
-    expected = refs[ps[0]] if keep_reference else refs[ps[0]] + 0.25
-    torch.testing.assert_close(reference_points(opt)[ps[0]], expected, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(reference_points(opt)[ps[0]], refs[ps[0]] + 0.25, rtol=1e-12, atol=1e-13)
     assert_reference_points(opt, {ps[1]: refs[ps[1]], ps[2]: refs[ps[2]]})
 
 
@@ -281,19 +273,20 @@ def test_groups_stay_shared_after_load_deepcopy_pickle_and_add_param_group() -> 
     assert opt.param_groups[1]["mechanic_s"] is opt.param_groups[0]["mechanic_s"]
 
 
-@KEEP_REFERENCE
-def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint(keep_reference) -> None:
+@REUSE
+def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint(reuse_buffer) -> None:
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=keep_reference)
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), reuse_buffer=reuse_buffer)
     for _ in range(3):
         step(opt, ps)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_delta"} | ({"mechanic_x_ref"} if keep_reference else set())
+    assert set(sd["state"][0]) == {"momentum_buffer", "mechanic_delta"}  # a reused copy buffer is not saved
+    assert ("mechanic_copy" in opt.state[ps[0]]) is reuse_buffer
     # a checkpoint of the base alone: the base keeps its state, Mechanic starts afresh from here
     base = torch.optim.SGD(ps, lr=1.0, momentum=0.9)
     step(base, ps)
-    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=keep_reference)
+    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), reuse_buffer=reuse_buffer)
     fresh.load_state_dict(base.state_dict())
     assert fresh.param_groups is fresh.base_optimizer.param_groups
     assert torch.equal(fresh.base_optimizer.state[ps[0]]["momentum_buffer"], base.state[ps[0]]["momentum_buffer"])
@@ -303,29 +296,45 @@ def test_state_dict_has_the_standard_layout_and_accepts_a_base_checkpoint(keep_r
     assert_reference_points(fresh, before)
 
 
-@pytest.mark.parametrize("saved_with, loaded_with", [(True, False), (False, True)],
-                         ids=["keep-x_ref-into-copy-x_t", "copy-x_t-into-keep-x_ref"])
-def test_either_mode_resumes_from_the_others_checkpoint(saved_with, loaded_with) -> None:
-    """x_ref is dropped (implied by x - S Delta) or rebuilt from x - S Delta; the run then goes
-    on as the uninterrupted one (to rounding: the modes compute x_ref differently)."""
+def test_the_copy_buffer_reused_or_not_gives_the_same_run() -> None:
+    """reuse_buffer only says where x_t is copied: the runs are identical, bit for bit; the
+    default reuses it on the CPU."""
+    runs = []
+    for reuse in (True, False, None):
+        ps = make_params()
+        opt = Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=reuse)
+        for _ in range(6):
+            step(opt, ps)
+        assert all(("mechanic_copy" in opt.state[p]) is (reuse is not False) for p in ps)
+        runs.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*runs))
+    with pytest.raises(tuneless.InvalidArgumentError, match="reuse_buffer = 1 is invalid; allowed: True or False"):
+        Mechanic(torch.optim.SGD(make_params(), lr=1.0), reuse_buffer=1)
+
+
+def test_loads_a_checkpoint_that_still_stores_x_ref() -> None:
+    """Checkpoints written before x_ref became implied (it is redundant there: x = x_ref + S Delta)
+    load, without it, and resume as the same checkpoint without it does."""
     ps = make_params()
-    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=saved_with)
-    for _ in range(4):
+    opt = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+    start = {p: p.detach().clone() for p in ps}
+    for _ in range(3):
         step(opt, ps)
     sd = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(sd)
+    for i, p in enumerate(ps):
+        old["state"][i]["mechanic_x_ref"] = start[p]
     saved = [p.detach().clone() for p in ps]
-    for _ in range(3):
-        step(opt, ps)
-    uninterrupted = [p.detach().clone() for p in ps]
-    with torch.no_grad():
-        for p, q in zip(ps, saved):
-            p.copy_(q)
-    fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9), keep_reference=loaded_with)
-    fresh.load_state_dict(sd)
-    for _ in range(3):
-        step(fresh, ps)
-    reference_points(fresh)  # the stored x_ref, where kept, agrees with x - S Delta
-    for p, q in zip(ps, uninterrupted):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-12, atol=1e-13)
-    assert all(("mechanic_x_ref" in fresh.state[p]) is loaded_with for p in ps)
-    assert all("mechanic_x_ref" not in fresh.base_optimizer.state[p] for p in ps)
+    finals = []
+    for checkpoint in (sd, old):
+        with torch.no_grad():
+            for p, q in zip(ps, saved):
+                p.copy_(q)
+        fresh = Mechanic(torch.optim.SGD(ps, lr=1.0, momentum=0.9))
+        fresh.load_state_dict(checkpoint)
+        assert all(set(fresh.state[p]) == {"mechanic_delta"} for p in ps)
+        assert all("mechanic_x_ref" not in fresh.base_optimizer.state[p] for p in ps)
+        for _ in range(2):
+            step(fresh, ps)
+        finals.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))

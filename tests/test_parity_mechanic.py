@@ -141,7 +141,7 @@ def test_matches_mechanic_pytorch_without_s_decay(float64_default, base, base_kw
     vec_p, loop_p, ref_p = problem.params(), problem.params(), problem.params()
     lr = base_kwargs["lr"]
     vec = Mechanic(base(_groups(vec_p, lr), **base_kwargs), s_decay=0.0, foreach=True)
-    loop = Mechanic(base(_groups(loop_p, lr), **base_kwargs), s_decay=0.0, keep_reference=True, foreach=False)
+    loop = Mechanic(base(_groups(loop_p, lr), **base_kwargs), s_decay=0.0, reuse_buffer=False, foreach=False)
     ref = mechanic_pytorch.mechanize(base, s_decay=0.0, store_delta=True)(_groups(ref_p, lr), **base_kwargs)
     _run_against(problem, [(vec_p, vec), (loop_p, loop), (ref_p, ref)],
                  lambda t: _assert_close_every_step(t, [vec_p, loop_p], ref_p))
@@ -153,15 +153,16 @@ def test_matches_mechanic_pytorch_without_s_decay(float64_default, base, base_kw
 @pytest.mark.parametrize("base, base_kwargs", BASES)
 def test_matches_the_papers_algorithm(float64_default, base, base_kwargs) -> None:
     problem = Problem()
-    vec_p, loop_p, kept_p, kept_loop_p, paper_p = (problem.params() for _ in range(5))
+    vec_p, loop_p, per_step_p, per_step_loop_p, paper_p = (problem.params() for _ in range(5))
     lr = base_kwargs["lr"]
     vec = Mechanic(base(_groups(vec_p, lr), **base_kwargs), foreach=True)
     loop = Mechanic(base(_groups(loop_p, lr), **base_kwargs), foreach=False)
-    kept = Mechanic(base(_groups(kept_p, lr), **base_kwargs), keep_reference=True, foreach=True)
-    kept_loop = Mechanic(base(_groups(kept_loop_p, lr), **base_kwargs), keep_reference=True, foreach=False)
+    per_step = Mechanic(base(_groups(per_step_p, lr), **base_kwargs), reuse_buffer=False, foreach=True)
+    per_step_loop = Mechanic(base(_groups(per_step_loop_p, lr), **base_kwargs), reuse_buffer=False, foreach=False)
     paper = PaperMechanic(base(_groups(paper_p, lr), **base_kwargs))
-    _run_against(problem, [(vec_p, vec), (loop_p, loop), (kept_p, kept), (kept_loop_p, kept_loop), (paper_p, paper)],
-                 lambda t: _assert_close_every_step(t, [vec_p, loop_p, kept_p, kept_loop_p], paper_p))
+    runs = [(vec_p, vec), (loop_p, loop), (per_step_p, per_step), (per_step_loop_p, per_step_loop), (paper_p, paper)]
+    _run_against(problem, runs,
+                 lambda t: _assert_close_every_step(t, [vec_p, loop_p, per_step_p, per_step_loop_p], paper_p))
     scale = vec.param_groups[0]["mechanic_s"].sum()
     torch.testing.assert_close(scale, paper.s.sum(), rtol=1e-9, atol=0.0)
     assert scale > 1e-3

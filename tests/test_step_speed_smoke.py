@@ -198,12 +198,13 @@ def test_a_miss_met_by_the_fused_variant_says_so() -> None:
     assert ss.check_targets([other, other_fused])[0].endswith("(met with fused=True)")
 
 
-@pytest.mark.parametrize("keep_reference, passes", [(False, 36), (True, 32)])
-def test_mechanic_is_held_to_its_base_plus_two_passes(keep_reference, passes) -> None:
+@pytest.mark.parametrize("reuse_buffer", [False, True])
+def test_mechanic_is_held_to_its_base_plus_two_passes(reuse_buffer) -> None:
     params = ss.make_params([(10, 10)], torch.device("cpu"))
     from tuneless import Mechanic
-    opt = Mechanic(torch.optim.Adam(params, lr=1.0), keep_reference=keep_reference)
-    assert ss.bound_bytes("mechanic", opt)[0] == 28 + passes
+    opt = Mechanic(torch.optim.Adam(params, lr=1.0), reuse_buffer=reuse_buffer)
+    passes = ss.MECHANIC_PASS_BYTES
+    assert ss.bound_bytes("mechanic", opt)[0] == 28 + passes == 64
     limit = ss.MAX_X_BOUND * passes
 
     def row(overhead, x_bound):

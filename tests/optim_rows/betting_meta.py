@@ -56,12 +56,12 @@ ROWS = [
     OptimizerInfo(
         Mechanic,
         factory=mechanic_over_adam,
-        kwargs=dict(keep_reference=True),  # the other mode: x_ref stored, no copy of x_t
+        kwargs=dict(reuse_buffer=False),  # the other placement of the copy of x_t (per step)
         error_inputs=[
             ErrorInput(dict(s_init=0.0), InvalidArgumentError,
                        r"Mechanic: s_init = 0.0 is invalid; allowed: 0 < s_init \(recommended: 1e-08\)"),
-            ErrorInput(dict(keep_reference="yes"), InvalidArgumentError,
-                       r"Mechanic: keep_reference = 'yes' is invalid; allowed: True or False"),
+            ErrorInput(dict(reuse_buffer="yes"), InvalidArgumentError,
+                       r"Mechanic: reuse_buffer = 'yes' is invalid; allowed: True or False"),
         ],
         misspelt="s_ini",
         id="Mechanic-Adam",

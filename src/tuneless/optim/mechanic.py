@@ -33,16 +33,18 @@ What differs from the reference, deliberately:
   globally and leaves it off).
 * :math:`\Delta` **is stored, exactly, and** :math:`x_{ref}` **is not**: it is implied by
   :math:`x_t = x_{ref} + S_t\Delta_t`. A step copies :math:`x_t` before the base step moves the
-  parameters (a transient buffer, freed when the step ends), reads the base's update :math:`u_t` as
-  the difference between where the base put the parameters and that copy, and places the parameters at
+  parameters, reads the base's update :math:`u_t` as the difference between where the base put
+  the parameters and that copy, and places the parameters at
   :math:`(x_t - S_t\Delta_t) + S_{t+1}\Delta_{t+1}`. State: one buffer per parameter, as the
   reference's default (``store_delta=False``), which instead stores :math:`x_{ref}` and
   recomputes :math:`\Delta` as :math:`(x - x_{ref}) / (S + \epsilon)`: that loses a fraction
   :math:`\epsilon/(S+\epsilon)` of it each step while :math:`S` is small and, in float32,
-  most of its precision. Its exact mode (``store_delta=True``) keeps two buffers. Peak during a
-  step: two buffers (the reference copies the gradients and the parameters every step: three).
-  The price: the parameters accumulate one rounding per step, as under any optimizer, instead
-  of being recomputed from a fixed :math:`x_{ref}`.
+  most of its precision. Its exact mode (``store_delta=True``) keeps two buffers. The copy's
+  buffer is allocated per step and freed (on a GPU), or kept and reused (on a CPU, where
+  allocating it costs page faults each step): see ``reuse_buffer``. Peak during a step: two
+  buffers (the reference copies the gradients and the parameters every step: three). The
+  price: the parameters accumulate one rounding per step, as under any optimizer, instead of
+  being recomputed from a fixed :math:`x_{ref}`.
 * **No host synchronization** in a step (the reference reads the scale with Python's ``max``
   and ``.item()``), and two passes over the parameters: before the base step, one reads the
   four statistics of :math:`h_t` (one batched reduction) and copies :math:`x_t`; after it,
@@ -77,7 +79,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares,
-                       indices_by_dtype, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+                       total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -97,7 +99,11 @@ _S, _M, _V, _R, _STEP = "mechanic_s", "mechanic_max_product", "mechanic_sum_sq",
 # Keys of the per-parameter state; with the prefix, they share a parameter's entry of state_dict
 # with the base optimizer's own state (one standard layout, as torch.distributed.checkpoint needs).
 _PREFIX = "mechanic_"
-_DELTA, _REF = "mechanic_delta", "mechanic_x_ref"
+_DELTA = "mechanic_delta"
+# The reused buffer x_t is copied into (``reuse_buffer``): state, but not in ``state_dict``.
+_COPY = "mechanic_copy"
+# Written by tuneless before 0.1.0 was released (x_ref, now implied by x - S Delta); dropped on load.
+_LEGACY_REF = "mechanic_x_ref"
 
 
 class Mechanic(TunelessOptimizer):
@@ -130,14 +136,14 @@ class Mechanic(TunelessOptimizer):
         s_init: initial scale (default 1e-8; optax uses 1e-6). :math:`s` grows geometrically
             from it, so it matters little.
         eps: added to denominators (default 1e-8).
-        keep_reference: store :math:`x_{ref}` as a second buffer per parameter instead of
-            copying :math:`x_t` into a buffer allocated for each step (default False). It holds
-            one more buffer between steps and allocates nothing the size of the model: faster
-            where allocating is slow (on a CPU, glibc's allocator hands freed large blocks back
-            to the kernel, and each step then pays page faults for the copy, ~2x Mechanic's own
-            time on large tensors here); on a GPU the caching allocator makes the copy's buffer
-            free, and the default's lower memory is the better deal. Parameters changed between
-            two steps are then read as part of the next base update (see the warning).
+        reuse_buffer: where the copy of :math:`x_t` goes. True: a buffer per parameter kept in
+            ``self.state`` and reused at every step (held between steps; not written to
+            ``state_dict``). False: buffers allocated at each step and freed when it ends. None
+            (default): reused on a CPU, where glibc's allocator hands a freed model-sized buffer
+            back to the kernel and the next step pays page faults for it (about doubling
+            Mechanic's own time here); allocated per step elsewhere, where torch's caching
+            allocator makes that free and the memory serves the activations between steps. The
+            results are the same either way.
         foreach: vectorized implementation of Mechanic's own passes (None or True) or the
             per-parameter loop (False); the base optimizer keeps its own setting.
         fused: Mechanic's own two passes (the statistics with the copy of :math:`x_t`, then the
@@ -161,16 +167,14 @@ class Mechanic(TunelessOptimizer):
 
     .. warning:: Load a checkpoint through :meth:`load_state_dict` of the Mechanic (not of its
        base), together with the model: the reference point is implied by the parameters and
-       :math:`\Delta` together (either mode loads the other's checkpoints). A change made to
-       the parameters between two steps moves the reference point with them; with
-       ``keep_reference=True`` it is read as part of the next base update instead (and so
-       rescaled by :math:`S`). Bases that keep their own averaged point (Schedule-Free)
+       :math:`\Delta` together. A change made to the parameters between two steps moves the
+       reference point with them. Bases that keep their own averaged point (Schedule-Free)
        are not supported, nor bases whose ``step`` must re-evaluate a closure several times
        and then leaves the parameters elsewhere than their last evaluation (LBFGS). A group
        ``lr`` given as a tensor is not inspected (that would synchronize), so a tensor ``lr``
        of 0 does not freeze its group. Memory: one buffer per parameter on top of the base's
-       (:math:`\Delta`), and a copy of the parameters while a step runs; with
-       ``keep_reference=True``, two buffers and no copy.
+       (:math:`\Delta`), and a copy of the parameters while a step runs (held between steps
+       too where ``reuse_buffer`` is, as on a CPU by default).
     """
 
     registry_name = "mechanic"
@@ -178,7 +182,7 @@ class Mechanic(TunelessOptimizer):
 
     def __init__(self, params: Any, base: str | None = None, *, s_decay: float = 0.01,
                  betas: tuple[float, ...] = _DEFAULT_BETAS, s_init: float = 1e-8, eps: float = 1e-8,
-                 keep_reference: bool = False, foreach: bool | None = None, fused: bool = False) -> None:
+                 reuse_buffer: bool | None = None, foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "s_decay", s_decay, 0.0, None, inclusive="[)", recommended=0.01)
         betas = _check_beta_list(owner, betas)
@@ -187,7 +191,8 @@ class Mechanic(TunelessOptimizer):
         if foreach is not None:
             v.check_bool(owner, "foreach", foreach)
         v.check_bool(owner, "fused", fused)
-        v.check_bool(owner, "keep_reference", keep_reference)
+        if reuse_buffer is not None:
+            v.check_bool(owner, "reuse_buffer", reuse_buffer)
         if isinstance(params, torch.optim.Optimizer):
             if base is not None:
                 v.fail(owner, "base", base, "None when an optimizer is given (that optimizer is the base)")
@@ -207,7 +212,7 @@ class Mechanic(TunelessOptimizer):
         self.base_optimizer = base_optimizer
         #: True when the base takes its step size from the loss: then so does Mechanic.
         self.requires_loss = bool(getattr(base_optimizer, "requires_loss", False))
-        defaults = dict(foreach=foreach, mechanic_fused=fused, mechanic_keep_reference=keep_reference,
+        defaults = dict(foreach=foreach, mechanic_fused=fused, mechanic_reuse_buffer=reuse_buffer,
                         mechanic_s_decay=float(s_decay), mechanic_betas=betas, mechanic_s_init=float(s_init),
                         mechanic_eps=float(eps))
         super().__init__(base_optimizer.param_groups, defaults)
@@ -243,7 +248,8 @@ class Mechanic(TunelessOptimizer):
         own = super().state_dict()
         state = {}
         for key in list(base_sd["state"]) + [k for k in own["state"] if k not in base_sd["state"]]:
-            state[key] = {**base_sd["state"].get(key, {}), **own["state"].get(key, {})}
+            mine = {k: value for k, value in own["state"].get(key, {}).items() if k != _COPY}  # rewritten each step
+            state[key] = {**base_sd["state"].get(key, {}), **mine}
         sd = dict(base_sd)  # keeps any other entry a tuneless base adds
         sd["state"], sd["param_groups"] = state, own["param_groups"]
         return sd
@@ -256,8 +262,7 @@ class Mechanic(TunelessOptimizer):
         for key, entry in state_dict["state"].items():
             own = {k: val for k, val in entry.items() if isinstance(k, str) and k.startswith(_PREFIX)}
             base = {k: val for k, val in entry.items() if k not in own}
-            if not self.defaults.get("mechanic_keep_reference", False):
-                own.pop(_REF, None)  # implied by x - S Delta (a checkpoint of keep_reference=True)
+            own.pop(_LEGACY_REF, None)  # implied by x - S Delta
             if own:
                 own_state[key] = own
             if base:
@@ -324,13 +329,12 @@ class Mechanic(TunelessOptimizer):
         else:
             base.step()
 
-    def _prepare(self) -> tuple[list[Tensor], list[Tensor]] | None:
-        """The parameters tuned at this step and the frozen ones with state, or None when every
-        group is frozen (the same on every rank: lr is not sharded).
+    def _prepare(self) -> list[Tensor] | None:
+        """The parameters tuned at this step, or None when every group is frozen (the same on
+        every rank: lr is not sharded).
 
         Tuned: a gradient, in a group whose lr is not the number 0. Delta = 0 is created here for
-        every parameter with a gradient, before the base step moves it (and, with
-        ``keep_reference``, x_ref = x_t - S_t Delta_t, which is x_t for a new parameter).
+        every parameter with a gradient, before the base step moves it.
         """
         if _S not in self.param_groups[0]:
             n = len(self.defaults["mechanic_betas"])
@@ -341,51 +345,58 @@ class Mechanic(TunelessOptimizer):
             r = torch.zeros(n, dtype=dtype, device=device)                              # reward (wealth won)
             for group in self.param_groups:
                 group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sq, r, 0
-        keep_reference = self.defaults.get("mechanic_keep_reference", False)
-        tuned, frozen = [], []
+        tuned = []
         all_frozen = True
         for group in self.param_groups:
             lr = group.get("lr", 1.0)
             group_frozen = isinstance(lr, (int, float)) and lr == 0
             all_frozen = all_frozen and group_frozen
             for p in group["params"]:
-                state = self.state[p] if p.grad is not None else self.state.get(p, {})
-                if p.grad is not None and _DELTA not in state:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if _DELTA not in state:
                     # Delta: the sum of the base optimizer's updates since Mechanic met the parameter.
                     state[_DELTA] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if keep_reference and _DELTA in state and _REF not in state:
-                    scale = self.param_groups[0][_S].sum().to(p.dtype)
-                    state[_REF] = p.detach() - scale * state[_DELTA]
-                if p.grad is not None and not group_frozen:
+                if not group_frozen:
                     tuned.append(p)
-                elif keep_reference and _REF in state:
-                    frozen.append(p)
-        return None if all_frozen else (tuned, frozen)
+        return None if all_frozen else tuned
 
-    def _measure(self, params: tuple[list[Tensor], list[Tensor]] | None) -> _Pending | None:
+    def _copy_buffers(self, tuned: list[Tensor]) -> list[Tensor]:
+        """Where x_t is copied at this step: each parameter's reused buffer, or a new one (see
+        ``reuse_buffer``)."""
+        reuse = self.defaults.get("mechanic_reuse_buffer")
+        out = []
+        for p in tuned:
+            state = self.state[p]
+            if reuse or (reuse is None and p.device.type == "cpu"):
+                if _COPY not in state:
+                    state[_COPY] = torch.empty_like(p, memory_format=torch.preserve_format)
+                out.append(local_tensor(state[_COPY]))
+            else:
+                state.pop(_COPY, None)
+                out.append(torch.empty_like(local_tensor(p)))  # freed with the step
+        return out
+
+    def _measure(self, tuned: list[Tensor] | None) -> _Pending | None:
         """Before the base step: h_t's statistics at x_t (one reduction, entered even by a rank
-        with no gradient at all), the tuner's next state, and what the base's update is read
-        against (a copy of x_t; with ``keep_reference``, the stored x_ref). Nothing is stored yet."""
-        if params is None:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
+        with no gradient at all), the tuner's next state, and a copy of x_t (the base's update
+        is read against it). Nothing else is stored yet."""
+        if tuned is None:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
             return None
-        tuned, frozen = params
         dtype, device = self._stat_dtype(), self._stat_device()
         first = self.param_groups[0]
-        keep_reference = bool(self.defaults.get("mechanic_keep_reference", False))
         xs = [local_tensor(p) for p in tuned]
         gs = [local_tensor(p.grad) for p in tuned]
         deltas = [local_tensor(self.state[p][_DELTA]) for p in tuned]
-        if keep_reference:
-            anchors, copies = [local_tensor(self.state[p][_REF]) for p in tuned], None
-        else:
-            anchors = copies = [torch.empty_like(x) for x in xs]  # x_t, freed with the step
+        starts = self._copy_buffers(tuned)
         fused = bool(self.defaults.get("mechanic_fused", False))
         if fused:
-            local = _fused_statistics(deltas, gs, xs, copies, dtype, device)
+            local = _fused_statistics(deltas, gs, xs, starts, dtype, device)
         elif self._use_foreach(first):
-            local = _multi_tensor_statistics(deltas, gs, xs, copies, self._scratch(), dtype, device)
+            local = _multi_tensor_statistics(deltas, gs, xs, starts, self._scratch(), dtype, device)
         else:
-            local = _single_tensor_statistics(deltas, gs, xs, copies, dtype, device)
+            local = _single_tensor_statistics(deltas, gs, xs, starts, dtype, device)
         delta_g, delta_x, x_sq, g_sq = self._global_sum(local).unbind(0)
         # The tuner.
         s_decay, eps = self.defaults["mechanic_s_decay"], self.defaults["mechanic_eps"]
@@ -399,13 +410,12 @@ class Mechanic(TunelessOptimizer):
         sum_sq = betas * betas * sum_sq + h * h
         reward = torch.clamp(betas * reward - s * h, min=0.0)
         s = (s_init * m / len(betas) + reward) / (torch.sqrt(sum_sq) + eps)
-        return _Pending(tuned, frozen, anchors, keep_reference, (s, m, sum_sq, reward), scale,
-                        torch.clamp(s.sum(), min=0.0))
+        return _Pending(tuned, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
 
     def _apply(self, pending: _Pending | None) -> None:
         """After the base step: the tuner's state stored, Delta += u_t and x = x_ref + S_{t+1} Delta
-        for the tuned parameters. The frozen ones stay where they are: their reference point
-        x - S Delta absorbs the change of scale (implied; a stored x_ref is moved)."""
+        for the tuned parameters (the frozen ones stay where they are: their implied reference
+        point x - S Delta absorbs the change of scale)."""
         first = self.param_groups[0]
         if pending is None:
             self._publish(first[_S].sum())
@@ -420,13 +430,7 @@ class Mechanic(TunelessOptimizer):
             fn = _fused_mechanic
         else:
             fn = _multi_tensor_mechanic if self._use_foreach(first) else _single_tensor_mechanic
-        fn(xs, pending.anchors, deltas, pending.scale, pending.new_scale, anchors_are_refs=pending.anchors_are_refs)
-        if pending.frozen:
-            f_refs = [local_tensor(self.state[p][_REF]) for p in pending.frozen]
-            f_deltas = [local_tensor(self.state[p][_DELTA]) for p in pending.frozen]
-            for dt, idx in indices_by_dtype(f_refs).items():
-                add_scaled_([f_refs[i] for i in idx], [f_deltas[i] for i in idx],
-                            (pending.scale - pending.new_scale).to(dt))
+        fn(xs, pending.starts, deltas, pending.scale, pending.new_scale)
         self._publish(pending.new_scale)
 
     def _betas_tensor(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -449,48 +453,41 @@ class _Pending(NamedTuple):
     """What a step measured before the base step, for after it."""
 
     tuned: list[Tensor]                           # the parameters tuned at this step
-    frozen: list[Tensor]                          # frozen ones with a stored x_ref (keep_reference)
-    anchors: list[Tensor]                         # copies of x_t, or the stored x_ref (local tensors)
-    anchors_are_refs: bool                        # which of the two
+    starts: list[Tensor]                          # copies of x_t (local tensors)
     tuner: tuple[Tensor, Tensor, Tensor, Tensor]  # s_{t+1}, m_t, v_t, r_t
     scale: Tensor                                 # S_t
     new_scale: Tensor                             # S_{t+1}
 
 
-def _single_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], copies: list[Tensor] | None,
+def _single_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
                               dtype: torch.dtype, device: torch.device) -> Tensor:
-    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 at x_t, and the copy of x_t into ``copies`` (unless
-    None), one tensor at a time (the readable truth)."""
-    for copy, x in zip(copies or [], xs):
-        copy.copy_(x)
+    """<Delta, g>, <Delta, x>, ||x||^2, ||g||^2 at x_t, and the copy of x_t, one tensor at a time
+    (the readable truth)."""
+    for start, x in zip(starts, xs):
+        start.copy_(x)
     return torch.stack([total_dot_loop(deltas, gs, dtype, device), total_dot_loop(deltas, xs, dtype, device),
                         total_sum_of_squares_loop(xs, dtype, device), total_sum_of_squares_loop(gs, dtype, device)])
 
 
-def _single_tensor_mechanic(xs: list[Tensor], anchors: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                            new_scale: Tensor, *, anchors_are_refs: bool) -> None:
+def _single_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                            new_scale: Tensor) -> None:
     """One tensor at a time (the readable truth): x holds x_t + u_t (the base's proposal)."""
-    for x, anchor, delta in zip(xs, anchors, deltas):
+    for x, start, delta in zip(xs, starts, deltas):
         s_old, s_new = scale.to(x.dtype), new_scale.to(x.dtype)
-        if anchors_are_refs:             # the stored x_ref: x_t = x_ref + S_t Delta_t
-            x_ref = anchor
-            u = x - (x_ref + s_old * delta)
-        else:                            # a copy of x_t: x_ref = x_t - S_t Delta_t
-            u = x - anchor
-            x_ref = anchor - s_old * delta
+        u = x - start                    # the base's update u_t
+        x_ref = start - s_old * delta    # x_t = x_ref + S_t Delta_t
         delta.add_(u)                    # Delta_{t+1} = Delta_t + u_t
         x.copy_(x_ref + s_new * delta)   # x_{t+1} = x_ref + S_{t+1} Delta_{t+1}
 
 
-def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], copies: list[Tensor] | None,
+def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
                              scratch: Scratch, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The same over all tensors at once: one multi-tensor copy, then on the CPU block by block
-    (cache-sized) each sum one reduction over the reused scratch buffer, elsewhere batched
-    multi-tensor reductions."""
+    """The same over all tensors at once: one multi-tensor copy (in the cache blocks below, it
+    ran slower), then on the CPU block by block (cache-sized) each sum one reduction over the
+    reused scratch buffer, elsewhere batched multi-tensor reductions."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
-    if copies is not None:
-        torch._foreach_copy_(copies, xs)
+    torch._foreach_copy_(starts, xs)
     if deltas[0].device.type != "cpu":
         return torch.stack([total_dot(deltas, gs, dtype, device), total_dot(deltas, xs, dtype, device),
                             total_sum_of_squares(xs, dtype, device), total_sum_of_squares(gs, dtype, device)])
@@ -501,16 +498,16 @@ def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Te
     return torch.stack(parts).sum(0)
 
 
-def _multi_tensor_mechanic(xs: list[Tensor], anchors: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                           new_scale: Tensor, *, anchors_are_refs: bool) -> None:
-    """The same over all tensors at once, in place (x holds u_t for a moment; a copy of x_t
-    becomes x_ref); on the CPU block by block, so that the five passes reuse the cache."""
-    for x, anchor, delta in cache_blocks(xs, anchors, deltas):
+def _multi_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                           new_scale: Tensor) -> None:
+    """The same over all tensors at once, in place (x holds u_t and the copy of x_t becomes x_ref
+    for a moment); on the CPU block by block, so that the five passes reuse the cache."""
+    for x, start, delta in cache_blocks(xs, starts, deltas):
         dt = x[0].dtype
-        torch._foreach_sub_(x, anchor)
-        add_scaled_(x if anchors_are_refs else anchor, delta, (-scale).to(dt))
+        torch._foreach_sub_(x, start)
+        add_scaled_(start, delta, (-scale).to(dt))
         torch._foreach_add_(delta, x)
-        torch._foreach_copy_(x, anchor)
+        torch._foreach_copy_(x, start)
         add_scaled_(x, delta, new_scale.to(dt))
 
 
@@ -524,10 +521,9 @@ def _statistics_kernel(delta: Tensor, g: Tensor, x: Tensor, sum_dtype: torch.dty
     return (d * gw).sum(), (d * xw).sum(), (xw * xw).sum(), (gw * gw).sum()
 
 
-def _update_from_copy_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor,
-                             new_scale: Tensor) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_mechanic` from a copy of x_t, compiled: u_t = x - x_t,
-    x_ref = x_t - S_t Delta_t, Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
+def _update_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_mechanic`, compiled: u_t = x - x_t, x_ref = x_t - S_t Delta_t,
+    Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
     u = x - start
     x_ref = start - scale * delta
     delta.add_(u)
@@ -535,39 +531,28 @@ def _update_from_copy_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Ten
     return ()
 
 
-def _update_from_ref_kernel(x: Tensor, x_ref: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_mechanic` from the stored x_ref, compiled:
-    u_t = x - x_ref - S_t Delta_t, Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
-    u = (x - x_ref) - scale * delta
-    delta.add_(u)
-    x.copy_(x_ref + new_scale * delta)
-    return ()
-
-
 _STATISTICS_KERNEL = FusedKernel(_statistics_kernel, num_tensors=3, num_sums=4)
-_UPDATE_FROM_COPY_KERNEL = FusedKernel(_update_from_copy_kernel, num_tensors=3, num_sums=0)
-_UPDATE_FROM_REF_KERNEL = FusedKernel(_update_from_ref_kernel, num_tensors=3, num_sums=0)
+_UPDATE_KERNEL = FusedKernel(_update_kernel, num_tensors=3, num_sums=0)
 
 
-def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], copies: list[Tensor] | None,
+def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
                       dtype: torch.dtype, device: torch.device) -> Tensor:
     """The four statistics as one compiled read-only pass (``fused=True``), and the copy of x_t
     (a plain multi-tensor copy: compiled into the same kernel, it ran as a second loop anyway,
     and slower)."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
-    if copies is not None:
-        torch._foreach_copy_(copies, xs)
+    torch._foreach_copy_(starts, xs)
     return torch.stack(_STATISTICS_KERNEL([deltas, gs, xs], (dtype,), sum_dtype=dtype, device=device))
 
 
-def _fused_mechanic(xs: list[Tensor], anchors: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                    new_scale: Tensor, *, anchors_are_refs: bool) -> None:
+def _fused_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
+                    new_scale: Tensor) -> None:
     """:func:`_single_tensor_mechanic` as one compiled pass (``fused=True``)."""
     if xs:
         cd = coefficient_dtype(xs[0])
-        kernel = _UPDATE_FROM_REF_KERNEL if anchors_are_refs else _UPDATE_FROM_COPY_KERNEL
-        kernel([xs, anchors, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype, device=scale.device)
+        _UPDATE_KERNEL([xs, starts, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype,
+                       device=scale.device)
 
 
 def _first_call_returns(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
