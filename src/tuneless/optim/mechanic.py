@@ -35,13 +35,14 @@ What differs from the reference, deliberately:
   :math:`x_t = x_{ref} + S_t\Delta_t`. A step copies :math:`x_t` before the base step moves the
   parameters, reads the base's update :math:`u_t` as the difference between where the base put
   the parameters and that copy, and places the parameters at
-  :math:`(x_t - S_t\Delta_t) + S_{t+1}\Delta_{t+1}`. State: one buffer per parameter, as the
-  reference's default (``store_delta=False``), which instead stores :math:`x_{ref}` and
-  recomputes :math:`\Delta` as :math:`(x - x_{ref}) / (S + \epsilon)`: that loses a fraction
-  :math:`\epsilon/(S+\epsilon)` of it each step while :math:`S` is small and, in float32,
-  most of its precision. Its exact mode (``store_delta=True``) keeps two buffers. The copy's
-  buffer is allocated per step and freed (on a GPU), or kept and reused (on a CPU, where
-  allocating it costs page faults each step): see ``reuse_buffer``. Peak during a step: two
+  :math:`(x_t - S_t\Delta_t) + S_{t+1}\Delta_{t+1}`. What persists is one buffer per
+  parameter, as in the reference's default (``store_delta=False``), which instead stores
+  :math:`x_{ref}` and recomputes :math:`\Delta` as :math:`(x - x_{ref}) / (S + \epsilon)`:
+  that loses a fraction :math:`\epsilon/(S+\epsilon)` of it each step while :math:`S` is
+  small and, in float32, most of its precision. Its exact mode (``store_delta=True``) keeps two
+  buffers. The copy's buffer is allocated per step and freed (the default on a GPU), or kept
+  in the state and reused (the default on a CPU, where allocating it costs page faults each
+  step; it is not saved in ``state_dict``): see ``reuse_buffer``. Peak during a step: two
   buffers (the reference copies the gradients and the parameters every step: three). The
   price: the parameters accumulate one rounding per step, as under any optimizer, instead of
   being recomputed from a fixed :math:`x_{ref}`.
@@ -373,7 +374,7 @@ class Mechanic(TunelessOptimizer):
                 if _COPY not in state:
                     state[_COPY] = torch.empty_like(p, memory_format=torch.preserve_format)
                 out.append(local_tensor(state[_COPY]))
-            else:
+            else:  # (the default off the CPU: untested there, no GPU here; tested with reuse_buffer=False)
                 state.pop(_COPY, None)
                 out.append(torch.empty_like(local_tensor(p)))  # freed with the step
         return out
