@@ -243,3 +243,61 @@ def test_resumes_where_the_reference_cannot(float64_default) -> None:
         assert torch.equal(a, b)
     with pytest.raises(KeyError):
         run(theirs, 12, resume_at=6)
+
+
+def _held_bytes(opt) -> int:
+    """Bytes of the tensors an optimizer (and its base) holds in its state."""
+    seen, total = set(), 0
+    states = [opt.state] + ([opt.base_optimizer.state] if hasattr(opt, "base_optimizer") else [])
+
+    def walk(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() > 1 and obj.untyped_storage().data_ptr() not in seen:
+                seen.add(obj.untyped_storage().data_ptr())
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    for state in states:
+        walk(dict(state))
+    return total
+
+
+def _transient_peak_bytes(opt) -> int:
+    """The most CPU memory allocated above the start during one step (torch.profiler's memory
+    timeline, a private API of the pinned torch)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        opt.step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    totals = [sum(s) for s in sizes]
+    return max(totals) - totals[0]
+
+
+def test_peak_step_memory_is_below_the_references() -> None:
+    """Held state plus what a step allocates, per parameter, over Adam: two buffers for this
+    class (Delta and the copy of x_t, reused or per step), against the reference's four (x_ref,
+    the copies of the parameters and the gradients, and a temporary)."""
+    def peak(make):
+        params = [torch.nn.Parameter(torch.randn(512, 512)) for _ in range(3)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = make(params)
+        opt.step()
+        opt.step()
+        return (_held_bytes(opt) + _transient_peak_bytes(opt)) / sum(p.numel() for p in params)
+
+    adam = peak(lambda ps: torch.optim.Adam(ps, lr=1.0))
+    reused = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=True))
+    per_step = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=False))
+    reference = peak(lambda ps: mechanic_pytorch.mechanize(torch.optim.Adam)(ps, lr=1.0))
+    assert reused - adam == pytest.approx(8.0, abs=0.1)
+    assert per_step - adam == pytest.approx(8.0, abs=0.1)
+    assert reference - adam > 12.0
