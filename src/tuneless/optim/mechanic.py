@@ -43,7 +43,8 @@ What differs from the reference, deliberately:
   buffers. The copy's buffer is allocated per step and freed (the default on a GPU), or kept
   in the state and reused (the default on a CPU, where allocating it costs page faults each
   step; it is not saved in ``state_dict``): see ``reuse_buffer``. Peak during a step: two
-  buffers (the reference copies the gradients and the parameters every step: three). The
+  buffers over the base's (the reference: four, as it also copies the gradients and makes a
+  temporary; measured in ``tests/test_parity_mechanic.py``). The
   price: the parameters accumulate one rounding per step, as under any optimizer, instead of
   being recomputed from a fixed :math:`x_{ref}`.
 * **No host synchronization** in a step (the reference reads the scale with Python's ``max``
