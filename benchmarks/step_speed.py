@@ -30,6 +30,7 @@ This is a benchmark, not a test: it asserts nothing about time. Examples::
     python benchmarks/step_speed.py --markdown --out benchmarks/results/step_speed.md
     python benchmarks/step_speed.py --only prodigy,dog --markdown
     python benchmarks/step_speed.py --spec "prodigy:slice_p=11" --only prodigy
+    python benchmarks/step_speed.py --env THP_MEM_ALLOC_ENABLE=1 --only mechanic   # huge pages
 
 Progress goes to stderr; the table to stdout (plain text, or markdown with ``--markdown``).
 """
@@ -43,10 +44,12 @@ import importlib
 import inspect
 import json
 import math
+import os
 import platform
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -890,6 +893,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--update", default=None, metavar="JSON",
                     help="merge into an earlier run's --json file: its rows for the optimizers measured now are "
                          "replaced (or added), the file is rewritten, and the tables show the merged rows")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="run the measurement in a child process with this environment variable set (read by "
+                         "torch or the C library at start, e.g. THP_MEM_ALLOC_ENABLE=1 for huge-page CPU "
+                         "allocations); recorded in the file's header; repeatable")
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="measure nothing: print (and with --out, write) the tables of an earlier run's --json "
                          "file, with the targets as this version states them")
@@ -912,6 +919,12 @@ def select_candidates(args: argparse.Namespace) -> list[Candidate]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    wanted = parse_env(args.env)
+    if any(os.environ.get(name) != value for name, value in wanted.items()):
+        # set before torch (or the C library) reads them: in a child process of its own
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)],
+                               env={**os.environ, **wanted}, check=False)
+        return child.returncode
     threads = torch.get_num_threads()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:  # `timeout` sends SIGTERM: report what was measured anyway
@@ -945,6 +958,17 @@ def render(path: str) -> tuple[str, list[Row]]:
     rows = [Row(**{k: v for k, v in r.items() if k in names}) for r in saved["rows"]]
     link_references(rows, reference_candidates())
     return format_markdown(rows, matching[0], meta), rows
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` items as a dict (a clear error for anything else)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SystemExit(f"--env {item!r} is invalid; allowed: NAME=VALUE, e.g. THP_MEM_ALLOC_ENABLE=1")
+        out[name] = value
+    return out
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -998,6 +1022,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "device": args.device,
         "repetitions": f"{reps} per block x {steps} steps, medians",
         "machine load (1-min load average at start, end)": f"{load_start}, {_load_average()}",
+        **({"environment": " ".join(f"{k}={v}" for k, v in parse_env(args.env).items())} if args.env else {}),
         "run time": f"{time.perf_counter() - started:.0f} s",
         "command": "python benchmarks/step_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

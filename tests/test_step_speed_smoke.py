@@ -7,7 +7,9 @@ counts, bytes of the bound, ratios that are positive numbers), never timing itse
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -138,6 +140,19 @@ def test_command_line_writes_markdown_and_json(tmp_path, capsys) -> None:
         ss.main(["--quick", "--only", "sps", "--references", "none", "--reps", "1", "--update", str(js)])
     with pytest.raises(tuneless_errors().UnknownNameError, match="did you mean"):
         ss.main(["--quick", "--only", "polyac", "--references", "none"])
+
+
+def test_env_runs_the_measurement_in_a_child_process_with_it_set(tmp_path) -> None:
+    js = tmp_path / "env.json"
+    rc = ss.main(["--env", "TUNELESS_STEP_SPEED_TEST=1", "--quick", "--only", "polyak", "--references", "none",
+                  "--sets", "few-large", "--reps", "1", "--probe-floats", "100000", "--json", str(js)])
+    assert rc == 0
+    saved = json.loads(js.read_text())
+    assert saved["meta"]["environment"] == "TUNELESS_STEP_SPEED_TEST=1"
+    assert [r["label"] for r in saved["rows"]][-1] == "polyak"
+    assert "TUNELESS_STEP_SPEED_TEST" not in os.environ  # this process is left as it was
+    with pytest.raises(SystemExit, match=r"--env 'THP' is invalid; allowed: NAME=VALUE"):
+        ss.main(["--env", "THP", "--quick"])
 
 
 def tuneless_errors():
