@@ -145,8 +145,8 @@ class Mechanic(TunelessOptimizer):
             back to the kernel and the next step pays page faults for it (about doubling
             Mechanic's own time here); allocated per step elsewhere, where torch's caching
             allocator makes that free and the memory serves the activations between steps. The
-            results are the same either way. (On a CPU, PyTorch's ``THP_MEM_ALLOC_ENABLE=1``
-            makes the per-step buffer cheap too: huge pages, far fewer faults.)
+            results are the same either way. (On a CPU, an allocator that keeps freed memory in
+            the process, such as jemalloc or tcmalloc, makes the per-step buffer cheap too.)
         foreach: vectorized implementation of Mechanic's own passes (None or True) or the
             per-parameter loop (False); the base optimizer keeps its own setting.
         fused: Mechanic's own two passes (the statistics with the copy of :math:`x_t`, then the
