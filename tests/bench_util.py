@@ -32,6 +32,19 @@ def snapshot(db: str | Path) -> dict[str, tuple]:
                 for r in store.records()}
 
 
+def load_step_speed():
+    """``benchmarks/step_speed.py`` as a module (not a package module: loaded from its path once)."""
+    import importlib.util
+
+    if "step_speed" in sys.modules:
+        return sys.modules["step_speed"]
+    spec = importlib.util.spec_from_file_location("step_speed", ROOT / "benchmarks" / "step_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_speed"] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def cli(*args: str, **kwargs) -> subprocess.Popen:
     """Start ``python -m tuneless.cli_bench ARGS`` in its own process group."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

@@ -27,6 +27,7 @@ import mechanic_pytorch
 import pytest
 import torch
 
+from tests.bench_util import load_step_speed
 from tuneless import Mechanic
 
 STEPS = 200
@@ -245,29 +246,6 @@ def test_resumes_where_the_reference_cannot(float64_default) -> None:
         run(theirs, 12, resume_at=6)
 
 
-def _held_bytes(opt) -> int:
-    """Bytes of the tensors an optimizer (and its base) holds in its state."""
-    seen, total = set(), 0
-    states = [opt.state] + ([opt.base_optimizer.state] if hasattr(opt, "base_optimizer") else [])
-
-    def walk(obj):
-        nonlocal total
-        if isinstance(obj, torch.Tensor):
-            if obj.numel() > 1 and obj.untyped_storage().data_ptr() not in seen:
-                seen.add(obj.untyped_storage().data_ptr())
-                total += obj.untyped_storage().nbytes()
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                walk(value)
-
-    for state in states:
-        walk(dict(state))
-    return total
-
-
 def _transient_peak_bytes(opt) -> int:
     """The most CPU memory allocated above the start during one step (torch.profiler's memory
     timeline, a private API of the pinned torch)."""
@@ -292,7 +270,8 @@ def test_peak_step_memory_is_below_the_references() -> None:
         opt = make(params)
         opt.step()
         opt.step()
-        return (_held_bytes(opt) + _transient_peak_bytes(opt)) / sum(p.numel() for p in params)
+        held = load_step_speed().state_bytes(opt)  # the benchmark's count: state of opt and its base
+        return (held + _transient_peak_bytes(opt)) / sum(p.numel() for p in params)
 
     adam = peak(lambda ps: torch.optim.Adam(ps, lr=1.0))
     reused = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=True))

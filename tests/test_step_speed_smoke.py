@@ -6,28 +6,16 @@ counts, bytes of the bound, ratios that are positive numbers), never timing itse
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
+from tests.bench_util import load_step_speed
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("step_speed", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_speed"] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-ss = _load()
+ss = load_step_speed()
 
 SHAPES = ss.transformer_shapes(d_model=16, layers=2)  # 32 tensors, 6560 floats
 
