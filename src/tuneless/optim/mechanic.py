@@ -413,7 +413,7 @@ class Mechanic(TunelessOptimizer):
         sum_sq = betas * betas * sum_sq + h * h
         reward = torch.clamp(betas * reward - s * h, min=0.0)
         s = (s_init * m / len(betas) + reward) / (torch.sqrt(sum_sq) + eps)
-        return _Pending(tuned, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
+        return _Pending(tuned, deltas, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
 
     def _apply(self, pending: _Pending | None) -> None:
         """After the base step: the tuner's state stored, Delta += u_t and x = x_ref + S_{t+1} Delta
@@ -427,13 +427,12 @@ class Mechanic(TunelessOptimizer):
         step = first[_STEP] + 1
         for group in self.param_groups:
             group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sum_sq, reward, step
-        xs = [local_tensor(p) for p in pending.tuned]
-        deltas = [local_tensor(self.state[p][_DELTA]) for p in pending.tuned]
+        xs = [local_tensor(p) for p in pending.tuned]  # again: where the base left them
         if self.defaults.get("mechanic_fused", False):
             fn = _fused_mechanic
         else:
             fn = _multi_tensor_mechanic if self._use_foreach(first) else _single_tensor_mechanic
-        fn(xs, pending.starts, deltas, pending.scale, pending.new_scale)
+        fn(xs, pending.starts, pending.deltas, pending.scale, pending.new_scale)
         self._publish(pending.new_scale)
 
     def _betas_tensor(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -456,6 +455,7 @@ class _Pending(NamedTuple):
     """What a step measured before the base step, for after it."""
 
     tuned: list[Tensor]                           # the parameters tuned at this step
+    deltas: list[Tensor]                          # their Delta_t (local tensors)
     starts: list[Tensor]                          # copies of x_t (local tensors)
     tuner: tuple[Tensor, Tensor, Tensor, Tensor]  # s_{t+1}, m_t, v_t, r_t
     scale: Tensor                                 # S_t
