@@ -213,3 +213,34 @@ def test_scratch_sums_match_their_loops_block_by_block(dtype, monkeypatch) -> No
     flat_c, _ = scratch.views(blocks[0][0], slot=1)
     assert flat_a.data_ptr() == flat_b.data_ptr() != flat_c.data_ptr()
     assert flat_a.dtype == (dtype if dtype != torch.bfloat16 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_dots_match_their_loops_and_refuse_what_they_cannot_take(dtype, monkeypatch) -> None:
+    """Large tensors cut into chunks, small ones packed into the scratch (in blocks), all pairs
+    at once: the same sums as the loops; None for a tensor off the sum dtype or not contiguous."""
+    monkeypatch.setattr(b, "CPU_BLOCK_NUMEL", 16)
+    monkeypatch.setattr(b, "CPU_DOT_NUMEL", 8)
+    monkeypatch.setattr(b, "CPU_DOT_MIN_NUMEL", 6)
+    g = torch.Generator().manual_seed(2)
+    shapes = [(3, 4), (5,), (0,), (2, 2), (40,), (7, 3), (1,), (3,), (4,), (2, 3)]
+    xs, ys, zs = ([torch.randn(*s, generator=g, dtype=dtype) for s in shapes] for _ in range(3))
+    before = [t.clone() for t in (*xs, *ys, *zs)]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    dev = torch.device("cpu")
+    scratch = b.Scratch()
+    for _ in range(2):  # the scratch's cached views serve the second call
+        got = b.chunked_dots((xs, ys, zs), ((0, 1), (1, 2), (0, 0), (2, 2)), dtype, scratch)
+        want = torch.stack([b.total_dot_loop(xs, ys, dtype, dev), b.total_dot_loop(ys, zs, dtype, dev),
+                            b.total_sum_of_squares_loop(xs, dtype, dev), b.total_sum_of_squares_loop(zs, dtype, dev)])
+        assert got is not None and got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+    assert all(torch.equal(t, u) for t, u in zip((*xs, *ys, *zs), before))
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    assert b.chunked_dots((xs, ys), ((0, 1),), other, scratch) is None  # would need a cast
+    assert b.chunked_dots(([x.to(torch.bfloat16) for x in xs], ys), ((0, 1),), dtype, scratch) is None
+    transposed = [*xs[:-1], torch.randn(3, 2, generator=g, dtype=dtype).t()]
+    assert b.chunked_dots((transposed, ys), ((0, 1),), dtype, scratch) is None
+    assert b.chunked_dots(([], []), ((0, 1),), dtype, scratch) is None
+    empty = [torch.zeros(0, dtype=dtype), torch.zeros(0, 3, dtype=dtype)]
+    assert torch.equal(b.chunked_dots((empty, empty), ((0, 1), (1, 1)), dtype, scratch), torch.zeros(2, dtype=dtype))

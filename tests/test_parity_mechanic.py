@@ -29,6 +29,7 @@ import torch
 
 from tests.bench_util import load_step_speed
 from tuneless import Mechanic
+from tuneless.optim import _batched as batched
 
 STEPS = 200
 
@@ -151,8 +152,14 @@ def test_matches_mechanic_pytorch_without_s_decay(float64_default, base, base_kw
     assert scale > 1e-3  # the scale grew from s_init: the run exercised the tuner
 
 
+@pytest.mark.parametrize("dot_chunks", ["packed", "cut"])
 @pytest.mark.parametrize("base, base_kwargs", BASES)
-def test_matches_the_papers_algorithm(float64_default, base, base_kwargs) -> None:
+def test_matches_the_papers_algorithm(float64_default, base, base_kwargs, dot_chunks, monkeypatch) -> None:
+    """(``cut``: the vectorized statistics dot the two larger tensors in chunks and pack the two
+    smaller ones into the scratch, instead of packing all four.)"""
+    if dot_chunks == "cut":
+        monkeypatch.setattr(batched, "CPU_DOT_MIN_NUMEL", 10)
+        monkeypatch.setattr(batched, "CPU_DOT_NUMEL", 16)
     problem = Problem()
     vec_p, loop_p, per_step_p, per_step_loop_p, paper_p = (problem.params() for _ in range(5))
     lr = base_kwargs["lr"]

@@ -27,6 +27,9 @@ __all__ = [
     "flat_dot",
     "flat_abs_sum",
     "flat_sum_of_squares",
+    "CPU_DOT_NUMEL",
+    "CPU_DOT_MIN_NUMEL",
+    "chunked_dots",
     "total_sum_of_squares",
     "total_abs_sum",
     "total_dot",
@@ -241,3 +244,57 @@ def flat_sum_of_squares(a: Sequence[Tensor], scratch: Scratch, dtype: torch.dtyp
     flat, views = scratch.views(a, slot)
     torch._foreach_copy_(views, list(a))
     return flat.square_().sum(dtype=dtype)
+
+
+#: On the CPU, :func:`chunked_dots` cuts tensors into 1-D views of at most this many elements,
+#: so that the several dot products over the same views read them from the cache.
+CPU_DOT_NUMEL = 1 << 17
+
+#: Tensors smaller than this are packed into the scratch buffer first by :func:`chunked_dots`:
+#: a dot per pair and tensor would cost more in Python calls than the copy.
+CPU_DOT_MIN_NUMEL = 1 << 14
+
+
+def chunked_dots(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]], dtype: torch.dtype,
+                 scratch: Scratch) -> Tensor | None:
+    """sum_i <lists[a][i], lists[b][i]> for each ``(a, b)`` in ``pairs``, as one vector, or
+    None where this path does not apply (then use :func:`flat_dot` and its kin block by block).
+
+    It applies on the CPU to contiguous tensors already in the sum ``dtype`` (float32 or
+    float64: no cast). Each cache-sized 1-D chunk of a tensor takes one BLAS dot per pair, with
+    no copy; tensors below :data:`CPU_DOT_MIN_NUMEL` are first copied side by side into the
+    scratch buffer (one slot per list), whose chunks are then dotted the same way. This ran
+    about twice as fast as :func:`flat_dot`'s copy-multiply-sum per statistic. The sums are
+    accumulated in ``dtype`` as before, in another order.
+    """
+    if not lists[0] or dtype not in (torch.float32, torch.float64):
+        return None
+    for lst in lists:
+        for t in lst:
+            if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+                return None
+    products: list[Tensor] = []
+
+    def dot_chunks(flats: Sequence[Tensor]) -> None:
+        n = flats[0].numel()
+        for start in range(0, n, CPU_DOT_NUMEL):
+            views = flats if n <= CPU_DOT_NUMEL else [f[start:start + CPU_DOT_NUMEL] for f in flats]
+            products.extend(views[a].dot(views[b]) for a, b in pairs)
+
+    small = []
+    for items in zip(*lists):
+        if items[0].numel() < CPU_DOT_MIN_NUMEL:
+            small.append(items)
+        else:
+            dot_chunks([t.view(-1) for t in items])
+    if small:
+        for block in cache_blocks(*(list(col) for col in zip(*small))):
+            packed = []
+            for slot, tensors in enumerate(block):
+                flat, views = scratch.views(tensors, slot)  # type: ignore[arg-type]
+                torch._foreach_copy_(views, list(tensors))  # type: ignore[arg-type]
+                packed.append(flat)
+            dot_chunks(packed)
+    if not products:  # every tensor is empty
+        return torch.zeros(len(pairs), dtype=dtype)
+    return torch.stack(products).view(-1, len(pairs)).sum(0)

@@ -80,8 +80,8 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (Scratch, add_scaled_, cache_blocks, coefficient_dtype, flat_dot, flat_sum_of_squares,
-                       total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+from ._batched import (Scratch, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
+                       flat_sum_of_squares, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -486,14 +486,18 @@ def _single_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list
 def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], starts: list[Tensor],
                              scratch: Scratch, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The same over all tensors at once: one multi-tensor copy (in the cache blocks below, it
-    ran slower), then on the CPU block by block (cache-sized) each sum one reduction over the
-    reused scratch buffer, elsewhere batched multi-tensor reductions."""
+    ran slower), then on the CPU one BLAS dot per sum and cache-sized chunk (tensors in the sum
+    dtype) or block by block each sum one reduction over the reused scratch buffer (others),
+    elsewhere batched multi-tensor reductions."""
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
     torch._foreach_copy_(starts, xs)
     if deltas[0].device.type != "cpu":
         return torch.stack([total_dot(deltas, gs, dtype, device), total_dot(deltas, xs, dtype, device),
                             total_sum_of_squares(xs, dtype, device), total_sum_of_squares(gs, dtype, device)])
+    dots = chunked_dots((deltas, gs, xs), ((0, 1), (0, 2), (2, 2), (1, 1)), dtype, scratch)
+    if dots is not None:
+        return dots
     parts = []
     for db, gb, xb in cache_blocks(deltas, gs, xs):
         parts.append(torch.stack([flat_dot(db, gb, scratch, dtype), flat_dot(db, xb, scratch, dtype),
