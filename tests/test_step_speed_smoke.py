@@ -50,6 +50,24 @@ def test_state_memory_per_parameter(rows) -> None:
     assert rows["polyak"].state_bytes_per_param < 1  # only scalars
 
 
+def test_state_is_what_a_checkpoint_carries_and_workspace_the_rest() -> None:
+    """Mechanic's reused copy of x_t (on the CPU by default) is held between steps but never
+    saved: workspace, not state; allocated per step, it is neither."""
+    n = ss.numel(SHAPES)
+    for spec, workspace in (("mechanic", 4.0), ("mechanic:reuse_buffer=False", 0.0)):
+        (cand,) = ss.registry_candidates(None, [spec])[-1:]
+        assert cand.label == spec
+        opt = cand.build(ss.make_params(SHAPES, torch.device("cpu"), 3))
+        step = ss.step_function(opt)
+        step()
+        row = ss.Row("tiny", spec, "mechanic", "tuneless")
+        ss.fill_memory(row, opt, n)
+        # Adam's m and v, Mechanic's Delta (4 B/param), a 4-byte step per tensor and the tuner's scalars
+        assert row.state_bytes_per_param == pytest.approx(12 + 4 * len(SHAPES) / n, abs=0.05)
+        assert row.workspace_bytes_per_param == pytest.approx(workspace, abs=1e-9)
+        assert ss.state_bytes(opt) / n == pytest.approx(row.state_bytes_per_param + workspace, rel=1e-12)
+
+
 def test_sync_counts(rows) -> None:
     for label in ("torch.optim.Adam(foreach=True)", "torch.optim.Adam(fused=True)", "adam", "polyak"):
         assert rows[label].syncs_per_step == 0, label
@@ -180,7 +198,8 @@ def test_a_wrapper_is_timed_against_its_base() -> None:
     assert row.error is None and row.base_label == "sgd"
     assert row.base_bound_bytes == 20  # SGD with momentum
     assert row.x_base > 0 and math.isfinite(row.overhead_bytes)
-    assert row.state_bytes_per_param == pytest.approx(4)  # the base's momentum buffer is counted
+    # the base's momentum buffer is counted, as state: the base's state_dict carries it
+    assert row.state_bytes_per_param == pytest.approx(4) and row.workspace_bytes_per_param == 0
     text = ss.format_markdown(out, {"tiny": SHAPES}, {})
     assert "## Wrappers over their base" in text and "| wrapped-sgd | tiny | sgd |" in text
 
