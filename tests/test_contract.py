@@ -13,6 +13,7 @@ import torch
 
 from tests.optim_db import OPTIM_DB, OptimizerInfo
 from tuneless import STEP_SIZE_KEY, LossRequiredError, SparseGradientError, UnknownArgumentError
+from tuneless.optim import _batched as batched
 from tuneless.optim.base import TunelessOptimizer
 
 ROWS = [pytest.param(info, id=info.name) for info in OPTIM_DB]
@@ -126,6 +127,20 @@ def test_loss_requirement(info: OptimizerInfo) -> None:
 
 @pytest.mark.parametrize("info, kwargs", CONFIGS)
 def test_vectorized_matches_per_parameter_path(info: OptimizerInfo, kwargs) -> None:
+    m1, _, _ = run(info, 12, **{**kwargs, "foreach": True})
+    m2, _, _ = run(info, 12, **{**kwargs, "foreach": False})
+    for a, b in zip(m1.params, m2.params):
+        torch.testing.assert_close(a, b, rtol=info.foreach_rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_vectorized_matches_per_parameter_path_with_cache_blocks_cut_small(info: OptimizerInfo, kwargs,
+                                                                          monkeypatch) -> None:
+    """The same with the CPU's cache-sized blocks and dot chunks made tiny, so that the blocked
+    passes and the chunked dot products cut tensors (w: 12 floats) and pack the others."""
+    monkeypatch.setattr(batched, "CPU_BLOCK_NUMEL", 5)
+    monkeypatch.setattr(batched, "CPU_DOT_NUMEL", 5)
+    monkeypatch.setattr(batched, "CPU_DOT_MIN_NUMEL", 5)
     m1, _, _ = run(info, 12, **{**kwargs, "foreach": True})
     m2, _, _ = run(info, 12, **{**kwargs, "foreach": False})
     for a, b in zip(m1.params, m2.params):
