@@ -709,7 +709,8 @@ def run_set(set_name: str, shapes: Shapes, candidates: list[Candidate], *, reps:
             if timed is not None:
                 blocks.append(timed)
             status = row.error or (f"x{row.x_adam_foreach:.2f} Adam-foreach, x{row.x_bound:.2f} bound, "
-                                   f"{row.state_bytes_per_param:.1f} B/param, {row.syncs_per_step:g} syncs")
+                                   f"state {row.state_bytes_per_param:.1f} + workspace "
+                                   f"{row.workspace_bytes_per_param:.1f} B/param, {row.syncs_per_step:g} syncs")
             progress(f"[{set_name} {i}/{len(candidates)}] {cand.label}: {status} ({time.perf_counter() - t0:.1f}s)")
     except KeyboardInterrupt:
         interrupted = True
