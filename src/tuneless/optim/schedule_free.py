@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
-from ._batched import coefficient_dtype, host_coefficients
+from ._batched import cache_blocks, coefficient_dtype, host_coefficients
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -270,7 +270,9 @@ def _multi_tensor_schedule_free(
     ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *,
     lr: float, ckp1: float, beta: float, weight_decay: float, beta2: float, bias_correction2: float, eps: float,
 ) -> None:
-    """The same step over all tensors at once; the one temporary is AdamW's denominator.
+    """The same step over all tensors at once, on the CPU block by block (cache-sized), so that
+    the passes after the first read the block from the cache; the one temporary is AdamW's
+    denominator (block-sized on the CPU).
 
     With weight decay, the decay terms are folded in before the gradient terms:
     z' = z - lr wd y, then y <- (1 - c + (a + c lr) wd) y + c z' (= (1 - c + a wd) y + c z), with
@@ -278,10 +280,10 @@ def _multi_tensor_schedule_free(
     """
     lists = [ys, grads, zs] + ([exp_avg_sqs] if exp_avg_sqs is not None else [])
     a = lr * (beta * (1.0 - ckp1) - 1.0)
-    for run, _ in _group_by_device_and_dtype(lists):
-        y, g, z = run[0], run[1], run[2]
+    for block in (block for run, _ in _group_by_device_and_dtype(lists) for block in cache_blocks(*run)):
+        y, g, z = block[0], block[1], block[2]
         if exp_avg_sqs is not None:
-            v_ = run[3]
+            v_ = block[3]
             torch._foreach_mul_(v_, beta2)
             torch._foreach_addcmul_(v_, g, g, value=1.0 - beta2)
             denom = torch._foreach_div(v_, bias_correction2)
@@ -810,9 +812,11 @@ def _single_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: flo
 
 def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
                                   gamma: Tensor | float) -> list[Tensor]:
-    """The same over all tensors at once (x comes back in the input order)."""
-    xs: list[Tensor] = [None] * len(ys)  # type: ignore[list-item]
-    for (y, z), indices in _group_by_device_and_dtype([ys, zs]):
+    """The same over all tensors at once, on the CPU block by block (cache-sized) so that the
+    passes after the first read the block from the cache (x, a transient, in the input order)."""
+    xs = [torch.empty_like(y) for y in ys]
+    for block in (block for run, _ in _group_by_device_and_dtype([ys, zs, xs]) for block in cache_blocks(*run)):
+        y, z, x = block[0], block[1], block[2]
         if wd != 0:
             step = gamma * wd
             if isinstance(step, Tensor):
@@ -822,8 +826,8 @@ def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: floa
             else:
                 torch._foreach_add_(z, y, alpha=-step)
                 torch._foreach_mul_(y, 1 - step * (1 - beta))
-        for i, x in zip(indices, torch._foreach_lerp(y, z, 1.0 - 1.0 / beta)):
-            xs[i] = x
+        torch._foreach_copy_(x, y)
+        torch._foreach_lerp_(x, z, 1.0 - 1.0 / beta)
         torch._foreach_copy_(y, z)
     return xs
 
@@ -837,7 +841,9 @@ def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor
 
 
 def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
-    for (y, z, x), _ in _group_by_device_and_dtype([ys, zs, xs]):
+    """The same over all tensors at once, on the CPU block by block (cache-sized)."""
+    for block in (block for run, _ in _group_by_device_and_dtype([ys, zs, xs]) for block in cache_blocks(*run)):
+        y, z, x = block[0], block[1], block[2]
         torch._foreach_lerp_(x, y, ckp1.to(_weight_dtype(x[0])))
         torch._foreach_copy_(z, y)
         torch._foreach_lerp_(y, x, beta)
