@@ -55,7 +55,7 @@ import threading
 import time
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Container, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -285,14 +285,21 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     params = {id(p) for g in opt.param_groups for p in g["params"]}
     param_storages = {p.untyped_storage().data_ptr() for g in opt.param_groups for p in g["params"]}
     seen: set[int] = set(params)
-    storages: dict[int, int] = {}
+    held = []
     for o in [opt, *nested_optimizers(opt)]:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
-        for t in (*_tensors(dict(o.state), seen), *_tensors(groups, seen)):
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr in param_storages:
-                continue
+        held += [*_tensors(dict(o.state), seen), *_tensors(groups, seen)]
+    return _storage_bytes(held, skip=param_storages)
+
+
+def _storage_bytes(tensors: Iterable[Tensor], skip: Container[int] = ()) -> int:
+    """Bytes of the storages behind ``tensors``, each counted once, those at the addresses in
+    ``skip`` left out."""
+    storages: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip:
             storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
     return sum(storages.values())
 
@@ -302,12 +309,8 @@ def checkpoint_bytes(opt: torch.optim.Optimizer) -> int:
     checkpoint of the optimizer carries; the parameters are not in it), storages shared by
     several tensors counted once. What :func:`state_bytes` counts beyond this is workspace:
     buffers held from step to step but never saved, because the next step needs nothing in them."""
-    storages: dict[int, int] = {}
     seen: set[int] = set()
-    for t in (t for o in [opt, *nested_optimizers(opt)] for t in _tensors(o.state_dict(), seen)):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(storages.values())
+    return _storage_bytes(t for o in [opt, *nested_optimizers(opt)] for t in _tensors(o.state_dict(), seen))
 
 
 # ----------------------------------------------------------------------------- sync counting
