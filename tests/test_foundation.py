@@ -244,3 +244,20 @@ def test_chunked_dots_match_their_loops_and_refuse_what_they_cannot_take(dtype, 
     assert b.chunked_dots(([], []), ((0, 1),), dtype, scratch) is None
     empty = [torch.zeros(0, dtype=dtype), torch.zeros(0, 3, dtype=dtype)]
     assert torch.equal(b.chunked_dots((empty, empty), ((0, 1), (1, 1)), dtype, scratch), torch.zeros(2, dtype=dtype))
+
+
+def test_cache_blocks_keep_one_dtype_and_device_per_block(monkeypatch) -> None:
+    """A block never mixes dtypes or devices (``meta`` stands in for a second device here: it is
+    one block per dtype, uncut, as a GPU would be); every tensor lands in exactly one block."""
+    monkeypatch.setattr(b, "CPU_BLOCK_NUMEL", 16)
+    xs = [torch.zeros(10), torch.zeros(10, device="meta"), torch.zeros(30, dtype=torch.float64),
+          torch.zeros(12), torch.zeros(5, device="meta"), torch.zeros(4, device="meta", dtype=torch.float64)]
+    ys = [torch.zeros_like(x) for x in xs]
+    blocks = b.cache_blocks(xs, ys)
+    for xb, yb in blocks:
+        assert len({(t.dtype, t.device) for t in (*xb, *yb)}) == 1
+    meta = [xb for xb, _ in blocks if xb[0].device.type == "meta"]
+    assert sorted(len(xb) for xb in meta) == [1, 2]  # float32: both tensors, uncut; float64: one
+    cpu_numel = sum(t.numel() for xb, _ in blocks if xb[0].device.type == "cpu" for t in xb)
+    assert cpu_numel == 10 + 30 + 12 and all(sum(t.numel() for t in xb) <= 16 for xb, _ in blocks
+                                             if xb[0].device.type == "cpu")

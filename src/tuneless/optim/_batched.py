@@ -30,6 +30,7 @@ __all__ = [
     "CPU_DOT_NUMEL",
     "CPU_DOT_MIN_NUMEL",
     "chunked_dots",
+    "total_dots",
     "total_sum_of_squares",
     "total_abs_sum",
     "total_dot",
@@ -133,8 +134,8 @@ CPU_BLOCK_NUMEL = 1 << 18
 
 
 def cache_blocks(*lists: Sequence[Tensor] | None, limit: int | None = None) -> list[tuple[list[Tensor] | None, ...]]:
-    """Parallel sub-lists for foreach calls: one dtype each and, on the CPU, at most ``limit``
-    elements (default :data:`CPU_BLOCK_NUMEL`) per list.
+    """Parallel sub-lists for foreach calls: one dtype and device each and, on the CPU, at most
+    ``limit`` elements (default :data:`CPU_BLOCK_NUMEL`) per list.
 
     ``lists`` are parallel lists of same-shaped tensors (parameter, gradient, state buffers);
     ``None`` entries stay ``None``. A tensor larger than the limit is cut into flat views when
@@ -143,9 +144,9 @@ def cache_blocks(*lists: Sequence[Tensor] | None, limit: int | None = None) -> l
     """
     limit = CPU_BLOCK_NUMEL if limit is None else limit
     present = [i for i, lst in enumerate(lists) if lst is not None]
-    by_dtype: dict[torch.dtype, list[tuple[Tensor, ...]]] = {}
+    by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, ...]]] = {}
     for items in zip(*(lists[i] for i in present)):  # type: ignore[arg-type]
-        by_dtype.setdefault(items[0].dtype, []).append(items)
+        by_kind.setdefault((items[0].dtype, items[0].device), []).append(items)
     out: list[tuple[list[Tensor] | None, ...]] = []
 
     def emit(rows: list[tuple[Tensor, ...]]) -> None:
@@ -155,7 +156,7 @@ def cache_blocks(*lists: Sequence[Tensor] | None, limit: int | None = None) -> l
                 full[i] = list(col)
             out.append(tuple(full))
 
-    for rows in by_dtype.values():
+    for rows in by_kind.values():
         if rows[0][0].device.type != "cpu":
             emit(rows)
             continue
@@ -298,3 +299,14 @@ def chunked_dots(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, i
     if not products:  # every tensor is empty
         return torch.zeros(len(pairs), dtype=dtype)
     return torch.stack(products).view(-1, len(pairs)).sum(0)
+
+
+def total_dots(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]], dtype: torch.dtype,
+               device: torch.device, scratch: Scratch) -> Tensor:
+    """The sums of :func:`chunked_dots` where it applies (CPU), else batched multi-tensor
+    reductions (:func:`total_dot`, :func:`total_sum_of_squares` for a pair ``(a, a)``)."""
+    dots = chunked_dots(lists, pairs, dtype, scratch)
+    if dots is not None:
+        return dots
+    return torch.stack([total_sum_of_squares(lists[a], dtype, device) if a == b
+                        else total_dot(lists[a], lists[b], dtype, device) for a, b in pairs])

@@ -81,7 +81,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import (Scratch, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
-                       flat_sum_of_squares, total_dot, total_dot_loop, total_sum_of_squares, total_sum_of_squares_loop)
+                       flat_sum_of_squares, total_dot_loop, total_dots, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
 
@@ -492,10 +492,10 @@ def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Te
     if not deltas:
         return torch.zeros(4, dtype=dtype, device=device)
     torch._foreach_copy_(starts, xs)
+    lists, pairs = (deltas, gs, xs), ((0, 1), (0, 2), (2, 2), (1, 1))
     if deltas[0].device.type != "cpu":
-        return torch.stack([total_dot(deltas, gs, dtype, device), total_dot(deltas, xs, dtype, device),
-                            total_sum_of_squares(xs, dtype, device), total_sum_of_squares(gs, dtype, device)])
-    dots = chunked_dots((deltas, gs, xs), ((0, 1), (0, 2), (2, 2), (1, 1)), dtype, scratch)
+        return total_dots(lists, pairs, dtype, device, scratch)
+    dots = chunked_dots(lists, pairs, dtype, scratch)
     if dots is not None:
         return dots
     parts = []

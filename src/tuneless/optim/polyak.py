@@ -41,8 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (Scratch, add_scaled_, chunked_dots, total_dot, total_dot_loop, total_sum_of_squares,
-                       total_sum_of_squares_loop)
+from ._batched import add_scaled_, total_dot_loop, total_dots, total_sum_of_squares, total_sum_of_squares_loop
 from .base import TunelessOptimizer, finite_or_zero, local_tensor
 
 __all__ = ["Polyak", "SPS", "SPSMax", "Momo", "MomoStar"]
@@ -100,17 +99,6 @@ def _multi_tensor_sgd_step(params: list[Tensor], grads: list[Tensor], step: Tens
         gs.append(g)
     for dt, (ps, gs) in by_dtype.items():
         add_scaled_(ps, gs, (-step).to(dt))
-
-
-def _multi_tensor_dots(lists: tuple[list[Tensor], ...], pairs: tuple[tuple[int, int], ...], dtype: torch.dtype,
-                       device: torch.device, scratch: Scratch) -> Tensor:
-    """sum_i <lists[a][i], lists[b][i]> for each pair: BLAS dots over cache-sized chunks where
-    they apply (CPU), batched multi-tensor reductions otherwise."""
-    dots = chunked_dots(lists, pairs, dtype, scratch)
-    if dots is not None:
-        return dots
-    return torch.stack([total_sum_of_squares(lists[a], dtype, device) if a == b
-                        else total_dot(lists[a], lists[b], dtype, device) for a, b in pairs])
 
 
 def _single_tensor_ema_(avgs: list[Tensor], values: list[Tensor], keep: Tensor) -> None:
@@ -307,10 +295,10 @@ class Momo(TunelessOptimizer):
             xs = [local_tensor(p) for p in params]
             ds = [local_tensor(self._grad_avg(p)) for p in params]
             if self._use_foreach(group):
-                g_dot_x = _multi_tensor_dots((grads, xs), ((0, 1),), dtype, device, self._scratch())
+                g_dot_x = total_dots((grads, xs), ((0, 1),), dtype, device, self._scratch())
                 _multi_tensor_ema_(ds, grads, keep)
-                stats = stats + torch.cat([g_dot_x, _multi_tensor_dots((ds, xs), ((0, 1), (0, 0)), dtype, device,
-                                                                       self._scratch())])
+                stats = stats + torch.cat([g_dot_x, total_dots((ds, xs), ((0, 1), (0, 0)), dtype, device,
+                                                               self._scratch())])
             else:
                 g_dot_x = total_dot_loop(grads, xs, dtype, device)
                 _single_tensor_ema_(ds, grads, keep)

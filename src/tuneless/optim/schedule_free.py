@@ -280,10 +280,9 @@ def _multi_tensor_schedule_free(
     """
     lists = [ys, grads, zs] + ([exp_avg_sqs] if exp_avg_sqs is not None else [])
     a = lr * (beta * (1.0 - ckp1) - 1.0)
-    for block in (block for run, _ in _group_by_device_and_dtype(lists) for block in cache_blocks(*run)):
-        y, g, z = block[0], block[1], block[2]
+    for y, g, z, *rest in cache_blocks(*lists):
         if exp_avg_sqs is not None:
-            v_ = block[3]
+            v_ = rest[0]
             torch._foreach_mul_(v_, beta2)
             torch._foreach_addcmul_(v_, g, g, value=1.0 - beta2)
             denom = torch._foreach_div(v_, bias_correction2)
@@ -815,8 +814,7 @@ def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: floa
     """The same over all tensors at once, on the CPU block by block (cache-sized) so that the
     passes after the first read the block from the cache (x, a transient, in the input order)."""
     xs = [torch.empty_like(y) for y in ys]
-    for block in (block for run, _ in _group_by_device_and_dtype([ys, zs, xs]) for block in cache_blocks(*run)):
-        y, z, x = block[0], block[1], block[2]
+    for y, z, x in cache_blocks(ys, zs, xs):
         if wd != 0:
             step = gamma * wd
             if isinstance(step, Tensor):
@@ -842,8 +840,7 @@ def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor
 
 def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
     """The same over all tensors at once, on the CPU block by block (cache-sized)."""
-    for block in (block for run, _ in _group_by_device_and_dtype([ys, zs, xs]) for block in cache_blocks(*run)):
-        y, z, x = block[0], block[1], block[2]
+    for y, z, x in cache_blocks(ys, zs, xs):
         torch._foreach_lerp_(x, y, ckp1.to(_weight_dtype(x[0])))
         torch._foreach_copy_(z, y)
         torch._foreach_lerp_(y, x, beta)
