@@ -3,7 +3,9 @@
 The global statistics of learning-rate-free methods (squared norms, l1 norms, dot products
 summed over every parameter) are computed here, on the device, with one multi-tensor kernel
 per statistic (``torch._foreach_powsum`` and ``torch._foreach_mm``), then stacked and summed.
-Nothing here reads a value back to the host.
+On the CPU, where those kernels are slow, the sums go block by block through a reused scratch
+buffer (``flat_*``) or, for dot products of tensors in the sum dtype, one BLAS dot per
+cache-sized chunk (``chunked_dots``, ``total_dots``). Nothing here reads a value back to the host.
 
 Each function has a plain per-tensor twin (``*_loop``) used by the readable per-parameter
 path of the optimizers; the tests check that the two agree.
