@@ -35,6 +35,11 @@ class ProblemInstance(ABC):
         """The current point, for trajectories (analytic functions), else None."""
         return None
 
+    def prepare_evaluation(self) -> None:
+        """Called at the evaluation point just before :meth:`evaluate` (inside the optimizer's
+        ``evaluation_point()``): models with BatchNorm recompute their running statistics there,
+        for every method alike. The default does nothing."""
+
 
 class Problem(ABC):
     """A named problem with a step budget; see the module docstring."""
@@ -50,6 +55,12 @@ class Problem(ABC):
 
     #: the minimum value of the training objective, when known (else None)
     min_value: float | None = None
+
+    #: the key of :meth:`ProblemInstance.evaluate` that scores this problem in the benchmark's
+    #: headline: the held-out loss for learning problems, the objective for analytic functions
+    target_metric: ClassVar[str] = "loss"
+    #: True when a larger ``target_metric`` is better (accuracy), False when smaller is (a loss)
+    target_higher_is_better: ClassVar[bool] = False
 
     @abstractmethod
     def instantiate(self, seed: int = 0, *, dtype: torch.dtype = torch.float32,

@@ -212,6 +212,8 @@ class LearningProblem(Problem):
     """A small learning task; see the module docstring."""
 
     kind = "learning"
+    #: the held-out loss scores learning problems (training loss stays available as ``loss``)
+    target_metric: ClassVar[str] = "test_loss"
     #: minibatch size
     default_batch_size: ClassVar[int] = 64
     #: the dtype the benchmark runs it in
@@ -440,6 +442,8 @@ class _LinearModel(nn.Module):
 
 class LeastSquares(LearningProblem):
     name = "least_squares"
+    #: an optimization problem with a known minimum: scored on its training objective
+    target_metric: ClassVar[str] = "loss"
     description = "consistent least squares 1/2 mean (a_i.x - b_i)^2, 512 rows, 64 columns scaled over 2 decades: minimum 0"
     default_steps = 1000
     default_batch_size = 32
@@ -480,6 +484,8 @@ class _Factors(nn.Module):
 
 class MatrixFactorization(LearningProblem):
     name = "matrix_factorization"
+    #: an optimization problem with a known minimum: scored on its training objective
+    target_metric: ClassVar[str] = "loss"
     description = "rank-5 completion of a 60x40 matrix from half its entries (U V^T fit, nonconvex): minimum 0"
     default_steps = 1500
     default_batch_size = 128
