@@ -10,7 +10,7 @@ from .optim import DoG, DoWG, LDoG
 from .optim import COCOB, SGDHD, AdamHD, Mechanic
 from .optim import OPTIMIZERS, STEP_SIZE_KEY, SPS, Momo, MomoStar, Polyak, SPSMax, TunelessOptimizer, effective_lrs
 from .optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
-from .optim import Prodigy
+from .optim import Prodigy, Tuneless
 from .optim import (ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy, ScheduleFreeSGD,
                     recompute_batchnorm_statistics)
 from .registry import available, available_schedulers, create, create_scheduler, learning_rate_free
@@ -19,6 +19,7 @@ from .schedules import LossProportionalLR
 __version__ = "0.1.0"
 
 __all__ = [
+    "Tuneless",
     "TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS",
     "Polyak", "SPS", "SPSMax", "Momo", "MomoStar",
     "DoG", "LDoG", "DoWG",

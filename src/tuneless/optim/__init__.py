@@ -2,6 +2,7 @@
 
 from .base import STEP_SIZE_KEY, TunelessOptimizer, effective_lrs
 from .cocob import COCOB
+from .default import Tuneless
 from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
 from .dog import DoG, DoWG, LDoG
 from .hypergradient import SGDHD, AdamHD
@@ -12,11 +13,11 @@ from .schedule_free import (ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy
                             recompute_batchnorm_statistics)
 
 #: Every tuneless optimizer class, in the order listed by ``tuneless list``.
-OPTIMIZERS: tuple[type[TunelessOptimizer], ...] = (Polyak, SPS, SPSMax, Momo, MomoStar, DAdaptSGD, DAdaptAdam, DAdaptAdaGrad, Prodigy, DoG, LDoG, DoWG,
+OPTIMIZERS: tuple[type[TunelessOptimizer], ...] = (Tuneless, Polyak, SPS, SPSMax, Momo, MomoStar, DAdaptSGD, DAdaptAdam, DAdaptAdaGrad, Prodigy, DoG, LDoG, DoWG,
                                                 ScheduleFreeSGD, ScheduleFreeAdamW, ScheduleFreeProdigy,
                                                 COCOB, Mechanic, SGDHD, AdamHD)
 
-__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS",
+__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS", "Tuneless",
            "Polyak", "SPS", "SPSMax", "Momo", "MomoStar", "DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad", "Prodigy", "DoG", "LDoG", "DoWG",
            "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeProdigy", "ScheduleFree",
            "recompute_batchnorm_statistics", "COCOB", "Mechanic", "SGDHD", "AdamHD"]

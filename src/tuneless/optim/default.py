@@ -1,0 +1,337 @@
+r"""``Tuneless``: the default optimizer, an Adam direction whose step size comes from the error
+and is capped by a learned distance.
+
+Design (each ingredient was chosen by the ablation of ``benchmarks/default_ablation.py``; the
+split of problems, the table and its reading are in ``docs/default.md``):
+
+* **Direction**: Adam's, bias-corrected, :math:`u_k = \hat m_k / (\sqrt{\hat v_k} + \epsilon)`.
+* **Step size from the error** (MoMo-Adam's model, Schaipp et al., ICML 2024): with the
+  bias-corrected averages :math:`\hat f_k` of the loss and :math:`\hat\gamma_k` of
+  :math:`\langle g_k, x_k\rangle` (weight :math:`\beta_1`, as :math:`\hat m_k`), the momentum
+  model at :math:`x_k` is :math:`h_k = \hat f_k + \langle \hat m_k, x_k\rangle - \hat\gamma_k`,
+  and its Polyak step in the preconditioner's norm is
+
+  .. math:: \tau_k = \frac{(h_k - \ell)_+}{\|\hat m_k\|^2_{D_k^{-1}}},
+            \qquad \|\hat m\|^2_{D^{-1}} = \sum_i \hat m_i^2 / D_i,\ D = \sqrt{\hat v} + \epsilon,
+
+  with :math:`\ell` a known lower bound of the loss (``lower_bound``, 0 by default).
+* **A cap that is not a hyperparameter**: Prodigy's distance estimate (Mishchenko & Defazio,
+  ICML 2024), :math:`r_{k} = \sqrt{\beta_2} r_{k-1} + (1-\sqrt{\beta_2}) d_k^2 \langle g_k, x_0 - x_k\rangle`,
+  :math:`s_k = \sqrt{\beta_2} s_{k-1} + (1-\sqrt{\beta_2}) d_k^2 g_k`,
+  :math:`d_{k+1} = \max(d_k, r_k / \|s_k\|_1)`. For a convex loss it stays below
+  :math:`\|x_0 - x^*\|_\infty`, the largest per-coordinate step worth taking.
+* **The two combined** softly, as in NGN (Orvieto & Xiao, 2024): :math:`\eta_k = \mathrm{lr} /
+  (1/\tau_k + 1/d_k)`, which is :math:`\tau_k` where the error is small (the Polyak step, which
+  reaches a minimum of 0 fast) and :math:`d_k` where it is large or the loss is shifted (no
+  divergence when the lower bound is wrong).
+* **Start-up without a crawl**: the distance estimate starts at the first step's Polyak step
+  :math:`\tau_1 = f(x_1) / \|g_1\|_1` (Adam's first direction is the sign of the gradient),
+  which for a convex loss with minimum 0 is itself a lower bound of
+  :math:`\|x_1 - x^*\|_\infty` since :math:`f(x_1) \le \langle g_1, x_1 - x^*\rangle`; Prodigy
+  starts at 1e-6 and needs tens of steps to grow out of it.
+* **Weight decay** is decoupled and scaled by the step size (AdamW's form).
+
+Update: :math:`x_{k+1} = x_k - \eta_k (u_k + \lambda x_k)`. The step size :math:`\eta_k` is
+published as ``effective_lr``. One step is one pass of statistics (five sums over the
+parameters, reduced in one collective when sharded) and one update; no host synchronization.
+
+State per parameter: :math:`m, v` (Adam), :math:`s` (Prodigy's weighted gradient sum) and
+:math:`x_0` (the starting point): 16 bytes per float32 parameter, Prodigy's footprint.
+
+:class:`TunelessVariant` exposes the ingredients as switches for the ablation only; it is not
+registered and its switches are not part of the public interface.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from ._batched import total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
+from .base import TunelessOptimizer, local_tensor
+
+__all__ = ["Tuneless", "TunelessVariant"]
+
+#: the step rules of the ablation: the error-driven step, the distance estimate, or both
+STEP_RULES = ("both", "polyak", "distance")
+#: how the two are combined: the soft minimum 1/(1/a + 1/b) or the hard minimum
+COMBINES = ("soft", "hard")
+#: where the distance estimate starts: the first Polyak step, or Prodigy's 1e-6
+STARTS = ("polyak", "tiny")
+#: Prodigy's starting distance
+TINY_D0 = 1e-6
+
+
+class Tuneless(TunelessOptimizer):
+    r"""The default learning-rate-free optimizer: Adam's direction, a Polyak step from the
+    error, capped by Prodigy's distance estimate (see the module docstring for the math).
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the learned step size, for schedulers (default 1.0; keep it).
+        betas: the averaging weights of Adam's two moments (default (0.9, 0.999)); the loss
+            and :math:`\langle g, x\rangle` averages use the first.
+        weight_decay: decoupled weight decay :math:`\lambda`, scaled by the step size (default 0).
+        lower_bound: a known lower bound of the loss (default 0.0, right for every
+            non-negative loss); a wrong one slows the end of training but cannot make it
+            diverge, since the distance estimate caps the step.
+        eps: Adam's :math:`\epsilon` (default 1e-8).
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    Needs the loss at every step: ``opt.step(loss=loss)`` or a closure.
+
+    References:
+        Schaipp, Ohana, Eickenberg, Defazio, Gower, "MoMo: Momentum Models for Adaptive
+        Learning Rates", ICML 2024 (the model and its Polyak step, MoMo-Adam);
+        Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
+        ICML 2024 (the distance estimate); Orvieto & Xiao, "An Adaptive Stochastic Gradient
+        Method with Non-negative Gauss-Newton Stepsizes", 2024 (the soft minimum);
+        Kingma & Ba, ICLR 2015 (the direction).
+    """
+
+    requires_loss = True
+    registry_name = "tuneless"
+    learning_rate_free = True
+
+    def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
+                 foreach: bool | None = None) -> None:
+        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, "both", "soft", "polyak")
+
+    def _init(self, params: Any, lr: float, betas: Any, weight_decay: float, lower_bound: float, eps: float,
+              foreach: bool | None, step_rule: str, combine: str, start: str) -> None:
+        owner = type(self).__name__
+        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            v.fail(owner, "betas", betas, "a pair (beta1, beta2) with 0 <= beta < 1", (0.9, 0.999))
+        for i, b in enumerate(betas):
+            v.check_range(owner, f"betas[{i}]", b, 0.0, 1.0, inclusive="[)", recommended=(0.9, 0.999)[i])
+        v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
+        v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
+        v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
+        for name, value, allowed in (("step_rule", step_rule, STEP_RULES), ("combine", combine, COMBINES),
+                                     ("start", start, STARTS)):
+            if value not in allowed:
+                v.fail(owner, name, value, " or ".join(repr(a) for a in allowed), allowed[0])
+        super().__init__(params, dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
+                                      weight_decay=float(weight_decay), lower_bound=float(lower_bound),
+                                      eps=float(eps), foreach=foreach))
+        self._step_rule, self._combine, self._start = step_rule, combine, start
+
+    # ------------------------------------------------------------------ state
+
+    def _init_state(self) -> None:
+        """The learned scalars, shared by every group (each group holds the same tensors' copy,
+        so that ``state_dict`` and checkpointing keep them)."""
+        first = self.param_groups[0]
+        if "tuneless_step" in first:
+            return
+        shared = {
+            "tuneless_step": 0,
+            "distance": self._scalar(0.0),             # d_k (0 until the first step sets it)
+            "distance_numerator": self._scalar(0.0),   # r_k
+            "loss_avg": self._scalar(0.0),             # EMA of f (biased)
+            "grad_dot_x_avg": self._scalar(0.0),       # EMA of <g, x> (biased)
+        }
+        for group in self.param_groups:
+            for key, value in shared.items():
+                group[key] = value.clone() if isinstance(value, Tensor) else value
+
+    def _buffers(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            x = local_tensor(p)
+            state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(x, memory_format=torch.preserve_format)
+            state["grad_sum"] = torch.zeros_like(x, memory_format=torch.preserve_format)
+            state["x0"] = x.detach().clone(memory_format=torch.preserve_format)
+        return state["exp_avg"], state["exp_avg_sq"], state["grad_sum"], state["x0"]
+
+    # ------------------------------------------------------------------ the step
+
+    def _update(self, loss: Tensor | None) -> None:
+        assert loss is not None
+        self._init_state()
+        dtype, device = self._stat_dtype(), self._stat_device()
+        first = self.param_groups[0]
+        k = first["tuneless_step"] + 1
+        beta1, beta2 = first["betas"]
+        eps = first["eps"]
+        bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
+        per_group = [self._params_with_grad(g) for g in self.param_groups]
+        ok_loss = torch.isfinite(loss)
+        d = first["distance"]
+        weight = torch.where(d > 0, d * d, torch.ones_like(d))  # d_k^2 (1 at the first step, rescaled below)
+
+        # 1. Moments, the weighted gradient sum, and the five sums:
+        #    <g, x>, <g, x0 - x>, <m_hat, x>, ||m_hat||^2_{D^-1}, ||s||_1 (before rescaling).
+        stats = torch.zeros(5, dtype=dtype, device=device)
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if not params:
+                continue
+            bufs = [self._buffers(p) for p in params]
+            xs = [local_tensor(p) for p in params]
+            ms, vs, ss, x0s = (list(t) for t in zip(*bufs))
+            fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
+            stats = stats + fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=eps,
+                               weight=weight, dtype=dtype, device=device)
+        g_dot_x, g_dot_x0_minus_x, m_dot_x, m_sq, s_l1 = self._global_sum(stats).unbind(0)
+
+        # 2. The scalars: the model h_k, the Polyak step, the distance, the step size.
+        safe_loss = torch.where(ok_loss, loss, torch.zeros_like(loss))
+        loss_avg = beta1 * first["loss_avg"] + (1 - beta1) * safe_loss
+        gx_avg = beta1 * first["grad_dot_x_avg"] + (1 - beta1) * g_dot_x
+        model = loss_avg / bc1 + m_dot_x - gx_avg / bc1
+        safe_m_sq = torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq))
+        sqrt_b2 = math.sqrt(beta2)
+        numerator = sqrt_b2 * first["distance_numerator"] + (1 - sqrt_b2) * weight * g_dot_x0_minus_x
+        if k == 1:
+            # d_1 from the first Polyak step (or Prodigy's 1e-6): the sums above used weight 1,
+            # so the numerator is rescaled to d_1^2 (s is rescaled the same way in step 3).
+            tau1 = torch.clamp(model - first["lower_bound"], min=0.0) / safe_m_sq
+            tau1 = torch.where(torch.isfinite(tau1) & (tau1 > 0), tau1, torch.full_like(tau1, TINY_D0))
+            d = tau1 if self._start == "polyak" else torch.full_like(tau1, TINY_D0)
+            rescale = d * d
+            numerator = numerator * rescale
+            s_l1 = s_l1 * rescale
+        else:
+            rescale = None
+        d_hat = torch.where(s_l1 > 0, numerator / torch.where(s_l1 > 0, s_l1, torch.ones_like(s_l1)),
+                            torch.zeros_like(s_l1))
+        new_d = torch.maximum(d, torch.where(torch.isfinite(d_hat), d_hat, torch.zeros_like(d_hat)))
+
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            tau = torch.where(m_sq > 0, torch.clamp(model - group["lower_bound"], min=0.0) / safe_m_sq,
+                              torch.zeros_like(m_sq))
+            if self._step_rule == "polyak":
+                base = tau
+            elif self._step_rule == "distance":
+                base = new_d
+            elif self._combine == "soft":
+                base = torch.where((tau > 0) & (new_d > 0), tau * new_d / (tau + new_d), torch.zeros_like(tau))
+            else:
+                base = torch.minimum(tau, new_d)
+            ok = ok_loss & torch.isfinite(base) & torch.isfinite(m_sq)
+            eta = torch.where(ok, group["lr"] * base, torch.zeros_like(base))
+            self._publish_step_size(group, eta)
+            group["tuneless_step"] = k
+            group["distance"] = torch.where(ok_loss, new_d, d)
+            group["distance_numerator"] = torch.where(ok_loss, numerator, group["distance_numerator"])
+            group["loss_avg"] = torch.where(ok_loss, loss_avg, group["loss_avg"])
+            group["grad_dot_x_avg"] = torch.where(ok_loss, gx_avg, group["grad_dot_x_avg"])
+            if not params:
+                continue
+            bufs = [self._buffers(p) for p in params]
+            xs = [local_tensor(p) for p in params]
+            ms, vs, ss, _ = (list(t) for t in zip(*bufs))
+            fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
+            fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=bc1, bc2=bc2, eps=eps,
+               weight_decay=group["weight_decay"])
+
+    @property
+    def distances(self) -> list[Tensor]:
+        """The distance estimate d of each param group (0-d tensors, no sync)."""
+        return [g.get("distance", torch.tensor(0.0)) for g in self.param_groups]
+
+
+class TunelessVariant(Tuneless):
+    """:class:`Tuneless` with its ingredients as switches, for ``benchmarks/default_ablation.py`` only.
+
+    Args (beyond :class:`Tuneless`'s):
+        step_rule: ``"both"`` (the default's), ``"polyak"`` (the error-driven step alone, no cap)
+            or ``"distance"`` (Prodigy's estimate alone).
+        combine: ``"soft"`` (1/(1/tau + 1/d), the default's) or ``"hard"`` (min).
+        start: ``"polyak"`` (the default's: d starts at the first Polyak step) or ``"tiny"``
+            (Prodigy's 1e-6).
+    """
+
+    registry_name = ""
+
+    def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
+                 foreach: bool | None = None, step_rule: str = "both", combine: str = "soft",
+                 start: str = "polyak") -> None:
+        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start)
+
+
+# ---------------------------------------------------------------------------- per-parameter (the truth)
+
+
+def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
+                              device) -> Tensor:
+    """Update m, v and s of each tensor; return this part's five sums (see ``Tuneless._update``)."""
+    sqrt_b2 = math.sqrt(beta2)
+    sums = torch.zeros(5, dtype=dtype, device=device)
+    for x, g, m, v_, s, x0 in zip(xs, grads, ms, vs, ss, x0s):
+        g = g.to(m.dtype)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        s.mul_(sqrt_b2).add_(g * (1 - sqrt_b2) * weight.to(s.dtype))
+        m_hat = m / bc1
+        denom = (v_ / bc2).sqrt_().add_(eps)
+        g64, x64, m64 = g.to(dtype), x.to(dtype), m_hat.to(dtype)
+        sums = sums + torch.stack([
+            (g64 * x64).sum(),
+            (g64 * (x0.to(dtype) - x64)).sum(),
+            (m64 * x64).sum(),
+            (m64 * m64 / denom.to(dtype)).sum(),
+            s.to(dtype).abs().sum(),
+        ])
+    return sums
+
+
+def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay) -> None:
+    """x <- x - eta (m_hat / (sqrt(v_hat) + eps) + wd x); at the first step s is rescaled to d_1^2."""
+    for x, m, v_, s in zip(xs, ms, vs, ss):
+        if rescale is not None:
+            s.mul_(rescale.to(s.dtype))
+        denom = (v_ / bc2).sqrt_().add_(eps)
+        e = eta.to(x.dtype)
+        if weight_decay:
+            x.mul_(1 - e * weight_decay)
+        x.addcdiv_(m / bc1 * -e, denom)
+
+
+# ---------------------------------------------------------------------------- vectorized
+
+
+def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
+                             device) -> Tensor:
+    """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site)."""
+    sqrt_b2 = math.sqrt(beta2)
+    grads = [g.to(m.dtype) for g, m in zip(grads, ms)]
+    torch._foreach_lerp_(ms, grads, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    torch._foreach_mul_(ss, sqrt_b2)
+    torch._foreach_addcmul_(ss, grads, [(weight * (1 - sqrt_b2)).to(s.dtype) for s in ss])
+    denom = torch._foreach_div(vs, bc2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    m_hat = torch._foreach_div(ms, bc1)
+    u = torch._foreach_div(m_hat, denom)
+    diff = torch._foreach_sub(x0s, xs)
+    return torch.stack([
+        total_dot(grads, xs, dtype, device),
+        total_dot(grads, diff, dtype, device),
+        total_dot(m_hat, xs, dtype, device),
+        total_dot(m_hat, u, dtype, device),
+        total_abs_sum(ss, dtype, device),
+    ])
+
+
+def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay) -> None:
+    if rescale is not None:
+        torch._foreach_mul_(ss, rescale.to(ss[0].dtype))
+    denom = torch._foreach_div(vs, bc2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    e = eta.to(xs[0].dtype)
+    if weight_decay:
+        torch._foreach_mul_(xs, 1 - e * weight_decay)
+    u = torch._foreach_div(ms, denom)
+    torch._foreach_addcmul_(xs, u, [-e / bc1] * len(xs))
