@@ -1,0 +1,117 @@
+"""The ablation behind the default optimizer, ``tuneless.Tuneless`` (see ``docs/default.md``).
+
+Runs each variant of the default (one ingredient switched at a time, through the unregistered
+``tuneless.optim.default.TunelessVariant``) and the anchors it must beat, with the benchmark's
+own machinery (``tuneless bench``: the same oracle, store and scoring), on the DESIGN problems
+only, then prints the ablation table. The held-out problems are run only with ``--held-out``,
+once the design is frozen, and are reported in a table of their own.
+
+    python benchmarks/default_ablation.py                    # design set, seeds 0 1 2
+    python benchmarks/default_ablation.py --seeds 0          # a quicker screen
+    python benchmarks/default_ablation.py --held-out         # the frozen default on the held-out set
+    python benchmarks/default_ablation.py --render           # re-print from the store, run nothing
+
+The store (``out/default-ablation.sqlite`` by default) is resumable: an interrupted run
+continues where it stopped, and runs already stored (the oracle's included) are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+#: The split, fixed before the first experiment (docs/default.md, "The split"): the design set
+#: is where choices are made; the held-out set is never used to choose anything.
+DESIGN_PROBLEMS: tuple[str, ...] = (
+    "rosenbrock", "beale", "quadratic", "rastrigin", "logreg_digits", "logreg_wine", "mlp_digits", "mlp_wine",
+    "cnn_digits", "char_lm", "least_squares", "mlp_digits_smooth", "finetune_digits",
+)
+HELD_OUT_PROBLEMS: tuple[str, ...] = (
+    "rosenbrock_nd", "logreg_breast_cancer", "mlp_breast_cancer", "matrix_factorization", "transformer_lm",
+    "resnet_digits", "mlp_digits_long",
+)
+
+_VARIANT = "tuneless.optim.default.TunelessVariant"
+
+#: name -> (spec, what it tests). The first row is the default itself.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "tuneless (default)": ("tuneless", "Polyak step, soft-capped by the distance, d started at the first Polyak step"),
+    "hard minimum": (f"{_VARIANT}:combine='hard'", "min(tau, d) instead of 1/(1/tau + 1/d)"),
+    "no cap (Polyak step alone)": (f"{_VARIANT}:step_rule='polyak'", "MoMo-Adam's step with no cap at all"),
+    "no error (distance alone)": (f"{_VARIANT}:step_rule='distance'", "Prodigy-style d alone, Polyak start"),
+    "tiny start": (f"{_VARIANT}:start='tiny'", "d starts at Prodigy's 1e-6"),
+    "distance alone, tiny start": (f"{_VARIANT}:step_rule='distance',start='tiny'",
+                                   "close to Prodigy (plain Adam moments)"),
+}
+
+#: the anchors the default is compared with (registered methods at their defaults)
+ANCHORS: tuple[str, ...] = ("momo", "momo_star", "prodigy", "sf_prodigy", "mechanic", "dowg", "cocob")
+
+
+def _available(problems: tuple[str, ...]) -> list[str]:
+    from tuneless.problems import PROBLEMS
+
+    return [p for p in problems if p in PROBLEMS]
+
+
+def _anchors() -> list[str]:
+    from tuneless.registry import available
+
+    names = set(available())
+    extra = [a for a in ("momo_adam", "sf_plus") if a in names]
+    return [a for a in ANCHORS if a in names] + extra
+
+
+def run_sweep(problems: list[str], specs: list[str], seeds: list[int], db: Path, workers: int | None) -> None:
+    cmd = [sys.executable, "-m", "tuneless.cli", "bench", "full", "--problems", *problems,
+           "--optimizers", *specs, "--seeds", *map(str, seeds), "--db", str(db), "--no-report"]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def render(db: Path, problems: list[str], labels: dict[str, str]) -> str:
+    """The ablation table from the store: one row per variant or anchor."""
+    from tuneless.bench import compute_results
+    from tuneless.bench.store import ResultStore
+
+    with ResultStore(db, create=False) as store:
+        records = [r for r in store.records(curves=True) if r.problem in problems]
+    results = compute_results(records, methods=list(labels))
+    lines = ["| variant | spec | gap (geo-mean) | within 1.1x | within 2x | diverged | failed |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for summary in results.summaries:
+        name = labels.get(summary.method, summary.method)
+        lines.append(f"| {name} | `{summary.method}` | {summary.geo_gap:.2f}x | "
+                     f"{summary.within_1_1}/{summary.problems} | {summary.within_2}/{summary.problems} | "
+                     f"{summary.diverged} | {summary.failed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--db", type=Path, default=Path("out/default-ablation.sqlite"))
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--held-out", action="store_true", help="run the default and the anchors on the held-out set")
+    parser.add_argument("--render", action="store_true", help="print the table from the store; run nothing")
+    args = parser.parse_args(argv)
+    problems = _available(HELD_OUT_PROBLEMS if args.held_out else DESIGN_PROBLEMS)
+    variants = {"tuneless": "tuneless (default)"} if args.held_out else {s: n for n, (s, _) in VARIANTS.items()}
+    labels = {**variants, **{a: a for a in _anchors()}}
+    from tuneless.bench.suite import canonical_spec
+
+    labels = {canonical_spec(s): n for s, n in labels.items()}
+    if not args.render:
+        args.db.parent.mkdir(parents=True, exist_ok=True)
+        run_sweep(problems, list(labels), args.seeds, args.db, args.workers)
+    print(f"\n{'held-out' if args.held_out else 'design'} problems ({len(problems)}): {', '.join(problems)}\n")
+    print(render(args.db, problems, labels))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
