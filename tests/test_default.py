@@ -1,0 +1,157 @@
+"""Tuneless, the default optimizer: its math at the first steps, the promises the README makes
+for it (no learning rate, no crawl at the start, progress in bfloat16, invariance to the
+loss's scale, no divergence when the loss is shifted) and its ablation variants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tuneless
+from tuneless.optim.default import TunelessVariant
+
+
+def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 20, generator=g)
+    w = torch.randn(20, 5, generator=g)
+    return x, (x @ w).argmax(1)
+
+
+def _mlp(dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.GELU(), torch.nn.Linear(64, 5)).to(dtype)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, scale: float = 1.0,
+           shift: float = 0.0) -> list[float]:
+    """Train on the optimizer's view of the loss (scale * loss + shift); return the true losses."""
+    x, y = _data()
+    dtype = next(model.parameters()).dtype
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y)
+        seen = scale * loss + shift
+        seen.backward()
+        opt.step(loss=seen)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_first_step_is_half_the_polyak_step_along_the_sign_of_the_gradient():
+    # At step 1, m_hat = g and D = |g| + eps, so tau_1 = f / sum(g^2 / (|g| + eps)) and the
+    # distance starts at d_1 = tau_1: the soft minimum is tau_1 / 2.
+    x = torch.nn.Parameter(torch.tensor([3.0, -4.0, 0.5], dtype=torch.float64))
+    opt = tuneless.Tuneless([x])
+    loss = 0.5 * (x ** 2).sum()
+    loss.backward()
+    g = x.grad.clone()
+    start = x.detach().clone()
+    opt.step(loss=loss)
+    tau = float(loss.detach()) / float((g * g / (g.abs() + 1e-8)).sum())
+    assert float(opt.param_groups[0]["effective_lr"]) == pytest.approx(tau / 2, rel=1e-12)
+    assert float(opt.distances[0]) == pytest.approx(tau, rel=1e-12)
+    expected = start - tau / 2 * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(x.detach(), expected, rtol=1e-12, atol=0)
+
+
+def test_the_step_size_is_the_soft_minimum_of_the_polyak_step_and_the_distance():
+    # Once both are known, eta = 1 / (1/tau + 1/d): check it against the variants that apply
+    # each one alone, from identical states.
+    def run(**kw):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+        opt = TunelessVariant([p], **kw)
+        for t in range(6):
+            opt.zero_grad()
+            loss = ((p - torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)) ** 2).sum() + 0.1 * t
+            loss.backward()
+            opt.step(loss=loss)
+        return opt
+
+    both = run()
+    assert float(both.param_groups[0]["effective_lr"]) > 0
+    assert float(run(combine="hard").param_groups[0]["effective_lr"]) > 0
+    # the published step is below each of its two parts at every state (a soft minimum)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    opt = tuneless.Tuneless([p])
+    for _ in range(10):
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        before_d = opt.distances[0].clone() if opt.param_groups[0].get("tuneless_step") else None
+        opt.step(loss=loss)
+        eta = float(opt.param_groups[0]["effective_lr"])
+        d = float(opt.distances[0])
+        assert 0 < eta < d
+        if before_d is not None:
+            assert d >= float(before_d)  # the distance estimate never decreases
+
+
+def test_bfloat16_parameters_make_progress_within_ten_steps():
+    model = _mlp(torch.bfloat16)
+    losses = _train(model, tuneless.Tuneless(model.parameters()), 10)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0]
+    # Prodigy, started at d0 = 1e-6, leaves the same bfloat16 model almost where it was
+    model = _mlp(torch.bfloat16)
+    prodigy = _train(model, tuneless.Prodigy(model.parameters()), 10)
+    assert prodigy[-1] > 0.99 * prodigy[0]
+
+
+def test_scaling_the_loss_barely_changes_the_run():
+    # Adam's direction and both step sizes are invariant to the loss's scale (up to eps).
+    runs = {}
+    for scale in (1e-3, 1.0, 1e3):
+        model = _mlp(torch.float64)
+        runs[scale] = _train(model, tuneless.Tuneless(model.parameters()), 30, scale=scale)
+    for scale in (1e-3, 1e3):
+        assert runs[scale][-1] == pytest.approx(runs[1.0][-1], rel=1e-3)
+
+
+def test_a_shifted_loss_does_not_diverge_and_still_trains():
+    # loss + 1 makes the Polyak step aim at -1: the distance cap keeps the run stable.
+    model = _mlp(torch.float64)
+    losses = _train(model, tuneless.Tuneless(model.parameters()), 60, shift=1.0)
+    assert all(math.isfinite(v) for v in losses)
+    assert max(losses) < 2 * losses[0]
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_a_minimum_of_zero_is_reached_to_high_precision():
+    # the Polyak part: on a consistent least-squares problem the error goes to ~0
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 10, generator=g, dtype=torch.float64) * torch.logspace(0, 1, 10, dtype=torch.float64)
+    b = a @ torch.randn(10, generator=g, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
+    opt = tuneless.Tuneless([w])
+    start = float(0.5 * (b ** 2).mean())
+    for _ in range(400):
+        opt.zero_grad()
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        loss.backward()
+        opt.step(loss=loss)
+    assert float(loss.detach()) < 1e-10 * start  # Adam at a fixed rate stalls far above this
+
+
+@pytest.mark.parametrize("kwargs", [dict(step_rule="polyak"), dict(step_rule="distance"), dict(combine="hard"),
+                                    dict(start="tiny")])
+def test_ablation_variants_train_and_the_per_parameter_path_agrees(kwargs):
+    results = []
+    for foreach in (True, False):
+        model = _mlp(torch.float64)
+        opt = TunelessVariant(model.parameters(), foreach=foreach, **kwargs)
+        results.append(_train(model, opt, 15))
+    assert results[0] == pytest.approx(results[1], rel=1e-9)
+    if kwargs.get("start") != "tiny":
+        assert results[0][-1] < results[0][0]
+
+
+def test_ablation_switches_are_checked_and_not_on_the_default():
+    with pytest.raises(tuneless.InvalidArgumentError, match=r"step_rule = 'both_' is invalid"):
+        TunelessVariant([torch.nn.Parameter(torch.zeros(1))], step_rule="both_")
+    with pytest.raises(tuneless.UnknownArgumentError):
+        tuneless.Tuneless([torch.nn.Parameter(torch.zeros(1))], step_rule="polyak")
+    assert tuneless.create("tuneless", [torch.nn.Parameter(torch.zeros(1))]).__class__ is tuneless.Tuneless
