@@ -34,6 +34,7 @@ HELD_OUT_PROBLEMS: tuple[str, ...] = (
 )
 
 _VARIANT = "tuneless.optim.default.TunelessVariant"
+_SF_VARIANT = "tuneless.optim.default.TunelessScheduleFreeVariant"
 
 #: name -> (spec, what it tests). The first row is the default itself.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -44,6 +45,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "tiny start": (f"{_VARIANT}:start='tiny'", "d starts at Prodigy's 1e-6"),
     "distance alone, tiny start": (f"{_VARIANT}:step_rule='distance',start='tiny'",
                                    "close to Prodigy (plain Adam moments)"),
+    "+ Schedule-Free averaging": (f"{_SF_VARIANT}", "the default's step inside Schedule-Free (base beta1 = 0)"),
+    "+ Schedule-Free, base momentum": (f"{_SF_VARIANT}:beta1=0.9", "the same with the base's beta1 = 0.9"),
 }
 
 #: the anchors the default is compared with (registered methods at their defaults)

@@ -53,8 +53,9 @@ from torch import Tensor
 from .. import _validate as v
 from ._batched import total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
 from .base import TunelessOptimizer, local_tensor
+from .schedule_free import ScheduleFree
 
-__all__ = ["Tuneless", "TunelessVariant"]
+__all__ = ["Tuneless", "TunelessVariant", "TunelessScheduleFreeVariant"]
 
 #: the step rules of the ablation: the error-driven step, the distance estimate, or both
 STEP_RULES = ("both", "polyak", "distance")
@@ -256,6 +257,27 @@ class TunelessVariant(Tuneless):
                  foreach: bool | None = None, step_rule: str = "both", combine: str = "soft",
                  start: str = "polyak") -> None:
         self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start)
+
+
+class TunelessScheduleFreeVariant(ScheduleFree):
+    """Schedule-Free averaging around :class:`TunelessVariant`, for the ablation only (not registered).
+
+    The base's first beta is 0 by default: the interpolation of Schedule-Free replaces momentum
+    (as in Schedule-Free AdamW), so the Polyak step is taken on the last loss and gradient.
+
+    Args:
+        params: parameters or param groups.
+        beta1: the base's first beta (default 0.0).
+        momentum: Schedule-Free's interpolation weight (default 0.9).
+        step_rule, combine, start: as :class:`TunelessVariant`.
+    """
+
+    registry_name = ""
+
+    def __init__(self, params: Any, *, beta1: float = 0.0, momentum: float = 0.9, step_rule: str = "both",
+                 combine: str = "soft", start: str = "polyak") -> None:
+        base = TunelessVariant(params, betas=(beta1, 0.999), step_rule=step_rule, combine=combine, start=start)
+        super().__init__(base, momentum=momentum)
 
 
 # ---------------------------------------------------------------------------- per-parameter (the truth)
