@@ -13,6 +13,7 @@ import torch
 
 from tests.optim_db import OPTIM_DB, OptimizerInfo
 from tuneless import STEP_SIZE_KEY, LossRequiredError, SparseGradientError, UnknownArgumentError
+from tuneless._host_reads import HostReadCounter
 from tuneless.optim import _batched as batched
 from tuneless.optim.base import TunelessOptimizer
 
@@ -318,43 +319,69 @@ def test_deepcopy_and_pickle(info: OptimizerInfo) -> None:
 # ----------------------------------------------------------------------------- host syncs
 
 
-class SyncCounter:
-    """Counts Python-level device-to-host reads of tensors (item, bool, float, int, tolist, numpy)."""
+class SyncCounter(HostReadCounter):
+    """Counts host reads of tensor values: Python-level ones (item, bool, float, int, index,
+    tolist, numpy) and those torch makes inside an op (``aten._local_scalar_dense``: a 0-d tensor
+    given to a Scalar overload; ``aten.equal``, ``nonzero``, ...), seen by a TorchDispatchMode.
+    Reads by torch.optim's own code (its CPU step counters) are exempted by where they come
+    from; see :mod:`tuneless._host_reads`."""
 
-    NAMES = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
 
-    def __enter__(self):
-        self.count = 0
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        for name, fn in self.saved.items():
-            def counted(t, *a, _fn=fn, **k):
-                self.count += 1
-                return _fn(t, *a, **k)
-
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
+def _paths(info: OptimizerInfo, kwargs) -> list[dict]:
+    """The implementations of a configuration: vectorized and per-parameter."""
+    return [{**kwargs, "foreach": True}, {**kwargs, "foreach": False}]
 
 
 @pytest.mark.parametrize("info, kwargs", CONFIGS)
 def test_a_step_makes_no_host_sync(info: OptimizerInfo, kwargs) -> None:
-    for foreach in (True, False):
+    """From the second step on (the first may read values while it creates the state), no step
+    reads a tensor value on the host, on any path; nor do Schedule-Free's switches to the
+    evaluation point and back."""
+    for path in _paths(info, kwargs):
         model = Model()
-        opt = info.build(model.params, **{**kwargs, "foreach": foreach})
+        opt = info.build(model.params, **path)
         step(opt, model)  # state initialization may read values once
-        opt.zero_grad()
-        loss = model.loss()
-        loss.backward()
         with SyncCounter() as counter:
-            opt.step(loss=loss) if isinstance(opt, TunelessOptimizer) else opt.step()
-        assert counter.count == 0, f"{info.name} (foreach={foreach}) synchronized {counter.count} times in a step"
+            for _ in range(2):
+                step(opt, model)  # zero_grad, forward, backward and the step
+        assert counter.count == 0, f"{info.name} {path}: {counter.count} host reads in two steps: {counter.sites}"
+        if callable(getattr(opt, "eval", None)):  # Schedule-Free: both modes
+            with SyncCounter() as counter:
+                with opt.evaluation_point():
+                    pass
+                opt.eval()
+                opt.train()
+            assert counter.count == 0, f"{info.name} {path}: host reads switching modes: {counter.sites}"
 
 
-def test_sync_counter_counts() -> None:
+def test_sync_counter_counts_python_and_aten_reads() -> None:
     with SyncCounter() as counter:
-        float(torch.tensor(1.0))
-        bool(torch.tensor(True))
-    assert counter.count == 2
+        float(torch.tensor(1.0))                                 # Python: one read (its aten read is part of it)
+        bool(torch.tensor(True))                                 # Python
+        torch._foreach_add_([torch.zeros(2)], torch.tensor(1.0))  # a 0-d tensor as a Scalar: aten
+        torch.zeros(2).lerp_(torch.ones(2), torch.tensor(0.5))   # Tensor overload: no read
+        torch.equal(torch.zeros(2), torch.ones(2))               # aten.equal
+    assert (counter.python, counter.aten, counter.count) == (2, 2, 4), counter.sites
+
+
+def test_sync_counter_exempts_only_torch_optim_own_reads() -> None:
+    """torch's Adam (for-loop) reads its CPU step counter in its step: exempted. The same read
+    made by other code called from inside a torch.optim step is counted."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], foreach=False)
+    p.grad = torch.ones(3)
+    opt.step()
+    with SyncCounter() as counter:
+        opt.step()
+    assert counter.count == 0 and counter.exempted > 0
+
+    class Reads(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.param_groups[0]["params"][0].sum().item()  # made here, not in torch/optim
+            return super().step(closure)
+
+    opt = Reads([p], lr=0.1)
+    with SyncCounter() as counter:
+        opt.step()
+    assert counter.count == 1 and counter.sites[0].startswith("python Tensor.item at " + __file__)
