@@ -1,4 +1,9 @@
-"""Problems with a known minimum or a fixed budget, shared by the race and the benchmark."""
+"""Problems with a known minimum or a fixed budget, shared by the race and the benchmark.
+
+Analytic functions are in :mod:`.analytic`; small learning tasks in :mod:`.learning`; the
+``transformers`` language model ``transformer_lm`` in :mod:`.transformer_lm`; the BatchNorm
+ResNet ``resnet_digits`` and the fine-tuning task ``finetune_digits`` in :mod:`.vision`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,16 @@ from ..spec import Spec, parse_spec
 from .analytic import AnalyticFunction, Beale, Quadratic, Rastrigin, Rosenbrock, RosenbrockND
 from .base import Problem, ProblemInstance
 from .learning import LEARNING_PROBLEMS
+from .transformer_lm import TransformerLM
+from .vision import FinetuneDigits, ResNetDigits
 
 __all__ = ["Problem", "ProblemInstance", "AnalyticFunction", "Rosenbrock", "RosenbrockND", "Beale",
            "Quadratic", "Rastrigin", "PROBLEMS", "get_problem", "available_problems"]
 
 #: Every problem class, by registry name.
 PROBLEMS: dict[str, type[Problem]] = {cls.name: cls for cls in (Rosenbrock, RosenbrockND, Beale, Quadratic, Rastrigin,
-                                                                *LEARNING_PROBLEMS)}
+                                                                *LEARNING_PROBLEMS, TransformerLM, ResNetDigits,
+                                                                FinetuneDigits)}
 
 
 def available_problems(kind: str | None = None) -> list[str]:

@@ -20,7 +20,12 @@ name                     task
                          embedding and an MLP) on the text of ``pydoc_data.topics``
 ``least_squares``        consistent least squares, columns scaled over 2 decades: minimum 0
 ``matrix_factorization`` rank-5 completion of a 60x40 matrix from half its entries: minimum 0
+``mlp_digits_long``      ``mlp_digits`` at 10 times its budget (5000 steps)
+``mlp_digits_smooth``    ``mlp_digits`` with label smoothing 0.1 (an unknown positive minimum)
 ======================== ================================================================
+
+Further learning problems live in their own modules: ``transformer_lm``
+(:mod:`.transformer_lm`), ``resnet_digits`` and ``finetune_digits`` (:mod:`.vision`).
 
 The classifiers' objectives carry an L2 penalty on their weights (1e-3 for logistic
 regression, 5e-4 for the MLPs and the CNN): the small models here would otherwise interpolate
@@ -49,7 +54,7 @@ from .base import Problem, ProblemInstance
 __all__ = [
     "LearningProblem", "LearningInstance", "LEARNING_PROBLEMS",
     "LogRegDigits", "LogRegWine", "LogRegBreastCancer", "MLPDigits", "MLPWine", "MLPBreastCancer",
-    "CNNDigits", "CharLM", "LeastSquares", "MatrixFactorization",
+    "CNNDigits", "CharLM", "LeastSquares", "MatrixFactorization", "MLPDigitsLong", "MLPDigitsSmooth",
 ]
 
 #: the split of every dataset is drawn with this seed, the same for every run seed
@@ -521,8 +526,37 @@ class MatrixFactorization(LearningProblem):
                                 Batches(len(ytr), self.batch_size, seed), classify=False)
 
 
+class MLPDigitsLong(MLPDigits):
+    """``mlp_digits`` at 10 times its budget: the same data, model and seeds, only a longer run."""
+
+    name = "mlp_digits_long"
+    description = "mlp_digits at 10x its budget (5000 steps): exposes late-training growth of learned step sizes"
+    default_steps = 10 * MLPDigits.default_steps
+
+
+#: the label smoothing of ``mlp_digits_smooth``
+LABEL_SMOOTHING = 0.1
+
+
+class MLPDigitsSmooth(MLPDigits):
+    """``mlp_digits`` with label smoothing 0.1 in the training and held-out losses.
+
+    The smoothed cross-entropy of a 10-class problem is at least the entropy of the smoothed
+    target (0.50 nats at 0.1), and the L2 penalty adds to it: the minimum is positive and unknown.
+    """
+
+    name = "mlp_digits_smooth"
+    description = "two-layer MLP on scikit-learn's digits, label smoothing 0.1: a loss with an unknown positive minimum"
+
+    def instantiate(self, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", start: Any = None) -> LearningInstance:
+        instance = super().instantiate(seed, dtype=dtype, device=device, start=start)
+        instance.loss_fn = functools.partial(F.cross_entropy, label_smoothing=LABEL_SMOOTHING)
+        return instance
+
+
 #: every learning problem, in the order the benchmark lists them
 LEARNING_PROBLEMS: tuple[type[LearningProblem], ...] = (
     LogRegDigits, LogRegWine, LogRegBreastCancer, MLPDigits, MLPWine, MLPBreastCancer,
-    CNNDigits, CharLM, LeastSquares, MatrixFactorization,
+    CNNDigits, CharLM, LeastSquares, MatrixFactorization, MLPDigitsLong, MLPDigitsSmooth,
 )
