@@ -8,6 +8,8 @@ What every tuneless optimizer gets from :class:`TunelessOptimizer`:
 * **The loss.** ``step(closure=None, *, loss=None)``: a method whose step size needs the loss
   (Polyak, SPS, MoMo) takes it from either and raises :class:`~tuneless.errors.LossRequiredError`
   when it has neither. Every optimizer accepts both, so training loops need no special case.
+  Loops that call ``step()`` with no argument (HF Trainer, Accelerate, ``GradScaler.step``)
+  hand it over first with :meth:`TunelessOptimizer.observe_loss` (the *loss channel*).
 * **The learned step size**, published for logging in every param group under the one name
   :data:`STEP_SIZE_KEY` (``group["effective_lr"]``): a 0-d tensor kept on the parameters'
   device, so that stepping never synchronizes with the host; reading it (``float(...)`` or
@@ -72,6 +74,56 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return out
 
 
+#: Where :meth:`TunelessOptimizer.observe_loss` keeps the loss for the next step (an instance
+#: attribute: never in ``state_dict``, never pickled), and the flag set while a step runs.
+_OBSERVED_LOSS = "_tuneless_observed_loss"
+_STEPPING = "_tuneless_stepping"
+
+
+def _takes_observed_loss(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``step`` so that a loss handed over by ``observe_loss`` is used by this step, as
+    ``step(loss=...)`` (so the two paths are one: same checks, same averaging over ranks), and
+    then dropped. Applied to every ``step`` (wrappers' included) by ``__init_subclass__``."""
+    if getattr(step, "__tuneless_observes__", False):
+        return step
+
+    @functools.wraps(step)
+    def wrapper(self: "TunelessOptimizer", closure: Callable[[], Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        observed = self.__dict__.pop(_OBSERVED_LOSS, None)
+        if observed is not None and (closure is not None or args or kwargs.get("loss") is not None):
+            raise ValueError(
+                f"{type(self).__name__}.step: a loss was handed over with observe_loss() and this step was "
+                f"also given {'a closure' if closure is not None else 'loss='}: give the loss one way only"
+            )
+        outermost = not self.__dict__.get(_STEPPING, False)
+        self.__dict__[_STEPPING] = True
+        try:
+            if observed is not None:
+                step(self, loss=observed)
+                return observed
+            return step(self, closure, *args, **kwargs)
+        finally:
+            if outermost:
+                self.__dict__[_STEPPING] = False
+
+    wrapper.__tuneless_observes__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _drops_observed_loss(zero_grad: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's own ``zero_grad`` so that it drops an observed loss with the gradients."""
+    if getattr(zero_grad, "__tuneless_observes__", False):
+        return zero_grad
+
+    @functools.wraps(zero_grad)
+    def wrapper(self: "TunelessOptimizer", *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop(_OBSERVED_LOSS, None)
+        return zero_grad(self, *args, **kwargs)
+
+    wrapper.__tuneless_observes__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _initializes_checkpoint_state(step: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``step`` so that ``torch.distributed.checkpoint``'s state initialization (a call of
     ``step()`` with every lr 0 and zero gradients on a fresh optimizer) creates the state a real
@@ -107,7 +159,10 @@ class TunelessOptimizer(torch.optim.Optimizer):
             cls.__init__ = refuse_unknown_kwargs(init)  # type: ignore[method-assign]
         step = cls.__dict__.get("step")
         if step is not None:  # wrappers (Mechanic, ScheduleFree) define their own step
-            cls.step = _initializes_checkpoint_state(step)  # type: ignore[method-assign]
+            cls.step = _takes_observed_loss(_initializes_checkpoint_state(step))  # type: ignore[method-assign]
+        zero_grad = cls.__dict__.get("zero_grad")
+        if zero_grad is not None:  # the Schedule-Free wrapper defines its own zero_grad
+            cls.zero_grad = _drops_observed_loss(zero_grad)  # type: ignore[method-assign]
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = dict(defaults)
@@ -116,6 +171,7 @@ class TunelessOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ stepping
 
+    @_takes_observed_loss
     @_initializes_checkpoint_state
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
@@ -147,11 +203,56 @@ class TunelessOptimizer(torch.optim.Optimizer):
         elif self.requires_loss:
             raise LossRequiredError(
                 f"{type(self).__name__} computes its step size from the loss: call "
-                f"optimizer.step(loss=loss) after loss.backward(), or optimizer.step(closure)"
+                f"optimizer.step(loss=loss) after loss.backward(), or optimizer.step(closure), or "
+                f"optimizer.observe_loss(loss) before a step() that gets no argument"
             )
         self._check_gradients()
         self._update(loss_tensor)
         return loss
+
+    def observe_loss(self, loss: Any) -> None:
+        """Hand over the loss for the next ``step()``, for loops that call ``step()`` with no argument.
+
+        The loss channel: HF ``Trainer``, Accelerate's ``AcceleratedOptimizer``, ``GradScaler.step``
+        and timm's train script call ``optimizer.step()`` without a loss; call this after
+        ``loss.backward()`` and before that ``step()``::
+
+            loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            opt.observe_loss(loss)   # the unscaled loss: what was back-propagated, before scaling
+            scaler.step(opt)         # calls opt.step(): it uses the loss observed, then drops it
+            scaler.update()
+
+        Rules:
+
+        * **No host sync**: the loss (a tensor, or a number) is detached and kept on the
+          parameters' device; the step uses it exactly as ``step(loss=...)`` would, averaged over
+          the data-parallel ranks for the methods that take a loss (:mod:`tuneless.distributed`).
+        * **Used by the next step only**: that step drops it; so does ``zero_grad()`` (the loss
+          goes with the gradients it belongs to, e.g. after a step the scaler skipped). A step
+          with nothing observed and no loss raises :class:`~tuneless.errors.LossRequiredError`
+          for the methods that need the loss, as before; a step given a closure or ``loss=``
+          while a loss is observed raises ``ValueError`` (never a silent choice).
+        * **Losses add up until the step, like gradients**: under gradient accumulation observe
+          each micro-batch's loss as it was back-propagated (divided by the number of
+          micro-batches when the gradients are), so the step gets the loss of its gradient.
+        * Called from a closure that ``step`` is running, it raises ``RuntimeError``: there the
+          closure's return value is the loss.
+        * Not part of ``state_dict``: an observed loss never outlives a checkpoint.
+        """
+        if self.__dict__.get(_STEPPING, False):
+            raise RuntimeError(
+                f"{type(self).__name__}.observe_loss was called while step() runs (from its closure): the "
+                f"closure's return value is the loss; observe_loss is for loops that call step() with no argument"
+            )
+        loss_tensor = self._as_loss_tensor(loss)
+        pending = self.__dict__.get(_OBSERVED_LOSS)
+        self.__dict__[_OBSERVED_LOSS] = loss_tensor if pending is None else pending + loss_tensor
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; also drops a loss observed with :meth:`observe_loss`."""
+        self.__dict__.pop(_OBSERVED_LOSS, None)
+        super().zero_grad(set_to_none=set_to_none)
 
     def _is_state_initialization(self) -> bool:
         """Whether this call of ``step()`` (no closure, no loss) is a checkpoint's state initialization.
