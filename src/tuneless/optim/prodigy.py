@@ -675,7 +675,8 @@ def _multi_tensor_prodigy_step(buffers: _Buffers, *, step_size: Tensor, growth: 
             torch._foreach_sqrt_(denom)
         else:
             denom = torch._foreach_sqrt(b.u)
-        torch._foreach_add_(denom, coefficient(growth * eps, like))
+        torch._foreach_add_(denom, coefficient(growth * eps, like), alpha=1.0)  # alpha=: the Tensor overload (a 0-d
+        # tensor given to the Scalar one is read on the host: a device sync)
         if b.m is not None:
             directions, scale = b.m, step_size
         else:

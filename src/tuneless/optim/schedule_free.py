@@ -841,7 +841,8 @@ def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor
 def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
     """The same over all tensors at once, on the CPU block by block (cache-sized)."""
     for y, z, x in cache_blocks(ys, zs, xs):
-        torch._foreach_lerp_(x, y, ckp1.to(_weight_dtype(x[0])))
+        # the weight as a list of tensors: a 0-d tensor weight would take the Scalar overload (read on the host)
+        torch._foreach_lerp_(x, y, [ckp1.to(_weight_dtype(x[0]))] * len(x))
         torch._foreach_copy_(z, y)
         torch._foreach_lerp_(y, x, beta)
 
