@@ -15,8 +15,13 @@ two param groups is trained for ``STEPS`` steps on 16 examples a step:
 * ``fsdp``: FSDP2 (``fully_shard`` on a CPU device mesh), 8 examples per rank. Parameters and
   gradients are DTensor shards; on rank 1 three of the five shards are empty, and the parameter
   ``gate`` gets no gradient every third step. The trajectory must equal the one-process one.
-* ``ddp``: DistributedDataParallel, 8 examples per rank. Both replicas must equal the
+* ``ddp``: DistributedDataParallel, 8 examples per rank, and nothing but building the
+  optimizer (the ranks' losses are averaged by default). Both replicas must equal the
   one-process trajectory.
+* ``ddp_opt_out`` (the rows whose step size comes from the loss): DDP with
+  ``set_loss_group(opt, None)``, for ``OPT_OUT_STEPS`` steps, twice: each rank passing its own
+  loss (kept: the replicas must differ, with no collective), and each rank passing the mean of
+  the ranks' losses, averaged by the caller (then it must equal the one-process run).
 * ``manual``: sharding by hand with :func:`tuneless.distributed.set_process_group` (as FSDP1
   with ``use_orig_params`` does): each rank keeps the gradients of the parameters it owns only.
   Rank 1 owns only ``gate``, so every third step it has *no gradient at all*, and must still
@@ -65,7 +70,9 @@ BATCH = 16  # examples per step, split evenly over the ranks
 COLLECTIVE_TIMEOUT_S = 10.0  # a rank that waits this long for the other was left alone in a collective
 JOB_TIMEOUT_S = 300.0
 SCENARIOS = ("fsdp", "ddp", "manual")
+OPT_OUT_STEPS = 5
 ROWS = {info.name: info for info in OPTIM_DB}
+LOSS_BASED = [name for name, info in ROWS.items() if info.requires_loss]  # step size from the loss
 RTOL, ATOL = 1e-8, 1e-9  # float64; a statistic not reduced over ranks is off by ~1e-2
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,9 +251,32 @@ def _run_ddp(info, group, rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(Net(), process_group=group, find_unused_parameters=True)  # gate: unused every third step
-    opt = info.build(model.module.groups())
-    td.set_process_group(opt, None, loss_group=group)  # replicated parameters; the ranks' losses differ
+    opt = info.build(model.module.groups())  # nothing else: the ranks' losses are averaged by default
     return _train(model, opt, range(STEPS), rank_rows(rank))
+
+
+def _run_ddp_opt_out(info, group, rank, out_dir):
+    """DDP with the loss used as given: each rank's own loss, then the mean the caller took."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for name, caller_averages in (("own", False), ("caller_mean", True)):
+        model = DDP(Net(), process_group=group, find_unused_parameters=True)
+        opt = info.build(model.module.groups())
+        td.set_loss_group(opt, None)
+        traj, collectives = [], []
+        for step in range(OPT_OUT_STEPS):
+            loss = backward(model, step, rank_rows(rank))
+            if caller_averages:
+                dist.all_reduce(loss, group=group)
+                loss = loss / dist.get_world_size(group)
+            with counting_all_reduces(collectives):
+                opt.step(loss=loss)
+            opt.zero_grad(set_to_none=True)
+            traj.append(params_of(model))
+        out[name] = dict(traj=traj, collectives=collectives)
+    return out
 
 
 def _owner(name: str) -> int:
@@ -298,19 +328,25 @@ class _UnevenStatistics(TunelessOptimizer):
 
 
 def _run_checks(info, group, rank, out_dir):
-    """Guards: DDP warning, mixed plain/sharded parameters, the collective-length check."""
+    """Guards: the default loss group, mixed plain/sharded parameters, the collective-length check."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     out: dict[str, Any] = {}
-    # 1. DDP and a method that takes the loss, without a loss group: a warning says what to do.
-    model = DDP(Net(), process_group=group, find_unused_parameters=True)
-    opt = tuneless.Polyak(model.module.parameters())
+    # 1. Plain parameters on several processes: the loss group is the default one, with no
+    #    warning; set_process_group(opt, None) keeps it; set_loss_group(opt, None) opts out.
+    opt = tuneless.Polyak(Net().parameters())
+    wrapped = tuneless.ScheduleFree(tuneless.Polyak(Net().parameters()))
+    td.set_process_group(wrapped, None)
+    opted_out = tuneless.Mechanic(tuneless.Polyak(Net().parameters()))
+    td.set_loss_group(opted_out, None)
+    out["loss_groups"] = [td.loss_group(opt) is dist.group.WORLD, td.loss_group(wrapped.base) is dist.group.WORLD,
+                          td.loss_group(opted_out.base_optimizer) is None]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt.step(loss=backward(model, 0, rank_rows(rank)))
-    out["ddp_warning"] = [str(w.message) for w in caught if "loss_group" in str(w.message)]
+        opt.step(loss=backward(Net(), 0, rank_rows(rank)))
+    out["warnings"] = [str(w.message) for w in caught]
     # 2. Only a submodule sharded: the root's plain parameters would be counted once per rank.
     model = Net()
     fully_shard(model.inp, mesh=DeviceMesh.from_group(group, "cpu"))
@@ -337,7 +373,8 @@ def _run_checks(info, group, rank, out_dir):
     return out
 
 
-RUNNERS = {"fsdp": _run_fsdp, "ddp": _run_ddp, "manual": _run_manual, "resume": _run_resume, "checks": _run_checks}
+RUNNERS = {"fsdp": _run_fsdp, "ddp": _run_ddp, "manual": _run_manual, "resume": _run_resume, "checks": _run_checks,
+           "ddp_opt_out": _run_ddp_opt_out}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: list[tuple[str, str]]) -> None:
@@ -424,11 +461,12 @@ def results(tmp_path_factory):
     # itself never ran a parallel region).
     multiprocessing.get_context("forkserver").set_forkserver_preload(
         ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint", "tuneless", "tests.test_distributed"])
-    run_jobs([("-", "checks")] + [(row, s) for row in ROWS for s in SCENARIOS], out, JOB_TIMEOUT_S)
+    run_jobs([("-", "checks")] + [(row, s) for row in ROWS for s in SCENARIOS]
+             + [(row, "ddp_opt_out") for row in LOSS_BASED], out, JOB_TIMEOUT_S)
     run_jobs([(row, "resume") for row in ROWS], out, JOB_TIMEOUT_S / 2)
     loaded: dict[tuple[str, str, int], dict[str, Any]] = {}
     for row in ["-", *ROWS]:
-        for scenario in SCENARIOS + ("resume", "checks"):
+        for scenario in SCENARIOS + ("resume", "checks", "ddp_opt_out"):
             for r in range(WORLD):
                 f = _result_file(out, row, scenario, r)
                 loaded[row, scenario, r] = (torch.load(f, weights_only=False) if f.exists()
@@ -562,6 +600,22 @@ def test_collectives_per_step(results, row):
                 assert len(statistics) <= info.statistics_collectives, f"{row} under {scenario}, step {step + 1}: {calls}"
 
 
+@pytest.mark.parametrize("row", [pytest.param(name, id=name) for name in LOSS_BASED])
+def test_ddp_opt_out_uses_the_loss_as_given(results, row):
+    """``set_loss_group(opt, None)`` under DDP: no collective. Each rank's own loss is kept, so the
+    replicas differ (their losses do); the mean loss averaged by the caller gives the one-process run."""
+    res = job(results, row, "ddp_opt_out")
+    for r in res:
+        for name in ("own", "caller_mean"):
+            assert all(calls == [] for calls in r[name]["collectives"]), f"{row}, {name}: {r[name]['collectives']}"
+    own = [r["own"]["traj"][-1] for r in res]
+    gap = max(float((own[0][name] - own[1][name]).abs().max()) for name in own[0])
+    assert gap > 1e-6, f"{row}: with the loss used as given, the replicas took the same steps (gap {gap:.2e})"
+    for r in range(WORLD):
+        assert_same_trajectory(res[r]["caller_mean"]["traj"], one_process(row)[:OPT_OUT_STEPS],
+                               f"{row} under DDP with the caller's mean loss, rank {r}")
+
+
 @pytest.mark.parametrize("row", ELEMENTWISE)
 def test_elementwise_methods_need_no_reduction(results, row):
     """COCOB-like rows (``global_step_size=False``): no all-reduce at all, and yet the same
@@ -573,7 +627,8 @@ def test_elementwise_methods_need_no_reduction(results, row):
 
 def test_guards(results):
     for r in job(results, "-", "checks"):
-        assert r["ddp_warning"] and "set_process_group(opt, None, loss_group=" in r["ddp_warning"][0]
+        assert r["loss_groups"] == [True, True, True], r["loss_groups"]
+        assert r["warnings"] == [], r["warnings"]
         assert r["mixed_error"] is not None and "are plain tensors while the others are DTensor shards" in r["mixed_error"]
         assert r["length_error"] is not None and "_UnevenStatistics: the ranks summed vectors of different lengths" \
             in r["length_error"]
@@ -593,6 +648,11 @@ def test_set_process_group_reaches_wrapped_optimizers():
     assert td.loss_group(base) is shards  # default: the same group
     assert td.reduction_group(mechanic) is None and td.reduction_group(mechanic.base_optimizer) is None
     assert td.loss_group(mechanic.base_optimizer) is data
+    td.set_loss_group(wrapper, None)  # the loss group alone: the statistics group stays as it was
+    assert td.loss_group(base) is None and td.reduction_group(base) is shards
+    polyak = tuneless.Polyak(Net().parameters())
+    td.set_loss_group(polyak, data)
+    assert td.loss_group(polyak) is data and td.reduction_group(polyak) is None
 
 
 def test_plain_parameters_need_no_collective():

@@ -11,26 +11,33 @@ handled:
   :func:`global_sum` as one vector (``TunelessOptimizer._global_sum``): **one all-reduce per
   step**, of a few numbers.
 * **Per-rank losses**: every rank sees its own minibatch, so the loss it passes to
-  ``step(loss=...)`` differs from rank to rank; a step size computed from it (Polyak, SPS, MoMo)
-  would differ too, and replicas would drift apart. :func:`average_loss` (called by
-  ``TunelessOptimizer.step``) averages it over the data-parallel ranks: one more all-reduce of
-  one number, for the methods that take a loss.
+  ``step(loss=...)`` differs from rank to rank; a step size computed from it (Polyak, SPS, MoMo,
+  the default Tuneless) would differ too, and replicas would drift apart. :func:`average_loss`
+  (called by ``TunelessOptimizer.step``) averages it over the data-parallel ranks: one more
+  all-reduce of one number, for the methods that take a loss.
 
-Which process groups are used (:func:`set_process_group` overrides both):
+Which process groups are used (:func:`set_process_group` and :func:`set_loss_group` override them):
 
 ================================  ==============================  =============================
 parameters                        statistics summed over          loss averaged over
 ================================  ==============================  =============================
-plain tensors (one process, DDP)  nothing (replicas agree)        nothing; DDP: set it (warned)
+plain tensors, one process        nothing                         nothing
+plain tensors, several processes  nothing (replicas agree)        the default group (WORLD)
+(DDP)
 DTensor, FSDP2 ``fully_shard``    the mesh dimension sharding     the whole device mesh
                                   them (found from placements)
 sharded by hand                   ``set_process_group(opt, pg)``  the same ``pg``
 ================================  ==============================  =============================
 
 Under DDP the gradients are already averaged and identical on every rank, so every statistic
-computed from gradients and parameters agrees without communication; only the loss differs. Call
-``set_process_group(opt, None, loss_group=torch.distributed.group.WORLD)`` for the methods that
-take a loss (a warning says so at the first step otherwise).
+computed from gradients and parameters agrees without communication; only the loss differs, and
+it is averaged over the default process group with nothing to set up (when
+``torch.distributed`` is initialised with more than one process). Opt out with
+``set_loss_group(opt, None)`` when the loss given to ``step`` is already the mean over the
+ranks, or when the ranks train different models (then each rank uses its own loss, and no
+collective is made); ``set_loss_group(opt, group)`` averages over another group (e.g. the
+data-parallel ranks of a pipeline- or tensor-parallel run, where WORLD would mix different
+models' losses).
 
 **The collective contract** (what an optimizer module must keep so that no rank hangs): on every
 step, every rank calls ``_global_sum`` the same number of times with a vector of the same length
@@ -48,13 +55,12 @@ here. No step synchronizes with the host: an all-reduce is enqueued on the devic
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["set_process_group", "reduction_group", "loss_group", "global_sum", "average_loss"]
+__all__ = ["set_process_group", "set_loss_group", "reduction_group", "loss_group", "global_sum", "average_loss"]
 
 _UNSET: Any = object()
 _SAME: Any = object()
@@ -63,7 +69,6 @@ _SAME: Any = object()
 _EXPLICIT_SUM = "_tuneless_process_group"
 _EXPLICIT_LOSS = "_tuneless_loss_group"
 _AUTO = "_tuneless_auto_groups"
-_WARNED = "_tuneless_warned_ddp_loss"
 
 _CHECK_ENV = "TUNELESS_CHECK_COLLECTIVES"
 
@@ -80,21 +85,44 @@ def set_process_group(optimizer: torch.optim.Optimizer, process_group: Any, *, l
             same parameters in the same param groups and order; a rank may hold an empty part,
             or no gradient, for any of them.
         loss_group: the processes whose losses are averaged (the data-parallel ranks, each with
-            its own minibatch). Default: ``process_group``. For DDP, use
-            ``set_process_group(opt, None, loss_group=torch.distributed.group.WORLD)``. ``None``:
-            the loss passed to ``step`` is used as given (already averaged by the caller).
+            its own minibatch). Default: ``process_group``, or where that is ``None`` the
+            automatic choice (the default group when several processes run, as under DDP).
+            ``None``: the loss passed to ``step`` is used as given (see :func:`set_loss_group`).
 
-    Example (DDP with a method that takes the loss)::
+    Example (sharding by hand, ZeRO-style, over ``shard_group``)::
 
-        model = DDP(net)
-        opt = tuneless.Polyak(model.parameters())
-        tuneless.distributed.set_process_group(opt, None, loss_group=dist.group.WORLD)
+        opt = tuneless.Prodigy(my_shards)
+        tuneless.distributed.set_process_group(opt, shard_group)
     """
-    if loss_group is _SAME:
-        loss_group = process_group
     for opt in _optimizer_chain(optimizer):
         setattr(opt, _EXPLICIT_SUM, process_group)
-        setattr(opt, _EXPLICIT_LOSS, loss_group)
+        if loss_group is not _SAME:
+            setattr(opt, _EXPLICIT_LOSS, loss_group)
+        elif process_group is not None:
+            setattr(opt, _EXPLICIT_LOSS, process_group)
+
+
+def set_loss_group(optimizer: torch.optim.Optimizer, group: Any) -> None:
+    """Choose over which processes the loss given to ``step`` is averaged (overrides the automatic choice).
+
+    Only the methods that take their step size from the loss (Polyak, SPS, SPS_max, MoMo, MoMo*,
+    the default Tuneless, and wrappers over them) use it. By default, when ``torch.distributed``
+    is initialised with more than one process and the parameters are plain tensors (DDP), the
+    loss is averaged over the default group; under FSDP2, over the device mesh.
+
+    Args:
+        optimizer: a tuneless optimizer (a wrapper passes the setting on to the one it wraps).
+        group: a process group to average over, or ``None``: the loss is used as given, with no
+            collective. Use ``None`` when every rank already passes the mean loss of all ranks,
+            or when the ranks train different models (each rank then uses its own loss).
+
+    Example (each rank trains its own model, in one multi-process job)::
+
+        opt = tuneless.Polyak(model.parameters())
+        tuneless.distributed.set_loss_group(opt, None)
+    """
+    for opt in _optimizer_chain(optimizer):
+        setattr(opt, _EXPLICIT_LOSS, group)
 
 
 def _optimizer_chain(optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
@@ -136,7 +164,7 @@ def _detect(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
     params = _all_params(optimizer)
     sharded = [p for p in params if getattr(p, "device_mesh", None) is not None and getattr(p, "placements", None)]
     if not sharded:
-        return None, None
+        return None, _default_loss_group()  # one process, or DDP: replicas; average the ranks' losses
     mesh = sharded[0].device_mesh
     dims = {tuple(i for i, pl in enumerate(p.placements) if pl.is_shard()) for p in sharded}
     if any(p.device_mesh != mesh for p in sharded):
@@ -170,18 +198,36 @@ def _detect(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
     )
 
 
+def _several_processes() -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one process (host-side, no collective)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _default_loss_group() -> Any:
+    """The loss group of replicated (plain) parameters: the default group when several processes run."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if _several_processes() else None
+
+
 def _groups(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-    explicit = getattr(optimizer, _EXPLICIT_SUM, _UNSET)
-    if explicit is not _UNSET:
-        return explicit, getattr(optimizer, _EXPLICIT_LOSS, explicit)
-    # Found once per parameter layout (host-side only: no collective, no device sync).
-    key = tuple(len(group["params"]) for group in optimizer.param_groups)
+    explicit_sum = getattr(optimizer, _EXPLICIT_SUM, _UNSET)
+    explicit_loss = getattr(optimizer, _EXPLICIT_LOSS, _UNSET)
+    if explicit_sum is not _UNSET:  # set by hand: the loss group too, or the default of plain parameters
+        return explicit_sum, (explicit_loss if explicit_loss is not _UNSET else _default_loss_group())
+    # Found once per parameter layout and process-group setup (host-side only: no collective, no sync).
+    available = torch.distributed.is_available()
+    key = (tuple(len(group["params"]) for group in optimizer.param_groups),
+           available and torch.distributed.is_initialized())
     cached = getattr(optimizer, _AUTO, None)
     if cached is None or cached[0] != key:
-        groups = _detect(optimizer) if torch.distributed.is_available() else (None, None)
+        groups = _detect(optimizer) if available else (None, None)
         cached = (key, groups)
         setattr(optimizer, _AUTO, cached)
-    return cached[1]
+    statistics, loss = cached[1]
+    return statistics, (explicit_loss if explicit_loss is not _UNSET else loss)
 
 
 def reduction_group(optimizer: torch.optim.Optimizer) -> Any:
@@ -229,11 +275,11 @@ def average_loss(optimizer: torch.optim.Optimizer, loss: Tensor) -> Tensor:
     """The mean of the ranks' losses over the optimizer's loss group (one all-reduce of one number).
 
     ``loss`` is this rank's loss as a 0-d tensor; it is returned unchanged when there is no loss
-    group. Under DDP without a loss group, warns once (each rank would use its own loss).
+    group (one process, or :func:`set_loss_group` ``(opt, None)``). The name and signature are
+    what every loss-based method calls (through ``TunelessOptimizer.step``).
     """
     group = loss_group(optimizer)
     if group is None:
-        _warn_if_data_parallel(optimizer)
         return loss
     import torch.distributed as dist
 
@@ -243,21 +289,3 @@ def average_loss(optimizer: torch.optim.Optimizer, loss: Tensor) -> Tensor:
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return (out / dist.get_world_size(group)).reshape(())
 
-
-def _warn_if_data_parallel(optimizer: torch.optim.Optimizer) -> None:
-    if getattr(optimizer, _WARNED, False) or getattr(optimizer, _EXPLICIT_SUM, _UNSET) is not _UNSET:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        setattr(optimizer, _WARNED, True)
-        name = type(optimizer).__name__
-        warnings.warn(
-            f"{name} computes its step size from the loss and {dist.get_world_size()} processes are running, "
-            f"but its parameters are not sharded DTensors, so each rank uses the loss it was given. Under DDP "
-            f"the ranks' losses differ and so would their step sizes: call "
-            f"tuneless.distributed.set_process_group(opt, None, loss_group=torch.distributed.group.WORLD) to "
-            f"average them, or set_process_group(opt, None, loss_group=None) if you pass an averaged loss",
-            RuntimeWarning,
-            stacklevel=4,
-        )

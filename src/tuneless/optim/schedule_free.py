@@ -97,6 +97,8 @@ class _ScheduleFreeBase(TunelessOptimizer):
 
     #: the ``self.state[p]`` key of the base iterate z
     _z_key = "z"
+    #: the ``self.state[p]`` key of y, kept in eval mode so that ``train()`` puts it back exactly
+    _y_key = "y"
 
     def _momentum(self, group: dict[str, Any]) -> float:
         """The interpolation weight beta of ``group`` (y = (1 - beta) z + beta x)."""
@@ -115,9 +117,13 @@ class _ScheduleFreeBase(TunelessOptimizer):
 
         x = (y - (1 - beta) z) / beta, computed in place as ``p.lerp_(z, 1 - 1/beta)``.
         Parameters that were never stepped (no z yet) hold x already and are left as they are.
+        y itself is kept in the state until :meth:`train` (one more copy of the stepped
+        parameters, in ``state_dict`` too): the switch back is exact, so a run that goes through
+        eval mode, or is saved in it and resumed, continues bit for bit as if it had not.
         """
         for group in self.param_groups:
             if group.get(MODE_KEY, True):
+                self._keep_y(group)
                 self._lerp_params_towards_z(group, 1.0 - 1.0 / self._momentum(group))
                 group[MODE_KEY] = False
 
@@ -125,12 +131,40 @@ class _ScheduleFreeBase(TunelessOptimizer):
     def train(self) -> None:
         """Switch to train mode: the parameters now hold y, where gradients are taken.
 
-        y = (1 - beta) z + beta x, computed in place as ``p.lerp_(z, 1 - beta)``.
+        y = (1 - beta) z + beta x, computed in place as ``p.lerp_(z, 1 - beta)``; where a
+        parameter still holds the x that :meth:`eval` computed from the y it kept, that y is put
+        back exactly instead (the formula is off by rounding). A parameter changed in eval mode
+        (loaded weights, edits) takes the formula. The check is on the device: no host sync.
         """
         for group in self.param_groups:
             if not group.get(MODE_KEY, True):
+                kept = self._kept_y(group)
                 self._lerp_params_towards_z(group, 1.0 - self._momentum(group))
+                for p, y, unchanged in kept:
+                    p.copy_(torch.where(unchanged, y, p))
                 group[MODE_KEY] = True
+
+    def _keep_y(self, group: dict[str, Any]) -> None:
+        """Keep a copy of y (the parameters, in train mode) for :meth:`train`."""
+        for p in group["params"]:
+            state = self.state.get(p, {})
+            if self._z_key in state:
+                state[self._y_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
+
+    def _kept_y(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Take the kept y out of the state: (parameter, y, whether the parameter still holds the x
+        eval() made from y, a 0-d bool on the device), read before the parameters move."""
+        weight = 1.0 - 1.0 / self._momentum(group)
+        kept = []
+        for p in group["params"]:
+            state = self.state.get(p, {})
+            y = state.pop(self._y_key, None)
+            if y is None or self._z_key not in state:
+                continue
+            x, y = local_tensor(p), local_tensor(y)
+            unchanged = torch.eq(torch.lerp(y, local_tensor(state[self._z_key]), weight), x).all()
+            kept.append((x, y, unchanged))
+        return kept
 
     def _lerp_params_towards_z(self, group: dict[str, Any], weight: float) -> None:
         params = [p for p in group["params"] if self._z_key in self.state.get(p, {})]
@@ -149,9 +183,8 @@ class _ScheduleFreeBase(TunelessOptimizer):
     def evaluation_point(self) -> Iterator[None]:
         """Context under which the parameters hold x; back to the previous mode on exit.
 
-        In eval mode already, nothing changes. The y -> x -> y round trip is two ``lerp``s, so
-        y comes back up to rounding (about one unit in the last place), as with the reference's
-        ``eval()``/``train()``.
+        In eval mode already, nothing changes. y comes back exactly (see :meth:`train`), unlike
+        the reference's ``eval()``/``train()``, whose two ``lerp``s are off by rounding.
         """
         was_training = self.training
         if was_training:
@@ -570,6 +603,7 @@ class ScheduleFree(_ScheduleFreeBase):
 
     registry_name = ""  # built around an optimizer instance, not from parameters: not in the registry
     _z_key = "sf_z"
+    _y_key = "sf_y"
 
     def __init__(self, base: torch.optim.Optimizer, *, momentum: float = 0.9, weight_decay_at_y: float = 0.0,
                  r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
@@ -764,12 +798,13 @@ class ScheduleFree(_ScheduleFreeBase):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`: the base's part into the base, ``sf_z`` and the mode here."""
+        """Load a :meth:`state_dict`: the base's part into the base; ``sf_z``, ``sf_y`` and the mode here."""
         base_state, own_state = {}, {}
         for k, s in state_dict["state"].items():
             s = dict(s)
-            if self._z_key in s:
-                own_state[k] = {self._z_key: s.pop(self._z_key)}
+            own = {key: s.pop(key) for key in (self._z_key, self._y_key) if key in s}
+            if own:
+                own_state[k] = own
             if s:
                 base_state[k] = s
         self.base.load_state_dict({**state_dict, "state": base_state})
