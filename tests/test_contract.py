@@ -7,6 +7,7 @@ import copy
 import io
 import pickle
 import re
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -146,6 +147,38 @@ def test_vectorized_matches_per_parameter_path_with_cache_blocks_cut_small(info:
     m2, _, _ = run(info, 12, **{**kwargs, "foreach": False})
     for a, b in zip(m1.params, m2.params):
         torch.testing.assert_close(a, b, rtol=info.foreach_rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_other_devices_path_matches_the_cpu_path(info: OptimizerInfo, kwargs) -> None:
+    """The vectorized path written for GPUs and other devices (batched multi-tensor reductions
+    over whole lists, no blocks or scratch), run on the CPU under the private switch, agrees
+    with the CPU's vectorized path and with the per-parameter path."""
+    with batched.device_paths_on_cpu():
+        m1, o1, _ = run(info, 12, **{**kwargs, "foreach": True})
+    m2, o2, _ = run(info, 12, **{**kwargs, "foreach": True})
+    m3, o3, _ = run(info, 12, **{**kwargs, "foreach": False})
+    for a, b, c in zip(m1.params, m2.params, m3.params):
+        torch.testing.assert_close(a, b, rtol=info.foreach_rtol, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=info.foreach_rtol, atol=1e-12)
+    # the learned scalars too (d, Mechanic's tuner, ...): early on some barely move the parameters
+    for other in (o2, o3):
+        for g1, g2 in zip(o1.param_groups, other.param_groups):
+            for key, value in g1.items():
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(value, g2[key], rtol=info.foreach_rtol, atol=1e-15, msg=lambda m: f"{key}: {m}")
+
+
+def test_the_switch_selects_the_other_devices_path() -> None:
+    """Under the switch the CPU's blocks, scratch and chunked dots are off (one block for a list
+    larger than a block, no chunked dot), and they are back after it."""
+    big = [torch.zeros(batched.CPU_BLOCK_NUMEL), torch.zeros(3)]
+    assert len(batched.cache_blocks(big)) == 2 and batched.cpu_paths(torch.device("cpu"))
+    with batched.device_paths_on_cpu():
+        assert not batched.cpu_paths(torch.device("cpu"))
+        assert len(batched.cache_blocks(big)) == 1
+        assert batched.chunked_dots([big, big], [(0, 1)], torch.float32, batched.Scratch()) is None
+    assert batched.cpu_paths(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("info, kwargs", CONFIGS)
@@ -327,9 +360,13 @@ class SyncCounter(HostReadCounter):
     from; see :mod:`tuneless._host_reads`."""
 
 
-def _paths(info: OptimizerInfo, kwargs) -> list[dict]:
-    """The implementations of a configuration: vectorized and per-parameter."""
-    return [{**kwargs, "foreach": True}, {**kwargs, "foreach": False}]
+def _paths(info: OptimizerInfo, kwargs) -> list[tuple[str, dict, Callable[[], Any]]]:
+    """The implementations of a configuration, as (name, kwargs, context to run it in): the
+    vectorized path (the CPU's, and the one written for other devices, forced on the CPU) and
+    the per-parameter path."""
+    return [("vectorized", {**kwargs, "foreach": True}, contextlib.nullcontext),
+            ("vectorized, other devices' path", {**kwargs, "foreach": True}, batched.device_paths_on_cpu),
+            ("per-parameter", {**kwargs, "foreach": False}, contextlib.nullcontext)]
 
 
 @pytest.mark.parametrize("info, kwargs", CONFIGS)
@@ -337,21 +374,22 @@ def test_a_step_makes_no_host_sync(info: OptimizerInfo, kwargs) -> None:
     """From the second step on (the first may read values while it creates the state), no step
     reads a tensor value on the host, on any path; nor do Schedule-Free's switches to the
     evaluation point and back."""
-    for path in _paths(info, kwargs):
+    for name, path, context in _paths(info, kwargs):
         model = Model()
-        opt = info.build(model.params, **path)
-        step(opt, model)  # state initialization may read values once
-        with SyncCounter() as counter:
-            for _ in range(2):
-                step(opt, model)  # zero_grad, forward, backward and the step
-        assert counter.count == 0, f"{info.name} {path}: {counter.count} host reads in two steps: {counter.sites}"
-        if callable(getattr(opt, "eval", None)):  # Schedule-Free: both modes
+        with context():
+            opt = info.build(model.params, **path)
+            step(opt, model)  # state initialization may read values once
             with SyncCounter() as counter:
-                with opt.evaluation_point():
-                    pass
-                opt.eval()
-                opt.train()
-            assert counter.count == 0, f"{info.name} {path}: host reads switching modes: {counter.sites}"
+                for _ in range(2):
+                    step(opt, model)  # zero_grad, forward, backward and the step
+            assert counter.count == 0, f"{info.name} {path} ({name}): {counter.count} host reads in two steps: {counter.sites}"
+            if callable(getattr(opt, "eval", None)):  # Schedule-Free: both modes
+                with SyncCounter() as counter:
+                    with opt.evaluation_point():
+                        pass
+                    opt.eval()
+                    opt.train()
+                assert counter.count == 0, f"{info.name} {path} ({name}): host reads switching modes: {counter.sites}"
 
 
 def test_sync_counter_counts_python_and_aten_reads() -> None:

@@ -9,16 +9,23 @@ cache-sized chunk (``chunked_dots``, ``total_dots``). Nothing here reads a value
 
 Each function has a plain per-tensor twin (``*_loop``) used by the readable per-parameter
 path of the optimizers; the tests check that the two agree.
+
+Which of the two vectorized paths runs (the CPU's blocks, scratch and chunked dots, or the
+batched reductions written for other devices) is decided in one place, :func:`cpu_paths`. The
+tests run the other devices' path on the CPU under :func:`device_paths_on_cpu` (private), as
+torch's tests force the foreach path, and check that it agrees with the CPU path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "cpu_paths",
     "CPU_BLOCK_NUMEL",
     "coefficient_dtype",
     "coefficient",
@@ -40,6 +47,31 @@ __all__ = [
     "total_abs_sum_loop",
     "total_dot_loop",
 ]
+
+
+#: Private, for the tests: when True, tensors on the CPU take the paths written for other
+#: devices (see :func:`device_paths_on_cpu`).
+_DEVICE_PATHS_ON_CPU = False
+
+
+def cpu_paths(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the CPU's paths (cache-sized blocks, the reused scratch
+    buffer, chunked BLAS dots); otherwise the batched multi-tensor reductions over whole lists
+    (the path for GPUs and other devices)."""
+    return device.type == "cpu" and not _DEVICE_PATHS_ON_CPU
+
+
+@contextlib.contextmanager
+def device_paths_on_cpu() -> Iterator[None]:
+    """Private, for the tests: within it, CPU tensors take the paths written for other devices
+    (:func:`cpu_paths` is False), so that the CPU tests run both branches of every optimizer.
+    Not thread-safe (a module-level switch), like torch's own test-only switches."""
+    global _DEVICE_PATHS_ON_CPU
+    saved, _DEVICE_PATHS_ON_CPU = _DEVICE_PATHS_ON_CPU, True
+    try:
+        yield
+    finally:
+        _DEVICE_PATHS_ON_CPU = saved
 
 
 def coefficient_dtype(like: Tensor) -> torch.dtype:
@@ -159,7 +191,7 @@ def cache_blocks(*lists: Sequence[Tensor] | None, limit: int | None = None) -> l
             out.append(tuple(full))
 
     for rows in by_kind.values():
-        if rows[0][0].device.type != "cpu":
+        if not cpu_paths(rows[0][0].device):
             emit(rows)
             continue
         block: list[tuple[Tensor, ...]] = []
@@ -274,7 +306,7 @@ def chunked_dots(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, i
         return None
     for lst in lists:
         for t in lst:
-            if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+            if not cpu_paths(t.device) or t.dtype != dtype or not t.is_contiguous():
                 return None
     products: list[Tensor] = []
 

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import InvalidArgumentError
-from ._batched import (Scratch, _sum_stacked, add_scaled_, cache_blocks, coefficient, coefficient_dtype,
+from ._batched import (Scratch, cpu_paths, _sum_stacked, add_scaled_, cache_blocks, coefficient, coefficient_dtype,
                        flat_abs_sum, flat_dot, flat_sum_of_squares, total_abs_sum, total_dot, total_sum_of_squares)
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
@@ -383,7 +383,7 @@ def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list
     ss = [local_tensor(st["s"]) for st in states]
     x0s = [local_tensor(st["x0"]) for st in states] if momentum != 0 else None
     for xb, gb, sb, x0b in cache_blocks(xs, grads, ss, x0s):
-        cpu = sb[0].device.type == "cpu"
+        cpu = cpu_paths(sb[0].device)
         gb = _coupled(gb, xb, weight_decay, True)
         eta = coefficient(step_size, sb[0])
         if with_stats:
@@ -596,7 +596,7 @@ def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: lis
     l1 = torch.zeros((), dtype=dtype, device=device)
     ss, ms, us = ([local_tensor(st[key]) for st in states] for key in ("s", "exp_avg", "exp_avg_sq"))
     for xb, gb, sb, mb, ub in cache_blocks(xs, grads, ss, ms, us):
-        cpu = ub[0].device.type == "cpu"
+        cpu = cpu_paths(ub[0].device)
         if not decouple:
             gb = _coupled(gb, xb, weight_decay, True)
         eta = coefficient(step_size, sb[0])
@@ -831,7 +831,7 @@ def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: 
     l1 = torch.zeros((), dtype=dtype, device=device)
     alphas, ss, x0s = ([local_tensor(st[key]) for st in states] for key in ("alpha", "s", "x0"))
     for xb, gb, ab, sb, x0b in cache_blocks(xs, grads, alphas, ss, x0s):
-        cpu = ab[0].device.type == "cpu"
+        cpu = cpu_paths(ab[0].device)
         gb = _coupled(gb, xb, weight_decay, True)
         torch._foreach_addcmul_(ab, gb, gb)
         if cpu:

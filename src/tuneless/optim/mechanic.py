@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (Scratch, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
+from ._batched import (Scratch, cpu_paths, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
                        flat_sum_of_squares, total_dot_loop, total_dots, total_sum_of_squares_loop)
 from ._fused import FusedKernel
 from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
@@ -372,7 +372,7 @@ class Mechanic(TunelessOptimizer):
         out = []
         for p in tuned:
             state = self.state[p]
-            if reuse or (reuse is None and p.device.type == "cpu"):
+            if reuse or (reuse is None and cpu_paths(p.device)):
                 if _COPY not in state:
                     state[_COPY] = torch.empty_like(p, memory_format=torch.preserve_format)
                 out.append(local_tensor(state[_COPY]))
@@ -493,7 +493,7 @@ def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Te
         return torch.zeros(4, dtype=dtype, device=device)
     torch._foreach_copy_(starts, xs)
     lists, pairs = (deltas, gs, xs), ((0, 1), (0, 2), (2, 2), (1, 1))
-    if deltas[0].device.type != "cpu":
+    if not cpu_paths(deltas[0].device):
         return total_dots(lists, pairs, dtype, device, scratch)
     dots = chunked_dots(lists, pairs, dtype, scratch)
     if dots is not None:

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import InvalidArgumentError
-from ._batched import Scratch, _sum_stacked, add_scaled_, coefficient, coefficient_dtype, total_abs_sum, total_dot
+from ._batched import (Scratch, _sum_stacked, add_scaled_, coefficient, coefficient_dtype, cpu_paths, total_abs_sum,
+                       total_dot)
 from ._fused import FusedKernel
 from .base import TunelessOptimizer, local_tensor
 
@@ -480,7 +481,7 @@ class _Buffers(NamedTuple):
         tensors split into flat pieces, so that a chunk's buffers stay in cache from one
         foreach op to the next (the per-tensor loop of the reference has that locality, foreach
         ops over a whole model do not). On other devices, one chunk: the whole lists."""
-        if not self.x or self.x[0].device.type != "cpu":
+        if not self.x or not cpu_paths(self.x[0].device):
             return [self]
         out: list[_Buffers] = []
         first, size = 0, 0  # the chunk of whole tensors being gathered: [first, i)
@@ -608,7 +609,7 @@ def _multi_tensor_prodigy_estimate(buffers: _Buffers, *, beta3: float, m_coef: T
     dots, l1s = [], []
     for b in (c for bd in buffers.by_dtype() for c in bd.chunks(_CPU_CHUNK)):
         like = b.u[0]
-        flat = scratch.views(b.g_est) if like.device.type == "cpu" else None
+        flat = scratch.views(b.g_est) if cpu_paths(like.device) else None
         if with_numerator:
             dots.append(_chunk_numerator(b, flat, dtype, device))
         if b.m is not None:
@@ -669,7 +670,7 @@ def _multi_tensor_prodigy_step(buffers: _Buffers, *, step_size: Tensor, growth: 
         like = b.x[0]
         if decay != 0:
             add_scaled_(b.x, b.x, coefficient(-decay * step_size, like))
-        if like.device.type == "cpu":
+        if cpu_paths(like.device):
             denom = scratch.views(b.u)[1]
             torch._foreach_copy_(denom, b.u)
             torch._foreach_sqrt_(denom)
