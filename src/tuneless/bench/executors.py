@@ -1,7 +1,10 @@
 """Where runs execute: in this process, in a local process pool, or on a Ray cluster.
 
 Every executor calls the same :func:`execute_task` (one thread for torch, the problem's
-dtype, the task's seed), so the same task gives the same numbers on each of them. Local
+dtype, the task's seed, device and autocast dtype), so the same task gives the same numbers on
+each of them. The task carries the cache folder of pretrained checkpoints
+(``$TUNELESS_CACHE_DIR``, set for the run's duration), so that Ray workers, which do not
+inherit the driver's environment, get it too. Local
 pool workers write their result to the store themselves, the moment a run ends, so that
 nothing finished is lost if the sweep's driver is killed; Ray workers may run on other
 machines, so their results travel back and the driver writes them.
@@ -31,13 +34,20 @@ from .suite import Task, problem_dtype
 __all__ = ["execute_task", "Outcome", "Executor", "InlineExecutor", "LocalExecutor", "RayExecutor", "make_executor"]
 
 
+#: the environment variable that tells problems where to cache pretrained checkpoints
+CACHE_ENV = "TUNELESS_CACHE_DIR"
+
+
 def execute_task(task: Task) -> RunRecord:
     """Run one task and return its record; never raises for a failure of the run itself."""
     import torch
 
     from ..problems import get_problem
-    from ..run import run
+    from ..run import AUTOCAST_DTYPES, run
 
+    previous_cache = os.environ.get(CACHE_ENV)
+    if task.cache_dir is not None:
+        os.environ[CACHE_ENV] = task.cache_dir
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per run: parallelism is across runs, and results do not depend on it
     t0 = time.perf_counter()
@@ -45,7 +55,9 @@ def execute_task(task: Task) -> RunRecord:
     try:
         problem = get_problem(task.problem)
         kind, min_value = problem.kind, problem.min_value
-        trace = run(problem, task.spec, steps=task.steps, seed=task.seed, dtype=problem_dtype(problem))
+        trace = run(problem, task.spec, steps=task.steps, seed=task.seed, dtype=problem_dtype(problem),
+                    device=task.device, autocast=None if task.autocast is None else AUTOCAST_DTYPES[task.autocast],
+                    eval_points=task.eval_points)
         status = "failed" if trace.error else ("diverged" if trace.diverged else "ok")
         positions = trace.positions if trace.positions is not None and trace.positions.shape[-1] == 2 else None
         return RunRecord(
@@ -55,7 +67,9 @@ def execute_task(task: Task) -> RunRecord:
             initial_loss=float(trace.loss[0]) if trace.loss.size else None,
             min_value=None if min_value is None else float(min_value), error=trace.error,
             loss=trace.loss, step_size=trace.step_size, positions=positions, versions=_versions(),
-            created_at=_now(),
+            created_at=_now(), device=task.device, autocast=task.autocast,
+            target_metric=problem.target_metric, target_higher=bool(problem.target_higher_is_better),
+            eval_steps=trace.eval_steps, eval_curves=dict(trace.eval_metrics),
         )
     except Exception as exc:  # any failure of the run is recorded, never raised into the sweep
         last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
@@ -64,6 +78,11 @@ def execute_task(task: Task) -> RunRecord:
                              wall_seconds=time.perf_counter() - t0)
     finally:
         torch.set_num_threads(previous_threads)
+        if task.cache_dir is not None:
+            if previous_cache is None:
+                os.environ.pop(CACHE_ENV, None)
+            else:
+                os.environ[CACHE_ENV] = previous_cache
 
 
 def failed_record(task: Task, error: str, *, kind: str = "unknown", min_value: float | None = None,
@@ -72,7 +91,8 @@ def failed_record(task: Task, error: str, *, kind: str = "unknown", min_value: f
         key=task.key, problem=task.problem, kind=kind, spec=task.spec, role=task.role, base=task.base, lr=task.lr,
         seed=task.seed, steps=task.steps, status="failed", final={}, steps_done=0, train_seconds=0.0,
         wall_seconds=wall_seconds, min_value=None if min_value is None else float(min_value), error=error,
-        loss=np.zeros(0), step_size=np.zeros(0), versions=_versions(), created_at=_now(),
+        loss=np.zeros(0), step_size=np.zeros(0), versions=_versions(), created_at=_now(), device=task.device,
+        autocast=task.autocast,
     )
 
 

@@ -9,15 +9,19 @@ Guarantees:
 * **Atomic runs.** A run is one ``INSERT`` in its own transaction, written when the run ends
   (curves included), with ``synchronous=FULL``: a process killed at any moment (``kill -9``)
   leaves every committed run intact and no half-written one.
-* **Resumable sweeps.** Each run has a unique ``key`` (problem, spec, seed, steps); a sweep
+* **Resumable sweeps.** Each run has a unique ``key`` (problem, spec, seed, steps, and the
+  device and autocast dtype when they are not the CPU's defaults); a sweep
   skips the keys already stored. A second writer of the same key is ignored (the result is
   deterministic), except that ``replace=True`` overwrites a stored failure on a retry.
 * **Versioned schema.** ``PRAGMA application_id`` marks the file as a tuneless store and
   ``PRAGMA user_version`` holds the schema version. A store written by a newer tuneless is
-  refused with :class:`StoreVersionError`; an older one would be migrated in :meth:`_migrate`.
+  refused with :class:`StoreVersionError`; an older one is migrated in place when opened
+  (:data:`MIGRATIONS`: version 1 gains the hardware, target-metric and evaluation-curve columns,
+  empty for its old runs, which then report with no evaluation curves).
 
-Curves are stored as zlib-compressed little-endian float32 arrays (``loss``, ``step_size``) and
-float64 (``positions`` of 2-D analytic problems, for the banana plot).
+Curves are stored as zlib-compressed little-endian float32 arrays (``loss``, ``step_size``),
+float64 (``positions`` of 2-D analytic problems, for the banana plot), int64 (``eval_steps``),
+and zlib-compressed JSON for the evaluation curves (metric name -> one value per evaluation step).
 """
 
 from __future__ import annotations
@@ -36,10 +40,10 @@ from typing import Any, Iterable
 import numpy as np
 
 __all__ = ["ResultStore", "RunRecord", "StoreError", "StoreVersionError", "SCHEMA_VERSION", "APPLICATION_ID",
-           "encode_array", "decode_array"]
+           "MIGRATIONS", "encode_array", "decode_array", "encode_curves", "decode_curves"]
 
 #: version of the schema this tuneless writes and reads
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: marks a SQLite file as a tuneless results store ("TnLs")
 APPLICATION_ID = 0x546E4C73
 
@@ -80,6 +84,18 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_by_problem ON runs (problem, steps, role);
 """
 
+#: version -> the statements that upgrade a store of that version to the next one
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE runs ADD COLUMN device TEXT NOT NULL DEFAULT 'cpu'",  # the run's torch device
+        "ALTER TABLE runs ADD COLUMN autocast TEXT",           # the forward pass's autocast dtype, NULL: none
+        "ALTER TABLE runs ADD COLUMN target_metric TEXT",      # the metric that scores the problem (NULL: v1 run)
+        "ALTER TABLE runs ADD COLUMN target_higher INTEGER",   # 1 when a larger target metric is better
+        "ALTER TABLE runs ADD COLUMN eval_steps BLOB",         # int64 per evaluation, zlib (0 = the start)
+        "ALTER TABLE runs ADD COLUMN eval_curves BLOB",        # zlib JSON: metric -> one value per evaluation
+    ),
+}
+
 
 class StoreError(RuntimeError):
     """The file is not a usable tuneless results store."""
@@ -101,6 +117,21 @@ def decode_array(blob: bytes | None, dtype: str = "<f4") -> np.ndarray:
     if blob is None:
         return np.zeros(0)
     return np.frombuffer(zlib.decompress(blob), dtype=dtype).astype(np.float64)
+
+
+def encode_curves(curves: dict[str, np.ndarray]) -> bytes | None:
+    """Evaluation curves (metric -> values) as zlib-compressed JSON (non-finite values as strings)."""
+    if not curves:
+        return None
+    data = {k: [float(v) for v in np.asarray(vals, dtype=np.float64)] for k, vals in curves.items()}
+    return zlib.compress(json.dumps(_clean(data)).encode("utf-8"), 6)
+
+
+def decode_curves(blob: bytes | None) -> dict[str, np.ndarray]:
+    if blob is None:
+        return {}
+    data = json.loads(zlib.decompress(blob).decode("utf-8"))
+    return {k: np.array([float(v) for v in vals], dtype=np.float64) for k, vals in data.items()}
 
 
 def _clean(value: Any) -> Any:
@@ -149,6 +180,20 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     id: int | None = None
+    #: the torch device the run used, and the dtype of its forward pass under autocast (None: none)
+    device: str = "cpu"
+    autocast: str | None = None
+    #: the metric of ``final`` that scores the problem, and whether larger is better (None: a v1 run)
+    target_metric: str | None = None
+    target_higher: bool | None = None
+    #: the steps after which the run was evaluated (0 = the start), and each metric there
+    eval_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    eval_curves: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def hardware(self) -> str:
+        """``cpu``, ``cuda``, ``cuda bfloat16``...: runs of different hardware are never compared."""
+        return self.device + ("" if self.autocast is None else f" {self.autocast}")
 
     @property
     def final_loss(self) -> float:
@@ -162,7 +207,8 @@ class RunRecord:
                "status": self.status, "final_loss": self.final_loss, "initial_loss": self.initial_loss,
                "min_value": self.min_value, "error": self.error, "steps_done": self.steps_done,
                "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds,
-               "created_at": self.created_at}
+               "created_at": self.created_at, "device": self.device, "autocast": self.autocast,
+               "target_metric": self.target_metric}
         for k, v in self.final.items():
             if k != "loss":
                 out[f"final_{k}"] = v
@@ -173,7 +219,10 @@ class RunRecord:
 
 _COLUMNS = ("key", "problem", "kind", "spec", "role", "base", "lr", "seed", "steps", "status", "final_loss",
             "initial_loss", "min_value", "final_json", "error", "steps_done", "train_seconds", "wall_seconds",
-            "loss_curve", "step_size_curve", "positions", "positions_dim", "versions_json", "created_at")
+            "loss_curve", "step_size_curve", "positions", "positions_dim", "versions_json", "created_at",
+            "device", "autocast", "target_metric", "target_higher", "eval_steps", "eval_curves")
+#: the columns that hold curves (skipped by ``records(curves=False)``)
+_CURVE_COLUMNS = ("loss_curve", "step_size_curve", "positions", "eval_steps", "eval_curves")
 
 
 class ResultStore:
@@ -224,14 +273,14 @@ class ResultStore:
         try:
             app_id, version = self._ids()  # another process may have created it meanwhile
             if version < SCHEMA_VERSION:
-                if version == 0:
+                if version == 0:  # a new store: version 1's tables, then every migration
                     for statement in _SCHEMA.split(";\n"):
                         if statement.strip():
                             c.execute(statement)
                     c.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", (_now(),))
                     c.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (_versions()["tuneless"],))
-                else:  # pragma: no cover - no older schema exists yet
-                    self._migrate(version)
+                    version = 1
+                self._migrate(version)
                 c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             c.execute("COMMIT")
@@ -244,9 +293,14 @@ class ResultStore:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         return int(app_id), int(version)
 
-    def _migrate(self, version: int) -> None:  # pragma: no cover - the first schema
-        """Upgrade an older schema in place (inside the caller's transaction)."""
-        raise StoreError(f"no migration from schema version {version}")
+    def _migrate(self, version: int) -> None:
+        """Upgrade schema ``version`` to :data:`SCHEMA_VERSION` in place (inside the caller's transaction)."""
+        for v in range(version, SCHEMA_VERSION):
+            if v not in MIGRATIONS:  # pragma: no cover - every version has one
+                raise StoreError(f"no migration from schema version {v}")
+            for statement in MIGRATIONS[v]:
+                self._conn.execute(statement)
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"migrated_from_{v}", _now()))
 
     @property
     def schema_version(self) -> int:
@@ -269,6 +323,10 @@ class ResultStore:
             encode_array(record.positions, "<f8") if record.positions is not None else None,
             None if record.positions is None else int(record.positions.shape[-1]),
             json.dumps(record.versions or _versions()), record.created_at or _now(),
+            record.device, record.autocast, record.target_metric,
+            None if record.target_higher is None else int(bool(record.target_higher)),
+            encode_array(record.eval_steps, "<i8") if len(record.eval_steps) else None,
+            encode_curves(record.eval_curves),
         )
         placeholders = ",".join("?" * len(_COLUMNS))
         c = self._conn
@@ -302,7 +360,7 @@ class ResultStore:
     def records(self, *, curves: bool = True, problem: str | None = None, role: str | None = None,
                 keys: Iterable[str] | None = None) -> list[RunRecord]:
         """Stored runs in insertion order; ``curves=False`` skips the arrays (fast)."""
-        cols = "id, " + ", ".join(c for c in _COLUMNS if curves or c not in ("loss_curve", "step_size_curve", "positions"))
+        cols = "id, " + ", ".join(c for c in _COLUMNS if curves or c not in _CURVE_COLUMNS)
         where, args = [], []
         if problem is not None:
             where.append("problem = ?")
@@ -350,6 +408,8 @@ class ResultStore:
                 item["loss_curve"] = rec.loss.tolist()
                 item["step_size_curve"] = rec.step_size.tolist()
                 item["positions"] = None if rec.positions is None else rec.positions.tolist()
+                item["eval_steps"] = [int(s) for s in rec.eval_steps]
+                item["eval_curves"] = {k: v.tolist() for k, v in rec.eval_curves.items()}
             out.append(_clean(item))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as fh:
@@ -392,6 +452,11 @@ def _to_record(r: dict[str, Any]) -> RunRecord:
         train_seconds=r["train_seconds"], wall_seconds=r["wall_seconds"],
         loss=decode_array(r.get("loss_curve")), step_size=decode_array(r.get("step_size_curve")),
         positions=positions, versions=json.loads(r["versions_json"]), created_at=r["created_at"],
+        device=r["device"], autocast=r["autocast"], target_metric=r["target_metric"],
+        target_higher=None if r["target_higher"] is None else bool(r["target_higher"]),
+        eval_steps=(np.frombuffer(zlib.decompress(r["eval_steps"]), dtype="<i8").astype(np.int64)
+                    if r.get("eval_steps") is not None else np.zeros(0, dtype=np.int64)),
+        eval_curves=decode_curves(r.get("eval_curves")),
     )
 
 

@@ -11,6 +11,12 @@ Presets:
   short budgets, one seed, two grid points per decade: minutes on a 2-core CPU.
 * ``full``: every registered problem at its default budget, three seeds, three grid points
   per decade.
+* ``medium``: the heavier workloads at sizes meant for a GPU or a larger machine (the medium
+  transformer LM and BatchNorm ResNet, fine-tuning, the long run) at their default budgets,
+  three seeds, two grid points per decade.
+
+Every run of a suite uses the suite's ``device`` and ``autocast`` dtype (CPU and none by
+default); they are part of each run's key, so runs made on different hardware never mix.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .._validate import unknown_name_message
 from ..errors import SpecError, UnknownNameError
 from ..problems import PROBLEMS, Problem, get_problem
 from ..registry import create, create_scheduler, entry, learning_rate_free, scheduler_entry
+from ..run import AUTOCAST_DTYPES, EVAL_POINTS
 from ..spec import parse_run_spec
 from .oracle import BASES, GridConfig, OracleBase
 
@@ -54,10 +61,22 @@ class Task:
     role: str = "method"
     base: str | None = None
     lr: float | None = None
+    #: the torch device, and the forward pass's autocast dtype ("bfloat16"; None: no autocast)
+    device: str = "cpu"
+    autocast: str | None = None
+    #: evenly spaced evaluations during the run (not part of the key: they do not change the run)
+    eval_points: int = field(default=EVAL_POINTS, compare=False)
+    #: $TUNELESS_CACHE_DIR for the run (pretrained checkpoints); set by the sweep, not part of the key
+    cache_dir: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
-        return f"{self.problem}|{self.spec}|seed={self.seed}|steps={self.steps}"
+        key = f"{self.problem}|{self.spec}|seed={self.seed}|steps={self.steps}"
+        if self.device != "cpu":
+            key += f"|device={self.device}"
+        if self.autocast is not None:
+            key += f"|autocast={self.autocast}"
+        return key
 
     def label(self) -> str:
         return f"{self.spec} on {self.problem} (seed {self.seed})"
@@ -75,17 +94,25 @@ class Suite:
     methods: list[str]
     grid: GridConfig = field(default_factory=GridConfig)
     bases: tuple[OracleBase, ...] = BASES
+    device: str = "cpu"
+    autocast: str | None = None
+    eval_points: int = EVAL_POINTS
+
+    def task(self, problem: str, spec: str, seed: int, steps: int, **kw) -> Task:
+        """A task of this suite (its device, autocast dtype and evaluation points)."""
+        return Task(problem, spec, seed, steps, device=self.device, autocast=self.autocast,
+                    eval_points=self.eval_points, **kw)
 
     def seeds_for(self, problem: str) -> list[int]:
         """The seeds of ``problem``: analytic functions are deterministic, so only the first seed."""
         return self.seeds[:1] if get_problem(problem).kind == "analytic" else list(self.seeds)
 
     def method_tasks(self) -> list[Task]:
-        return [Task(p, m, s, n) for p, n in self.problems for m in self.methods for s in self.seeds_for(p)]
+        return [self.task(p, m, s, n) for p, n in self.problems for m in self.methods for s in self.seeds_for(p)]
 
 
-#: preset name -> (problems with budgets, seeds, grid)
-PRESETS: dict[str, tuple[tuple[tuple[str, int], ...], tuple[int, ...], GridConfig]] = {
+#: preset name -> (problems with budgets (None: the problem's default), seeds, grid)
+PRESETS: dict[str, tuple[tuple[tuple[str, int | None], ...], tuple[int, ...], GridConfig]] = {
     "quick": (
         (("rosenbrock", 1500), ("logreg_digits", 300), ("mlp_digits", 300), ("cnn_digits", 250),
          ("char_lm", 300), ("least_squares", 400), ("matrix_factorization", 600)),
@@ -96,6 +123,12 @@ PRESETS: dict[str, tuple[tuple[tuple[str, int], ...], tuple[int, ...], GridConfi
         (),  # every registered problem at its default budget
         (0, 1, 2),
         GridConfig(points_per_decade=3),
+    ),
+    "medium": (
+        (("transformer_lm:size=medium", None), ("resnet_digits:size=medium", None), ("finetune_digits", None),
+         ("mlp_digits_long", None)),
+        (0, 1, 2),
+        GridConfig(points_per_decade=2),
     ),
 }
 
@@ -137,17 +170,30 @@ def _resolve_problem(text: str) -> Problem:
 
 def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
                 optimizers: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                steps: int | None = None, points_per_decade: int | None = None) -> Suite:
+                steps: int | None = None, points_per_decade: int | None = None, device: str = "cpu",
+                autocast: str | None = None, eval_points: int = EVAL_POINTS) -> Suite:
     """Resolve ``preset`` and the overrides into a checked :class:`Suite`.
 
     ``problems`` may name problems outside the preset (they run at their default budget);
-    ``steps`` replaces every budget; ``optimizers`` replaces the methods (spec strings).
+    ``steps`` replaces every budget; ``optimizers`` replaces the methods (spec strings);
+    ``device`` ("cpu", "cuda", "cuda:1"...) and ``autocast`` ("bfloat16", "float16" or None) say
+    where and how every run computes; ``eval_points`` how many evaluations each run makes.
     """
     if preset not in PRESETS:
         raise UnknownNameError(unknown_name_message("suite preset", preset, PRESETS, ", ".join(PRESETS)))
     preset_problems, preset_seeds, grid = PRESETS[preset]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise BenchInputError(f"steps = {steps!r} is invalid; allowed: an integer >= 1")
+    try:
+        device = str(torch.device(device))
+    except (RuntimeError, TypeError) as exc:
+        raise BenchInputError(f"device = {device!r} is invalid; allowed: a torch device such as 'cpu', 'cuda' "
+                              f"or 'cuda:1' ({exc})") from None
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise BenchInputError(f"autocast = {autocast!r} is invalid; allowed: None or one of "
+                              f"{', '.join(map(repr, AUTOCAST_DTYPES))}")
+    if isinstance(eval_points, bool) or not isinstance(eval_points, int) or eval_points < 0:
+        raise BenchInputError(f"eval_points = {eval_points!r} is invalid; allowed: an integer >= 0")
     budgets = {get_problem(p).spec(): n for p, n in preset_problems}
     if problems is None:
         names = [p for p, _ in preset_problems] or list(PROBLEMS)
@@ -158,7 +204,7 @@ def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
     resolved: list[tuple[str, int]] = []
     for text in names:
         prob = _resolve_problem(text)
-        n = budgets.get(prob.spec(), prob.default_steps) if steps is None else steps
+        n = (budgets.get(prob.spec()) or prob.default_steps) if steps is None else steps
         if (prob.spec(), n) not in resolved:
             resolved.append((prob.spec(), int(n)))
     seed_list = list(preset_seeds if seeds is None else seeds)
@@ -178,5 +224,6 @@ def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
             methods.append(canon)
     if points_per_decade is not None:
         grid = replace(grid, points_per_decade=points_per_decade)
-    return Suite(preset, resolved, seed_list, methods, grid)
+    return Suite(preset, resolved, seed_list, methods, grid, device=device, autocast=autocast,
+                 eval_points=eval_points)
 

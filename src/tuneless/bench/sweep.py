@@ -2,9 +2,11 @@
 
 The driver keeps the executor busy with ready tasks, writes each result the moment it
 arrives (unless the worker already did), and widens an oracle grid as soon as all of its
-points have finished (:func:`tuneless.bench.oracle.widen`). Tasks already in the store are
+points have finished (:func:`tuneless.bench.oracle.widen`), on either view's score (the problem's
+target metric and the training loss: each view picks its own oracle). Tasks already in the store are
 skipped, so a sweep that was killed resumes where it stopped; a task whose worker process
-died is retried once, then recorded as a failed run.
+died is retried once, then recorded as a failed run. Every task carries the cache folder
+``<the store's folder>/cache`` (``$TUNELESS_CACHE_DIR`` of its run: pretrained checkpoints).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import math
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, TextIO
 
 from .executors import Executor, Outcome, failed_record
-from .metrics import seed_score
+from .metrics import TRAIN_LOSS, Metric, seed_score
 from .oracle import OracleBase, initial_grid, lr_value, oracle_spec, widen
 from .store import ResultStore, RunRecord
 from .suite import Suite, Task
@@ -130,13 +132,13 @@ class _Group:
     rounds: int = 0
 
 
-def plan_oracle_tasks(problem: str, steps: int, base: OracleBase, ks: list[int], seeds: list[int],
-                      ppd: int) -> list[Task]:
+def plan_oracle_tasks(suite: Suite, problem: str, steps: int, base: OracleBase, ks: list[int]) -> list[Task]:
+    """The oracle runs of ``base`` at grid indices ``ks`` on ``problem`` (every seed of the suite)."""
     tasks = []
     for k in ks:
-        lr = lr_value(k, ppd)
-        for s in seeds:
-            tasks.append(Task(problem, oracle_spec(base, lr), s, steps, role="oracle", base=base.name, lr=lr))
+        lr = lr_value(k, suite.grid.points_per_decade)
+        for s in suite.seeds_for(problem):
+            tasks.append(suite.task(problem, oracle_spec(base, lr), s, steps, role="oracle", base=base.name, lr=lr))
     return tasks
 
 
@@ -152,10 +154,12 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
     ready: deque[Task] = deque()
     groups: list[_Group] = []
     planned: set[str] = set()
+    cache_dir = str(store.path.resolve().parent / "cache")
 
     def plan(task: Task, urgent: bool = False) -> None:
         if task.key in planned:
             return
+        task = replace(task, cache_dir=cache_dir)
         planned.add(task.key)
         stats.planned += 1
         if task.key in done:
@@ -168,7 +172,7 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
     for problem, steps in suite.problems:
         for base in suite.bases:
             group = _Group(problem, steps, base, initial_grid(base, suite.grid))
-            for task in plan_oracle_tasks(problem, steps, base, group.grid, suite.seeds_for(problem), ppd):
+            for task in plan_oracle_tasks(suite, problem, steps, base, group.grid):
                 plan(task)
                 group.waiting.add(task.key)
             groups.append(group)
@@ -176,22 +180,26 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
         plan(task)
 
     def check_groups() -> None:
-        """Widen every grid whose points have all finished and whose best point is at an end."""
+        """Widen every grid whose points have all finished and whose best point is at an end (in either view)."""
         for g in groups:
             g.waiting = {k for k in g.waiting if k not in done}
             while not g.waiting:
-                scores = {}
-                for k in g.grid:
-                    lr = lr_value(k, ppd)
-                    keys = [Task(g.problem, oracle_spec(g.base, lr), s, g.steps).key for s in suite.seeds_for(g.problem)]
-                    scores[k] = seed_score([done[key] for key in keys])
-                new = widen(g.grid, scores, suite.grid)
+                new_set: set[int] = set()
+                for metric in _view_metrics(g.problem):
+                    scores = {}
+                    for k in g.grid:
+                        lr = lr_value(k, ppd)
+                        keys = [suite.task(g.problem, oracle_spec(g.base, lr), s, g.steps).key
+                                for s in suite.seeds_for(g.problem)]
+                        scores[k] = seed_score([done[key] for key in keys], metric)
+                    new_set |= set(widen(g.grid, scores, suite.grid))
+                new = sorted(new_set)
                 if not new:
                     break
                 g.rounds += 1
                 stats.widened += 1
                 g.grid = sorted(set(g.grid) | set(new))
-                for task in plan_oracle_tasks(g.problem, g.steps, g.base, new, suite.seeds_for(g.problem), ppd):
+                for task in plan_oracle_tasks(suite, g.problem, g.steps, g.base, new):
                     plan(task, urgent=True)
                     if task.key not in done:
                         g.waiting.add(task.key)
@@ -223,6 +231,15 @@ def run_sweep(suite: Suite, store: ResultStore, executor: Executor, *, progress:
         if progress is not None:
             progress.finish()
     return stats
+
+
+def _view_metrics(problem: str) -> tuple[Metric, ...]:
+    """The metrics of both views on ``problem``: its target metric and the training loss."""
+    from ..problems import get_problem
+
+    p = get_problem(problem)
+    target = Metric(p.target_metric, bool(p.target_higher_is_better))
+    return (target,) if target == TRAIN_LOSS else (target, TRAIN_LOSS)
 
 
 def _settle(outcome: Outcome, store: ResultStore, attempts: dict[str, int], ready: deque[Task],
