@@ -29,7 +29,7 @@ DTYPE = torch.float32
 
 
 class Tiny:
-    """Two layers and a separate vector in two param groups (the second at half the lr multiplier)."""
+    """A layer and a separate matrix, in two param groups."""
 
     def __init__(self, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -44,6 +44,10 @@ class Tiny:
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [self.w, self.b, self.v]
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.w, self.b]}, {"params": [self.v]}]
 
     def loss(self, step: int) -> torch.Tensor:
         rows = torch.randperm(16, generator=torch.Generator().manual_seed(step))[:8]  # a minibatch a step
@@ -68,11 +72,11 @@ Build = Callable[[Any], torch.optim.Optimizer]
 def check_resume(build: Build, mode: str, name: str) -> None:
     """Save after BEFORE steps (in ``mode``), resume in fresh objects, compare after AFTER more."""
     full = Tiny()
-    full_opt = build(full.params)
+    full_opt = build(full.groups)
     train(full_opt, full, range(BEFORE + AFTER))
 
     model = Tiny()
-    opt = build(model.params)
+    opt = build(model.groups)
     train(opt, model, range(BEFORE))
     if mode == "eval":
         opt.eval()
@@ -85,7 +89,7 @@ def check_resume(build: Build, mode: str, name: str) -> None:
     with torch.no_grad():
         for p, s in zip(resumed.params, saved["model"]):
             p.copy_(s)
-    opt2 = build(resumed.params)
+    opt2 = build(resumed.groups)
     opt2.load_state_dict(saved["optim"])
     if mode == "eval":
         assert not opt2.training, f"{name}: the checkpoint was saved in eval mode; loading must restore it"
