@@ -36,11 +36,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.address is not None and args.backend != "ray":
             raise BenchInputError("--address is only for --backend ray")
         suite = build_suite(args.preset, problems=args.problems, optimizers=args.optimizers, seeds=args.seeds,
-                            steps=args.steps)
+                            steps=args.steps, device=args.device,
+                            autocast=None if args.dtype == "float32" else args.dtype, eval_points=args.eval_points)
         db = Path(args.db or f"out/bench-{suite.name}.sqlite")
         print(f"tuneless bench {suite.name}: {len(suite.problems)} problems x {len(suite.methods)} methods x "
               f"{len(suite.seeds)} seeds, plus the oracle's grids; store {db}; "
-              f"{args.workers} worker(s) on {args.backend}", file=sys.stderr)
+              f"{args.workers} worker(s) on {args.backend}; device {suite.device}"
+              + (f", forward pass autocast to {suite.autocast}" if suite.autocast else ""), file=sys.stderr)
         stats = run_bench(suite, str(db), backend=args.backend, workers=args.workers, address=args.address,
                           progress=None if args.quiet else Progress(), retry_failed=args.retry_failed)
     except (StoreError, BenchInputError, UnknownNameError, UnknownArgumentError, SpecError, InvalidArgumentError,
@@ -51,7 +53,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for crash in stats.crashes:
         print(f"worker crash: {crash}", file=sys.stderr)
     return _report(db, None if args.no_report else Path(args.out or db.with_suffix(".html")),
-                   budgets=suite.problems, methods=suite.methods, command="bench")
+                   budgets=suite.problems, methods=suite.methods, hardware=suite.hardware, command="bench")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -77,7 +79,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report(db: Path, html_path: Path | None, *, problems: Sequence[str] | None = None,
             budgets: Sequence[tuple[str, int]] | None = None, methods: Sequence[str] | None = None,
-            command: str) -> int:
+            hardware: str | None = None, command: str) -> int:
     from .bench import StoreError, compute_results
     from .bench.store import ResultStore
     from .report.bench_report import markdown_report, write_html
@@ -96,10 +98,13 @@ def _report(db: Path, html_path: Path | None, *, problems: Sequence[str] | None 
     if methods is not None:
         keep = set(methods)
         records = [r for r in records if r.role == "oracle" or r.spec in keep]
-    results = compute_results(records, methods=methods)
-    print(markdown_report(results))
+    if hardware is not None:
+        records = [r for r in records if r.hardware == hardware]
+    results = compute_results(records, methods=methods, view="target")
+    train = compute_results(records, methods=methods, view="train")
+    print(markdown_report(results, train=train))
     if html_path is not None:
-        out = write_html(results, html_path, store_path=db, records=records)
+        out = write_html(results, html_path, store_path=db, records=records, train=train)
         print(f"\nreport written to {out.resolve()}")
     print(f"results store: {db.resolve()}")
     return 0
@@ -108,6 +113,7 @@ def _report(db: Path, html_path: Path | None, *, problems: Sequence[str] | None 
 def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` and ``report`` to the ``tuneless`` command (each sets ``func``)."""
     from .bench.suite import PRESETS
+    from .run import AUTOCAST_DTYPES, EVAL_POINTS
 
     bench = subparsers.add_parser(
         "bench", help="benchmark learning-rate-free methods against an oracle-tuned baseline",
@@ -116,7 +122,8 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
                     "(resumable), print the table and write an HTML report.",
     )
     bench.add_argument("preset", nargs="?", default="quick", choices=list(PRESETS),
-                       help="suite preset: quick (minutes on 2 cores) or full (default: quick)")
+                       help="suite preset: quick (minutes on 2 cores), full (every problem), or medium (heavier "
+                            "workloads sized for a GPU or a larger machine) (default: quick)")
     bench.add_argument("--problems", nargs="+", default=None, metavar="PROBLEM",
                        help="problem specs to run instead of the preset's (see `tuneless list problems`)")
     bench.add_argument("--optimizers", nargs="+", default=None, metavar="SPEC",
@@ -132,6 +139,15 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="local process pool, or Ray (pip install 'tuneless[ray]')")
     bench.add_argument("--address", default=None,
                        help="Ray cluster address ('auto', 'host:port', 'ray://host:10001'); default: a local Ray")
+    bench.add_argument("--device", default="cpu",
+                       help="torch device of every run: cpu (the default, the tested path) or cuda, cuda:1... "
+                            "(CUDA is untested)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", *AUTOCAST_DTYPES],
+                       help="float32 (the default): no autocast; bfloat16 or float16: the forward pass runs under "
+                            "torch.autocast in that dtype, parameters stay float32 (on CUDA: untested)")
+    bench.add_argument("--eval-points", type=int, default=EVAL_POINTS,
+                       help=f"evaluations per run besides the start, evenly spaced (default: {EVAL_POINTS}; the "
+                            "time to target is read from them)")
     bench.add_argument("--out", default=None, help="HTML report path (default: the store's path with .html)")
     bench.add_argument("--no-report", action="store_true", help="print the table only, write no HTML")
     bench.add_argument("--retry-failed", action="store_true", help="run again the runs stored as failed")
@@ -140,8 +156,9 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
 
     report = subparsers.add_parser(
         "report", help="tables and HTML report of a benchmark store; CSV/JSON export",
-        description="Print the markdown table of a results store and write a self-contained HTML report "
-                    "(gap heat-map, loss and step-size curves, banana trajectories, oracle grids).",
+        description="Print the markdown tables of a results store (the headline on each problem's target metric, "
+                    "then the training loss) and write a self-contained HTML report (performance profile, gap "
+                    "heat-map, loss, step-size and evaluation curves, banana trajectories, oracle grids).",
     )
     report.add_argument("--db", default="out/bench-quick.sqlite", help="results store (default: out/bench-quick.sqlite)")
     report.add_argument("--out", default=None, help="HTML report path (default: the store's path with .html)")

@@ -98,6 +98,11 @@ class Suite:
     autocast: str | None = None
     eval_points: int = EVAL_POINTS
 
+    @property
+    def hardware(self) -> str:
+        """As :attr:`RunRecord.hardware`: ``cpu``, ``cuda bfloat16``..."""
+        return self.device + ("" if self.autocast is None else f" {self.autocast}")
+
     def task(self, problem: str, spec: str, seed: int, steps: int, **kw) -> Task:
         """A task of this suite (its device, autocast dtype and evaluation points)."""
         return Task(problem, spec, seed, steps, device=self.device, autocast=self.autocast,

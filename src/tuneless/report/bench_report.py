@@ -1,12 +1,19 @@
 """The benchmark's report, made from the results store only: a markdown table and an HTML file.
 
-* :func:`markdown_report` gives the tables printed in the terminal: one line per method (the
-  geometric-mean gap to the oracle, problems within 1.1x and 2x, divergences, failures,
-  steps to 1.1x, time per run, the oracle's runs against one), then the gap per problem.
+* :func:`markdown_report` gives the tables printed in the terminal, in the headline view (each
+  problem's target metric: held-out loss for learning problems): one line per method (the
+  AlgoPerf score, problems where it reached the oracle's target, the geometric-mean gap to the
+  oracle, problems within 1.1x and 2x, divergences, failures, steps to 1.1x, time per run, the
+  oracle's runs against one), the gap per problem; then the second view (the final training
+  loss): its per-method line and gap per problem.
 * :func:`write_html` writes one self-contained HTML file (images embedded as base64 PNG, no
-  scripts, nothing fetched): the same tables, a heat-map of the gaps (methods x problems),
-  training-loss and step-size curves per problem, the trajectories on the banana
-  (2-D analytic problems), the oracle's learning-rate grids, and every failure's message.
+  scripts, nothing fetched): the same tables, the performance profile (rho_m(tau) of every
+  method), a heat-map of the gaps (methods x problems), the training-loss, step-size and
+  evaluation curves per problem, the trajectories on the banana (2-D analytic problems), the
+  oracle's learning-rate grids, and every failure's message.
+
+Both take the results of :func:`~tuneless.bench.metrics.compute_results` in the headline view
+and, optionally, in the training-loss view (``train=``).
 
 Plots use matplotlib's object API with the Agg canvas: no pyplot state, no window opened.
 """
@@ -23,32 +30,47 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..bench.metrics import BenchResults, Cell, MethodSummary, ProblemOracle, compute_results, score_curve
+from ..bench.metrics import (R_MAX, BenchResults, Cell, MethodSummary, ProblemOracle, compute_results, score_curve,
+                             floor_of)
 from ..bench.store import ResultStore, RunRecord
 from ..bench.suite import BASELINE_METHODS
 
 __all__ = ["markdown_report", "write_html", "load_results", "format_gap"]
 
-#: the explanation printed under the tables
+#: the explanation printed under the headline tables
 LEGEND = (
-    "gap = a method's final training loss over the oracle's (geometric mean over seeds; 1.00x matches the "
+    "Each problem is scored by its target metric (the row 'scored on'): the held-out loss for learning "
+    "problems, the objective for analytic functions and the two learning problems whose minimum is known. "
+    "gap = a method's final value over the oracle's (geometric mean over seeds; 1.00x matches the "
     "oracle, below 1 beats it). For problems marked † the minimum is known (0): the gap is of the error and "
     "is shown as log10 (+2.0 = a hundred times the oracle's error); an error a million times below the start "
     "counts as solved (a tie). The oracle is the best of Adam and SGD "
     "with momentum, each cosine-annealed to 0, over a learning-rate grid widened until the best point is "
-    "inside it. A diverged or failed run is scored at its starting loss. 'steps to 1.1x': median fraction "
-    "of the budget to come within 1.1x of the oracle's final loss."
+    "inside it, chosen on the same metric. A diverged or failed run is scored at its start. "
+    "AlgoPerf score: the normalised area under the performance profile over tau in [1, 4], where a "
+    "method's time on a problem is the fraction of the budget it needs to reach the oracle's final value "
+    "(first of the evaluations at the start, every 5% of the budget and the end; median over seeds, a miss "
+    "counts as infinite) over the fastest method's time: 1 = fastest to the target everywhere, 0 = never "
+    "within 4x of the fastest. 'reached': problems where it reached the target. 'steps to 1.1x': median "
+    "fraction of the budget for the training loss to come within 1.1x of the oracle's final training loss."
+)
+#: the explanation printed under the second view's tables
+LEGEND_TRAIN = (
+    "Second view: every problem scored by its final training loss (at the evaluation point), the oracle "
+    "chosen on it; otherwise as above. A training loss far below the oracle's with a worse held-out loss "
+    "is overfitting, not a better optimizer."
 )
 
 
-def load_results(db: str | Path, *, problems: Sequence[str] | None = None) -> tuple[BenchResults, list[RunRecord]]:
-    """Read the store at ``db`` and compute the results (optionally for some problems only)."""
+def load_results(db: str | Path, *, problems: Sequence[str] | None = None,
+                 view: str = "target") -> tuple[BenchResults, list[RunRecord]]:
+    """Read the store at ``db`` and compute the results in ``view`` (optionally for some problems only)."""
     with ResultStore(db, create=False) as store:
         records = store.records(curves=True)
     if problems is not None:
         wanted = set(problems)
         records = [r for r in records if r.problem in wanted or r.problem.split(":")[0] in wanted]
-    return compute_results(records), records
+    return compute_results(records, view=view), records
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -82,13 +104,21 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
     return format(x, fmt)
 
 
+def _fraction(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return "never" if not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
 def _method_label(method: str) -> str:
     return method + (" (untuned)" if method in BASELINE_METHODS else "")
 
 
 def _sorted_summaries(results: BenchResults) -> list[MethodSummary]:
     def key(s: MethodSummary) -> tuple:
-        return (s.method in BASELINE_METHODS, -s.within_1_1, math.inf if math.isnan(s.geo_gap) else s.geo_gap, s.method)
+        score = -s.algoperf_score if s.algoperf_score is not None and results.view == "target" else 0.0
+        return (s.method in BASELINE_METHODS, score, -s.within_1_1,
+                math.inf if math.isnan(s.geo_gap) else s.geo_gap, s.method)
 
     return sorted(results.summaries, key=key)
 
@@ -106,32 +136,40 @@ def _table(headers: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join(out)
 
 
-def summary_rows(results: BenchResults) -> tuple[list[str], list[list[str]], str]:
-    headers = ["method", "gap (geo-mean)", "within 1.1x", "within 2x", "diverged", "failed", "steps to 1.1x",
-               "s/run", "runs (oracle vs 1)"]
+def summary_rows(results: BenchResults, *, scores: bool = True) -> tuple[list[str], list[list[str]], str]:
+    """The per-method table; ``scores`` adds the AlgoPerf score and the targets reached first."""
+    headers = (["method"] + (["AlgoPerf score", "reached target"] if scores else [])
+               + ["gap (geo-mean)", "within 1.1x", "within 2x", "diverged", "failed", "steps to 1.1x",
+                  "s/run", "runs (oracle vs 1)"])
     rows = []
     for s in _sorted_summaries(results):
-        rows.append([
-            _method_label(s.method), _ratio(s.geo_gap) if not math.isnan(s.geo_gap) else "—",
+        first = [_method_label(s.method)]
+        if scores:
+            first += [_num(s.algoperf_score, ".3f"),
+                      f"{s.reached}/{s.profile_problems}" if s.profile_problems else "—"]
+        rows.append(first + [
+            _ratio(s.geo_gap) if not math.isnan(s.geo_gap) else "—",
             f"{s.within_1_1}/{s.problems}", f"{s.within_2}/{s.problems}", str(s.diverged), str(s.failed),
             "—" if s.median_steps_fraction is None else f"{100 * s.median_steps_fraction:.0f}%",
             _num(s.train_seconds, ".2f"), f"{_num(s.oracle_runs, '.3g')} vs 1",
         ])
-    return headers, rows, "lrrrrrrrr"
+    return headers, rows, "l" + "r" * (len(headers) - 1)
 
 
 def gap_rows(results: BenchResults) -> tuple[list[str], list[list[str]], str]:
     headers = ["method"] + [o.label + (" †" if o.min_known else "") for o in results.oracles]
-    rows = [["oracle (base, lr)"] + [_oracle_label(o) for o in results.oracles],
-            ["oracle final loss"] + [_num(o.final_loss) for o in results.oracles]]
+    rows = [["scored on"] + [str(o.metric) for o in results.oracles],
+            ["oracle (base, lr)"] + [_oracle_label(o) for o in results.oracles],
+            ["oracle final value"] + [_num(o.final_value) for o in results.oracles]]
     for s in _sorted_summaries(results):
         rows.append([_method_label(s.method)] + [format_gap(results.cell(s.method, o.label), o.min_known)
                                                  for o in results.oracles])
     return headers, rows, "l" + "r" * len(results.oracles)
 
 
-def markdown_report(results: BenchResults, *, title: str = "tuneless bench") -> str:
-    """The terminal report: the per-method table, the per-problem gap table, the legend."""
+def markdown_report(results: BenchResults, *, title: str = "tuneless bench", train: BenchResults | None = None) -> str:
+    """The terminal report: the per-method table, the per-problem gap table, the legend (the
+    headline view), then the same two tables in the training-loss view ``train`` if given."""
     if not results.oracles:
         return f"## {title}\n\nThe store holds no runs yet."
     seeds = sorted({s for o in results.oracles for s in o.seeds})
@@ -149,6 +187,9 @@ def markdown_report(results: BenchResults, *, title: str = "tuneless bench") -> 
         "",
         LEGEND,
     ]
+    if train is not None and train.oracles:
+        parts += ["", "### Second view: the final training loss", "", _table(*summary_rows(train, scores=False)),
+                  "", _table(*gap_rows(train)), "", LEGEND_TRAIN]
     if edge:
         parts += ["", "Warning: the oracle's best point is still at an end of its grid (widening limit reached) on "
                   + "; ".join(edge) + "."]
@@ -219,15 +260,43 @@ def heatmap_png(results: BenchResults) -> str:
     return _png(fig)
 
 
+def profile_png(results: BenchResults, colors: dict[str, Any]) -> str | None:
+    """rho_m(tau) of every method over tau in [1, R_MAX]; None when no problem has a known time."""
+    methods = [s for s in _sorted_summaries(results) if s.profile_problems]
+    if not methods:
+        return None
+    taus = np.linspace(1.0, R_MAX, 601)
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, s in enumerate(methods):
+        rho = results.rho(s.method, taus)
+        # a tiny offset per method keeps identical profiles visible
+        ax.plot(taus, rho + 0.004 * (i - len(methods) / 2), color=colors[s.method], lw=1.4,
+                label=f"{_method_label(s.method)} ({_num(s.algoperf_score, '.3f')})",
+                drawstyle="steps-post")
+    n = methods[0].profile_problems
+    ax.set_xlim(1.0, R_MAX)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("tau (time to target over the fastest method's)")
+    ax.set_ylabel(f"fraction of the {n} problems")
+    ax.grid(alpha=0.3)
+    ax.set_title("Performance profile: rho(tau) = problems reached within tau x the fastest (AlgoPerf score)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
 def _by_seed(records: list[RunRecord], seed: int) -> list[RunRecord]:
     return [r for r in records if r.seed == seed]
 
 
 def curves_png(results: BenchResults, oracle: ProblemOracle, colors: dict[str, Any]) -> str:
-    """Training-loss (or error) and step-size curves of every method on one problem, first seed."""
-    fig = _figure(11, 3.6)
-    ax_loss = fig.add_subplot(1, 2, 1)
-    ax_step = fig.add_subplot(1, 2, 2)
+    """Training-loss (or error), step-size and evaluation curves (the view's metric, with the
+    oracle's target) of every method on one problem, first seed."""
+    fig = _figure(15, 3.6)
+    ax_loss = fig.add_subplot(1, 3, 1)
+    ax_step = fig.add_subplot(1, 3, 2)
+    ax_eval = fig.add_subplot(1, 3, 3)
     seed = oracle.seeds[0] if oracle.seeds else 0
     lines = []
     for s in _sorted_summaries(results):
@@ -248,17 +317,30 @@ def curves_png(results: BenchResults, oracle: ProblemOracle, colors: dict[str, A
         ss = r.step_size
         if ss.size:
             ax_step.plot(np.arange(1, ss.size + 1), np.where(ss > 0, ss, np.nan), color=color, ls=style, lw=1.1)
+    metric = oracle.metric
+    for label, r, color, style in lines:
+        values = r.eval_curves.get(metric.name)
+        if values is None or not values.size or r.eval_steps.size != values.size:
+            continue
+        floor = floor_of(r, metric=metric)
+        y = np.array([max(metric.raw(float(v), r.min_value), floor) for v in values])
+        ax_eval.plot(r.eval_steps, np.where((y > 0) & np.isfinite(y), y, np.nan), color=color, ls=style, lw=1.1,
+                     marker=".", ms=3)
+    if math.isfinite(oracle.target):
+        ax_eval.axhline(oracle.target, color="black", lw=0.8, ls=":")
     what = "error (loss - minimum)" if oracle.min_known else "training loss"
     if oracle.kind != "analytic":
         what += f", trailing mean over {max(1, oracle.steps // 50)} steps"
-    for ax, ylabel in ((ax_loss, what), (ax_step, "step size (effective lr)")):
+    eval_label = f"{metric} at the evaluation points" + (" (minus the minimum)" if oracle.min_known else "")
+    for ax, ylabel in ((ax_loss, what), (ax_step, "step size (effective lr)"), (ax_eval, eval_label)):
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
     ax_loss.set_title(f"{oracle.label}: training curves (seed {seed})", fontsize=9)
     ax_step.set_title("learned step size", fontsize=9)
-    ax_step.legend(*ax_loss.get_legend_handles_labels(), fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax_eval.set_title("evaluations (dotted: the oracle's target)", fontsize=9)
+    ax_eval.legend(*ax_loss.get_legend_handles_labels(), fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 
@@ -376,8 +458,9 @@ def _gap_color(cell: Cell) -> str | None:
 
 
 def write_html(results: BenchResults, path: str | Path, *, store_path: str | Path | None = None,
-               records: Sequence[RunRecord] = ()) -> Path:
-    """Write the self-contained HTML report to ``path`` and return it."""
+               records: Sequence[RunRecord] = (), train: BenchResults | None = None) -> Path:
+    """Write the self-contained HTML report to ``path`` and return it: the headline view
+    ``results``, and the training-loss view ``train`` as a second table when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     colors = _colors([s.method for s in _sorted_summaries(results)])
@@ -391,20 +474,47 @@ def write_html(results: BenchResults, path: str | Path, *, store_path: str | Pat
     else:
         body += ["<h2>Per method</h2>", _html_table(*summary_rows(results)[:2]),
                  f"<p class=note>{html.escape(LEGEND)}</p>"]
+        body.append("<h2>performance profile</h2>")
+        profile = profile_png(results, colors)
+        if profile:
+            body.append(_img(profile, "performance profile"))
+            trows = []
+            for s in _sorted_summaries(results):
+                trows.append([_method_label(s.method)] + [_fraction(results.cell(s.method, o.label).time_to_target)
+                                                          for o in results.oracles if math.isfinite(o.target)])
+            body.append(_html_table(["time to target"] + [o.label for o in results.oracles
+                                                          if math.isfinite(o.target)], trows))
+            body.append("<p class=note>Time to target: the fraction of the budget at which a method's "
+                        "evaluations first reach the oracle's final value (median over seeds; never: a majority of "
+                        "the seeds missed it). rho(tau): the fraction of problems on which a method reached the "
+                        "target within tau times the fastest method's time.</p>")
+        else:
+            body.append("<p>No run in this store has evaluation curves (a store written before schema version 2): "
+                        "no time to target.</p>")
         headers, rows, _ = gap_rows(results)
-        cell_colors: list[list[str | None]] = [[None] * len(headers), [None] * len(headers)]
+        cell_colors: list[list[str | None]] = [[None] * len(headers) for _ in range(3)]  # the 3 oracle rows
         for s in _sorted_summaries(results):
             cell_colors.append([None] + [_gap_color(results.cell(s.method, o.label)) for o in results.oracles])
         body += ["<h2>Gap to the oracle, per problem</h2>", _img(heatmap_png(results), "gap heat-map"),
                  _html_table(headers, rows, cell_colors)]
+        if train is not None and train.oracles:
+            headers_t, rows_t, _ = gap_rows(train)
+            colors_t: list[list[str | None]] = [[None] * len(headers_t) for _ in range(3)]
+            for s in _sorted_summaries(train):
+                colors_t.append([None] + [_gap_color(train.cell(s.method, o.label)) for o in train.oracles])
+            body += ["<h2>Second view: the final training loss</h2>",
+                     _html_table(*summary_rows(train, scores=False)[:2]),
+                     _html_table(headers_t, rows_t, colors_t), f"<p class=note>{html.escape(LEGEND_TRAIN)}</p>"]
         body.append("<h2>The oracle</h2>")
         orows = []
         for o in results.oracles:
             test = ", ".join(f"{k} {v:.4g}" for k, v in o.test.items() if math.isfinite(v))
-            orows.append([o.label, o.spec or "—", _num(o.final_loss), test or "—",
+            orows.append([o.label, str(o.metric), o.spec or "—", _num(o.target), _fraction(o.time_to_target),
+                          _num(o.final_loss), test or "—",
                           _num(o.runs_per_seed, ".3g"), ", ".join(o.at_edge) or "no",
                           "—" if o.steps_to is None else str(o.steps_to), _num(o.seconds, ".1f")])
-        body.append(_html_table(["problem", "oracle", "final loss", "held-out", "runs per seed",
+        body.append(_html_table(["problem", "scored on", "oracle", "target (score)", "its time to target",
+                                 "final training loss", "held-out", "runs per seed",
                                  "best at grid end", "steps to 1.1x", "seconds (all runs)"], orows))
         grid = grids_png(results)
         if grid:
@@ -422,10 +532,11 @@ def write_html(results: BenchResults, path: str | Path, *, store_path: str | Pat
                 if c is None:
                     continue
                 test = ", ".join(f"{k} {v:.4g}" for k, v in c.test.items() if math.isfinite(v))
-                trows.append([_method_label(s.method), c.status, _num(c.final_loss), format_gap(c, o.min_known),
+                trows.append([_method_label(s.method), c.status, _num(c.final_value), format_gap(c, o.min_known),
+                              _fraction(c.time_to_target), _num(c.final_loss),
                               "—" if c.steps_to is None else str(c.steps_to), test or "—", _num(c.train_seconds, ".2f")])
-            body.append(_html_table(["method", "status", "final loss", "gap", "steps to 1.1x", "held-out", "s/run"],
-                                    trows))
+            body.append(_html_table(["method", "status", f"final {o.metric.name}", "gap", "time to target",
+                                     "final training loss", "steps to 1.1x", "held-out", "s/run"], trows))
         failures = [(c.method, c.problem, e) for c in results.cells.values() for e in c.errors]
         if failures:
             body.append("<h2>Failures</h2>")
