@@ -1,7 +1,7 @@
 """The ablation behind the default optimizer, ``tuneless.Tuneless`` (see ``docs/default.md``).
 
 Runs each variant of the default (one ingredient switched at a time, through the unregistered
-``tuneless.optim.default.TunelessVariant``) and the anchors it must beat, with the benchmark's
+``tuneless.optim.default.TunelessScheduleFreeVariant`` and ``TunelessVariant``) and the anchors it must beat, with the benchmark's
 own machinery (``tuneless bench``: the same oracle, store and scoring), on the DESIGN problems
 only, then prints the ablation table. The held-out problems are run only with ``--held-out``,
 once the design is frozen, and are reported in a table of their own.
@@ -36,17 +36,19 @@ HELD_OUT_PROBLEMS: tuple[str, ...] = (
 _VARIANT = "tuneless.optim.default.TunelessVariant"
 _SF_VARIANT = "tuneless.optim.default.TunelessScheduleFreeVariant"
 
-#: name -> (spec, what it tests). The first row is the default itself.
+#: name -> (spec, what it tests). The first row is the default itself; each other row changes
+#: one ingredient of it (the Schedule-Free variant with r=8 is the default, spelled out).
 VARIANTS: dict[str, tuple[str, str]] = {
-    "tuneless (default)": ("tuneless", "Polyak step, soft-capped by the distance, d started at the first Polyak step"),
-    "hard minimum": (f"{_VARIANT}:combine='hard'", "min(tau, d) instead of 1/(1/tau + 1/d)"),
-    "no cap (Polyak step alone)": (f"{_VARIANT}:step_rule='polyak'", "MoMo-Adam's step with no cap at all"),
-    "no error (distance alone)": (f"{_VARIANT}:step_rule='distance'", "Prodigy-style d alone, Polyak start"),
-    "tiny start": (f"{_VARIANT}:start='tiny'", "d starts at Prodigy's 1e-6"),
-    "distance alone, tiny start": (f"{_VARIANT}:step_rule='distance',start='tiny'",
-                                   "close to Prodigy (plain Adam moments)"),
-    "+ Schedule-Free averaging": (f"{_SF_VARIANT}", "the default's step inside Schedule-Free (base beta1 = 0)"),
-    "+ Schedule-Free, base momentum": (f"{_SF_VARIANT}:beta1=0.9", "the same with the base's beta1 = 0.9"),
+    "tuneless (default)": ("tuneless", "Schedule-Free (r=8) around the soft-capped Polyak step, d started at tau_1"),
+    "no averaging": (f"{_VARIANT}", "the same step with Adam's momentum (beta1 0.9) instead of averaging"),
+    "no averaging, Polyak step alone": (f"{_VARIANT}:step_rule='polyak'", "MoMo-Adam's model with no cap"),
+    "averaging r=0": (f"{_SF_VARIANT}", "Schedule-Free's own weights (all iterates, weighted by step size)"),
+    "averaging r=2": (f"{_SF_VARIANT}:r=2.0", "polynomial weights (t+1)^2"),
+    "base momentum 0.9": (f"{_SF_VARIANT}:r=8.0,beta1=0.9", "Adam's first moment kept inside the average"),
+    "hard minimum": (f"{_SF_VARIANT}:r=8.0,combine='hard'", "min(tau, d) instead of 1/(1/tau + 1/d)"),
+    "no cap (Polyak step alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak'", "no distance estimate"),
+    "no error (distance alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='distance'", "no Polyak step: Prodigy-like"),
+    "tiny start": (f"{_SF_VARIANT}:r=8.0,start='tiny'", "d starts at Prodigy's 1e-6"),
 }
 
 #: the anchors the default is compared with (registered methods at their defaults)

@@ -44,6 +44,7 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, sc
 def test_first_step_is_half_the_polyak_step_along_the_sign_of_the_gradient():
     # At step 1, m_hat = g and D = |g| + eps, so tau_1 = f / sum(g^2 / (|g| + eps)) and the
     # distance starts at d_1 = tau_1: the soft minimum is tau_1 / 2.
+    # (Tuneless's first step: Schedule-Free's first average is z_1 itself, so x_1 = y_1 = z_1.)
     x = torch.nn.Parameter(torch.tensor([3.0, -4.0, 0.5], dtype=torch.float64))
     opt = tuneless.Tuneless([x])
     loss = 0.5 * (x ** 2).sum()
@@ -152,6 +153,7 @@ def test_ablation_variants_train_and_the_per_parameter_path_agrees(kwargs):
 def test_ablation_switches_are_checked_and_not_on_the_default():
     with pytest.raises(tuneless.InvalidArgumentError, match=r"step_rule = 'both_' is invalid"):
         TunelessVariant([torch.nn.Parameter(torch.zeros(1))], step_rule="both_")
-    with pytest.raises(tuneless.UnknownArgumentError):
-        tuneless.Tuneless([torch.nn.Parameter(torch.zeros(1))], step_rule="polyak")
+    for knob in (dict(step_rule="polyak"), dict(betas=(0.9, 0.999)), dict(r=2.0)):
+        with pytest.raises(tuneless.UnknownArgumentError):
+            tuneless.Tuneless([torch.nn.Parameter(torch.zeros(1))], **knob)
     assert tuneless.create("tuneless", [torch.nn.Parameter(torch.zeros(1))]).__class__ is tuneless.Tuneless

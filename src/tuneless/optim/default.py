@@ -55,7 +55,7 @@ from ._batched import total_abs_sum, total_abs_sum_loop, total_dot, total_dot_lo
 from .base import TunelessOptimizer, local_tensor
 from .schedule_free import ScheduleFree
 
-__all__ = ["Tuneless", "TunelessVariant", "TunelessScheduleFreeVariant"]
+__all__ = ["Tuneless", "TunelessStep", "TunelessVariant", "TunelessScheduleFreeVariant"]
 
 #: the step rules of the ablation: the error-driven step, the distance estimate, or both
 STEP_RULES = ("both", "polyak", "distance")
@@ -67,9 +67,10 @@ STARTS = ("polyak", "tiny")
 TINY_D0 = 1e-6
 
 
-class Tuneless(TunelessOptimizer):
-    r"""The default learning-rate-free optimizer: Adam's direction, a Polyak step from the
-    error, capped by Prodigy's distance estimate (see the module docstring for the math).
+class TunelessStep(TunelessOptimizer):
+    r"""The step of :class:`Tuneless` without its averaging: Adam's direction, a Polyak step
+    from the error, capped by Prodigy's distance estimate (see the module docstring).
+    Not registered: :class:`Tuneless` wraps it in Schedule-Free averaging.
 
     Args:
         params: parameters or param groups.
@@ -95,7 +96,7 @@ class Tuneless(TunelessOptimizer):
     """
 
     requires_loss = True
-    registry_name = "tuneless"
+    registry_name = ""
     learning_rate_free = True
 
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
@@ -239,8 +240,9 @@ class Tuneless(TunelessOptimizer):
         return [g.get("distance", torch.tensor(0.0)) for g in self.param_groups]
 
 
-class TunelessVariant(Tuneless):
-    """:class:`Tuneless` with its ingredients as switches, for ``benchmarks/default_ablation.py`` only.
+class TunelessVariant(TunelessStep):
+    """:class:`TunelessStep` (no averaging) with its ingredients as switches, for
+    ``benchmarks/default_ablation.py`` only.
 
     Args (beyond :class:`Tuneless`'s):
         step_rule: ``"both"`` (the default's), ``"polyak"`` (the error-driven step alone, no cap)
@@ -259,6 +261,75 @@ class TunelessVariant(Tuneless):
         self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start)
 
 
+class Tuneless(ScheduleFree):
+    r"""The default learning-rate-free optimizer: no learning rate, no schedule.
+
+    Schedule-Free averaging (Defazio et al., NeurIPS 2024) around :class:`TunelessStep`, whose
+    step on :math:`z` takes Adam's direction (no first moment: the interpolation plays its
+    part) with the step size :math:`\eta_t = 1 / (1/\tau_t + 1/d_t)`, the soft minimum of the
+    Polyak step :math:`\tau_t` in Adam's norm and Prodigy's distance estimate :math:`d_t`
+    (started at the first Polyak step). The gradient is taken at
+    :math:`y = (1-\beta) z + \beta x`, and :math:`x` averages the :math:`z`'s with weights
+    :math:`(t+1)^8 \eta_{\max,t}^2`, so that it follows the last ninth of the run: the last
+    iterate's fast convergence where there is no noise (a minimum of 0 is reached to 1e-10),
+    an annealed average where there is. Evaluate at :math:`x`: ``with opt.evaluation_point():``
+    (or ``opt.eval()`` / ``opt.train()``), and recompute BatchNorm statistics there
+    (:func:`~tuneless.recompute_batchnorm_statistics`). See the module docstring for the math
+    and ``docs/default.md`` for the ablation that chose each part.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the learned step size, for schedulers (default 1.0; keep it).
+        weight_decay: weight decay computed at :math:`y` and applied to :math:`z` with the
+            step size (Schedule-Free AdamW's form; default 0).
+        lower_bound: a known lower bound of the loss (default 0.0, right for every
+            non-negative loss); a wrong one slows the end of training but cannot make it
+            diverge, since the distance estimate caps the step.
+        foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+
+    Needs the loss at every step: ``opt.step(loss=loss)`` or a closure.
+
+    Example:
+        >>> import torch, tuneless
+        >>> w = torch.nn.Parameter(torch.zeros(3))
+        >>> opt = tuneless.Tuneless([w])
+        >>> for _ in range(200):
+        ...     opt.zero_grad(); loss = ((w - torch.tensor([1.0, -2.0, 3.0])) ** 2).sum()
+        ...     loss.backward(); _ = opt.step(loss=loss)
+        >>> with opt.evaluation_point():
+        ...     bool(((w - torch.tensor([1.0, -2.0, 3.0])) ** 2).sum() < 1e-6)
+        True
+    """
+
+    registry_name = "tuneless"
+    learning_rate_free = True
+    requires_loss = True
+
+    #: the design's constants (docs/default.md): Schedule-Free's interpolation weight, the
+    #: averaging's polynomial power and step-size power, Adam's second-moment decay and epsilon
+    MOMENTUM, AVERAGE_POWER, WEIGHT_LR_POWER, BETA2, EPS = 0.9, 8.0, 2.0, 0.999, 1e-8
+
+    def __init__(self, params: Any, lr: float = 1.0, *, weight_decay: float = 0.0, lower_bound: float = 0.0,
+                 foreach: bool | None = None) -> None:
+        owner = type(self).__name__
+        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
+        v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
+        base = TunelessStep(params, lr=lr, betas=(0.0, self.BETA2), lower_bound=lower_bound, eps=self.EPS,
+                            foreach=foreach)
+        super().__init__(base, momentum=self.MOMENTUM, weight_decay_at_y=float(weight_decay), r=self.AVERAGE_POWER,
+                         weight_lr_power=self.WEIGHT_LR_POWER, foreach=foreach)
+        self.requires_loss = True
+
+    @property
+    def distances(self) -> list[Tensor]:
+        """The distance estimate d of each param group (0-d tensors, no sync)."""
+        return self.base.distances
+
+    def __repr__(self) -> str:
+        return TunelessOptimizer.__repr__(self)
+
+
 class TunelessScheduleFreeVariant(ScheduleFree):
     """Schedule-Free averaging around :class:`TunelessVariant`, for the ablation only (not registered).
 
@@ -269,15 +340,17 @@ class TunelessScheduleFreeVariant(ScheduleFree):
         params: parameters or param groups.
         beta1: the base's first beta (default 0.0).
         momentum: Schedule-Free's interpolation weight (default 0.9).
+        r, weight_lr_power: the averaging weights (t+1)^r * gamma_max^weight_lr_power (defaults 0, 2).
         step_rule, combine, start: as :class:`TunelessVariant`.
     """
 
     registry_name = ""
 
-    def __init__(self, params: Any, *, beta1: float = 0.0, momentum: float = 0.9, step_rule: str = "both",
-                 combine: str = "soft", start: str = "polyak") -> None:
+    def __init__(self, params: Any, *, beta1: float = 0.0, momentum: float = 0.9, r: float = 0.0,
+                 weight_lr_power: float = 2.0, step_rule: str = "both", combine: str = "soft",
+                 start: str = "polyak") -> None:
         base = TunelessVariant(params, betas=(beta1, 0.999), step_rule=step_rule, combine=combine, start=start)
-        super().__init__(base, momentum=momentum)
+        super().__init__(base, momentum=momentum, r=r, weight_lr_power=weight_lr_power)
 
 
 # ---------------------------------------------------------------------------- per-parameter (the truth)
