@@ -5,6 +5,7 @@ Run it with torchrun (CPU processes talk over gloo; with CUDA, one GPU per proce
     torchrun --standalone --nproc-per-node 2 examples/train_distributed.py              # FSDP2
     torchrun --standalone --nproc-per-node 2 examples/train_distributed.py --ddp        # DDP
     torchrun --standalone --nproc-per-node 2 examples/train_distributed.py --optimizer polyak
+    torchrun --standalone --nproc-per-node 2 examples/train_distributed.py --ddp --optimizer polyak --own-loss
     # several machines: the same command on each, with --nnodes N --node-rank i
     # --rdzv-backend c10d --rdzv-endpoint HOST:PORT instead of --standalone
 
@@ -14,10 +15,12 @@ What is particular to a learning-rate-free optimizer here, and nothing else is:
   parameters that they are sharded, and adds up its statistics (norms, dot products, distances)
   over the shard group, in one all-reduce a step. A method that takes its step size from the
   loss (Polyak, SPS, MoMo) also averages the ranks' losses, in one more all-reduce.
-* Under DDP the gradients are already averaged, so gradient statistics agree on every rank;
-  only the loss differs from rank to rank, so the optimizer is told where to average it
-  (``tuneless.distributed.set_process_group(opt, None, loss_group=WORLD)``; it matters only for
-  the methods that take the loss, and is harmless for the others).
+* Nothing to configure under DDP either: the gradients are already averaged, so gradient
+  statistics agree on every rank without communication; only the loss differs from rank to
+  rank, and a method that takes it averages it over the default process group by itself (one
+  all-reduce of one number a step). ``--own-loss`` opts out with
+  ``tuneless.distributed.set_loss_group(opt, None)``: for a loss that is already averaged, or
+  ranks that train different models (here the replicas then drift apart; the log says by how much).
 * ``--checkpoint DIR`` saves the model and the optimizer (its buffers and the learned scalars,
   such as DoG's distance or Prodigy's d, kept in the param groups) with
   ``torch.distributed.checkpoint`` at the end, and resumes from DIR when it holds one: stop,
@@ -66,11 +69,23 @@ def global_batch(step: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     return x.to(device), y.unsqueeze(-1).to(device)  # targets of shape (batch, 1), like the output
 
 
+def replica_drift(model: torch.nn.Module) -> float:
+    """The largest difference between a DDP replica's weights and rank 0's (0 when they agree)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    first = flat.clone()
+    dist.broadcast(first, src=0)
+    drift = (flat - first).abs().max().reshape(1)
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    return float(drift)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", default="prodigy", help="a tuneless spec, e.g. prodigy, dog, polyak, cocob")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of FSDP2")
+    parser.add_argument("--own-loss", action="store_true",
+                        help="each rank's step size from its own loss (tuneless.distributed.set_loss_group(opt, None))")
     parser.add_argument("--checkpoint", default=None, help="a directory: resume from it, save to it at the end")
     parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args()
@@ -94,9 +109,9 @@ def main() -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(net, mesh=mesh)  # the root too: every parameter the optimizer steps is a shard
         model = net
-    opt = tuneless.create(args.optimizer, model.parameters())
-    if args.ddp:
-        td.set_process_group(opt, None, loss_group=dist.group.WORLD)
+    opt = tuneless.create(args.optimizer, model.parameters())  # nothing else to set up, under DDP or FSDP2
+    if args.own_loss:
+        td.set_loss_group(opt, None)  # opt out of averaging the ranks' losses
 
     start = 0
     if args.checkpoint and os.path.exists(os.path.join(args.checkpoint, ".metadata")):
@@ -118,9 +133,10 @@ def main() -> None:
         if step % args.log_every == 0 or step == args.steps - 1:
             mean = loss.detach().clone()
             dist.all_reduce(mean)  # for the log only
+            drift = replica_drift(model) if args.ddp else 0.0
             if rank == 0:
-                print(f"step {step:5d}  loss {float(mean) / world:.6f}  step size {opt.effective_lrs()[0]:.4g}",
-                      flush=True)
+                print(f"step {step:5d}  loss {float(mean) / world:.6f}  step size {opt.effective_lrs()[0]:.4g}"
+                      + (f"  replica drift {drift:.3g}" if args.ddp else ""), flush=True)
 
     if args.checkpoint:
         model_sd, optim_sd = get_state_dict(model, opt)

@@ -610,7 +610,8 @@ def test_ddp_opt_out_uses_the_loss_as_given(results, row):
             assert all(calls == [] for calls in r[name]["collectives"]), f"{row}, {name}: {r[name]['collectives']}"
     own = [r["own"]["traj"][-1] for r in res]
     gap = max(float((own[0][name] - own[1][name]).abs().max()) for name in own[0])
-    assert gap > 1e-6, f"{row}: with the loss used as given, the replicas took the same steps (gap {gap:.2e})"
+    # far above the tolerance the default's replicas meet (ATOL), though Mechanic's scale starts tiny
+    assert gap > 100 * ATOL, f"{row}: with the loss used as given, the replicas took the same steps (gap {gap:.2e})"
     for r in range(WORLD):
         assert_same_trajectory(res[r]["caller_mean"]["traj"], one_process(row)[:OPT_OUT_STEPS],
                                f"{row} under DDP with the caller's mean loss, rank {r}")
@@ -695,12 +696,15 @@ def test_checkpoint_state_initialization_creates_the_real_layout_and_moves_nothi
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
-def test_example_trains_under_torchrun(tmp_path):
-    """``examples/train_distributed.py`` on 2 CPU processes (FSDP2, gloo): trains, then saves a
-    distributed checkpoint. Polyak: a method that needs the ranks' losses averaged."""
+@pytest.mark.parametrize("ddp", [False, True], ids=["fsdp2", "ddp"])
+def test_example_trains_under_torchrun(tmp_path, ddp):
+    """``examples/train_distributed.py`` on 2 CPU processes (FSDP2 or DDP, gloo): trains, then saves
+    a distributed checkpoint. Polyak: a method that needs the ranks' losses averaged; under DDP
+    with nothing set up, the replicas stay identical."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(REPO / "examples" / "train_distributed.py"),
            "--optimizer", "polyak", "--steps", "30", "--log-every", "29", "--checkpoint", str(tmp_path / "ckpt")]
+    cmd += ["--ddp"] if ddp else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -708,3 +712,6 @@ def test_example_trains_under_torchrun(tmp_path):
     assert len(losses) == 2 and losses[1] < 0.7 * losses[0], proc.stdout
     assert f"saved {tmp_path / 'ckpt'} at step 30" in proc.stdout
     assert (tmp_path / "ckpt" / ".metadata").exists()
+    if ddp:
+        drifts = [float(line.split("replica drift")[1]) for line in proc.stdout.splitlines() if line.startswith("step")]
+        assert drifts == [0.0, 0.0], proc.stdout

@@ -30,6 +30,11 @@ Edge cases, identical in every class of this module and tested:
   over every gradient at every step): skip such steps before calling ``step``, as
   ``torch.amp.GradScaler`` does.
 
+Data-parallel training: the loss every class here uses is the mean of the ranks' losses
+(``TunelessOptimizer.step`` averages it with :func:`tuneless.distributed.average_loss`, with
+nothing to set up under DDP or FSDP2), so every replica takes the same step as one process
+would; :func:`tuneless.distributed.set_loss_group` ``(opt, None)`` uses the given loss as it is.
+
 No host synchronization happens in a step: the step size is a 0-d tensor on the device.
 """
 
