@@ -55,7 +55,7 @@ from .. import _validate as v
 from .base import ProblemInstance
 from .learning import LearningProblem
 
-__all__ = ["TransformerLM", "LMSize", "LM_SIZES", "stdlib_corpus"]
+__all__ = ["TransformerLM", "LMInstance", "LMSize", "LM_SIZES", "stdlib_corpus", "stdlib_files", "is_validation_file"]
 
 #: the train/validation split of the files is drawn with this seed, the same for every run seed
 LM_SPLIT_SEED = 1234

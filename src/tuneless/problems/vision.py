@@ -54,7 +54,7 @@ from ..optim.schedule_free import recompute_batchnorm_statistics
 from .learning import SPLIT_SEED, Batches, LearningInstance, LearningProblem, _digit_images, _DigitCNN, _l2_penalty
 
 __all__ = ["ResNetDigits", "FinetuneDigits", "BatchNormInstance", "ResNetSize", "RESNET_SIZES", "PRETRAIN_RECIPE",
-           "PretrainRecipe", "cache_dir", "pretrained_checkpoint"]
+           "PretrainRecipe", "FINETUNE_CLASSES", "cache_dir", "checkpoint_path", "pretrain", "pretrained_checkpoint"]
 
 
 # ---------------------------------------------------------------------------- the residual CNN
