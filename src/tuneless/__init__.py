@@ -11,6 +11,7 @@ from .optim import COCOB, SGDHD, AdamHD, Mechanic
 from .optim import OPTIMIZERS, STEP_SIZE_KEY, SPS, Momo, MomoStar, Polyak, SPSMax, TunelessOptimizer, effective_lrs
 from .optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
 from .optim import Prodigy, Tuneless
+from .optim import MomoAdam
 from .optim import (ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy, ScheduleFreeSGD,
                     recompute_batchnorm_statistics)
 from .registry import available, available_schedulers, create, create_scheduler, learning_rate_free
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Tuneless",
     "TunelessOptimizer", "STEP_SIZE_KEY", "effective_lrs", "OPTIMIZERS",
-    "Polyak", "SPS", "SPSMax", "Momo", "MomoStar",
+    "Polyak", "SPS", "SPSMax", "Momo", "MomoStar", "MomoAdam",
     "DoG", "LDoG", "DoWG",
     "DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad",
     "Prodigy",

@@ -23,7 +23,7 @@ from .errors import UnknownArgumentError, UnknownNameError
 from .spec import Spec, parse_spec
 
 __all__ = ["create", "available", "entry", "OptimizerEntry", "create_scheduler", "available_schedulers",
-           "SchedulerEntry", "learning_rate_free"]
+           "SchedulerEntry", "learning_rate_free", "anchors", "methods_at_defaults"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class OptimizerEntry:
     learning_rate_free: bool
     source: str  # "tuneless" or "torch"
     summary: str
+    #: an anchor: not learning-rate-free (a tuned constant at its published default), yet run at
+    #: its defaults by the benchmark, so that the default optimizer is compared with it
+    anchor: bool = False
 
 
 def _first_line(obj: Any) -> str:
@@ -44,7 +47,8 @@ def _tuneless_entries() -> dict[str, OptimizerEntry]:
     from .optim import OPTIMIZERS
 
     return {
-        cls.registry_name: OptimizerEntry(cls.registry_name, cls, cls.learning_rate_free, "tuneless", _first_line(cls))
+        cls.registry_name: OptimizerEntry(cls.registry_name, cls, cls.learning_rate_free, "tuneless", _first_line(cls),
+                                          anchor=bool(getattr(cls, "benchmark_anchor", False)))
         for cls in OPTIMIZERS
     }
 
@@ -77,6 +81,18 @@ def available(*, learning_rate_free: bool | None = None, source: str | None = No
 def learning_rate_free() -> list[str]:
     """The learning-rate-free tuneless optimizers, sorted."""
     return available(learning_rate_free=True)
+
+
+def anchors() -> list[str]:
+    """The anchors, sorted: tuneless optimizers that are not learning-rate-free (a class with
+    ``benchmark_anchor = True``, e.g. MoMo-Adam's cap of 1e-2) but are run at their published
+    defaults next to the learning-rate-free ones."""
+    return sorted(n for n, e in _entries().items() if e.anchor and not e.learning_rate_free)
+
+
+def methods_at_defaults() -> list[str]:
+    """What the benchmark runs at its defaults: the learning-rate-free optimizers, then the anchors."""
+    return learning_rate_free() + anchors()
 
 
 def _resolve_dotted(name: str, module_prefix: str, base: type) -> Any:

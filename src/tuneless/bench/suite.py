@@ -29,7 +29,7 @@ import torch
 from .._validate import unknown_name_message
 from ..errors import SpecError, UnknownNameError
 from ..problems import PROBLEMS, Problem, get_problem
-from ..registry import create, create_scheduler, entry, learning_rate_free, scheduler_entry
+from ..registry import create, create_scheduler, entry, methods_at_defaults, scheduler_entry
 from ..run import AUTOCAST_DTYPES, EVAL_POINTS
 from ..spec import parse_run_spec
 from .oracle import BASES, GridConfig, OracleBase
@@ -46,8 +46,9 @@ class BenchInputError(ValueError):
 
 
 def default_methods() -> list[str]:
-    """Every learning-rate-free optimizer in the registry (at its defaults), then the untuned baselines."""
-    return learning_rate_free() + list(BASELINE_METHODS)
+    """Every learning-rate-free optimizer in the registry and every anchor (MoMo-Adam), at their
+    defaults, then the untuned baselines."""
+    return methods_at_defaults() + list(BASELINE_METHODS)
 
 
 @dataclass(frozen=True)
