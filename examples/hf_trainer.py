@@ -39,24 +39,31 @@ class Counting(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+def run(optimizer_name: str = "tuneless", steps: int = 20, **training_args: object) -> tuple[list[dict], TunelessTrainer]:
+    """Train for ``steps`` optimizer steps; returns the training logs that carry ``effective_lr``
+    and the trainer (``training_args`` override the TrainingArguments below)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2))
+    optimizer = tuneless.create(optimizer_name, model.parameters())
+    with tempfile.TemporaryDirectory() as out:
+        settings = dict(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=16, logging_steps=1,
+            lr_scheduler_type="constant",  # the multiplier stays 1.0: the optimizer learns the step size
+            save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+        settings.update(training_args)
+        accumulate = int(settings.get("gradient_accumulation_steps", 1))
+        trainer = TunelessTrainer(model=model, args=TrainingArguments(**settings),
+                                  train_dataset=Counting(16 * steps * accumulate), optimizers=(optimizer, None))
+        trainer.train()
+    return [entry for entry in trainer.state.log_history if "effective_lr" in entry], trainer
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", default="tuneless", help="a tuneless registry name (default: tuneless)")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2))
-    optimizer = tuneless.create(args.optimizer, model.parameters())
-    with tempfile.TemporaryDirectory() as out:
-        training_args = TrainingArguments(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=16, logging_steps=1,
-            lr_scheduler_type="constant",  # the multiplier stays 1.0: the optimizer learns the step size
-            save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
-        trainer = TunelessTrainer(model=model, args=training_args, train_dataset=Counting(16 * args.steps),
-                                  optimizers=(optimizer, None))
-        trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "effective_lr" in entry]
+    logs, _ = run(args.optimizer, args.steps)
     for entry in logs:
         print(f"step {entry['step']:3d}  loss {entry['loss']:.4f}  learning_rate (multiplier) "
               f"{entry['learning_rate']:g}  effective_lr {entry['effective_lr']:.4g}")

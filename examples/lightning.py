@@ -40,7 +40,9 @@ class Regression(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x).squeeze(-1).float(), y)
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1).float(), y)
+        self.log("train_loss", loss)
+        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -57,27 +59,34 @@ def data(n: int, seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
 
 
+def run(optimizer_name: str = "tuneless", precision: str = "32-true", steps: int = 20,
+        **trainer_args: object) -> tuple[list[dict[str, float]], pl.Trainer]:
+    """Train for ``steps`` steps; returns the rows of the CSV log and the trainer."""
+    pl.seed_everything(0, verbose=False)
+    settings: dict = dict(precision=precision)
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        settings = dict(plugins=[MixedPrecision("16-mixed", device="cpu")])  # see the module docstring
+    settings.update(trainer_args)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = pl.Trainer(
+            max_steps=steps, accelerator="cpu", devices=1, log_every_n_steps=1, val_check_interval=10,
+            limit_val_batches=2, num_sanity_val_steps=0, callbacks=[TunelessCallback()],
+            logger=CSVLogger(out, name="run"), enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, **settings)
+        trainer.fit(Regression(optimizer_name), data(32 * steps, 0), data(64, 1))
+        with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    return rows, trainer
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", default="tuneless", help="a tuneless registry name (default: tuneless)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-
-    pl.seed_everything(0, verbose=False)
-    precision: dict = dict(precision=args.precision)
-    if args.precision == "16-mixed" and not torch.cuda.is_available():
-        precision = dict(plugins=[MixedPrecision("16-mixed", device="cpu")])  # see the module docstring
-    with tempfile.TemporaryDirectory() as out:
-        trainer = pl.Trainer(
-            max_steps=args.steps, accelerator="cpu", devices=1, log_every_n_steps=1, val_check_interval=10,
-            limit_val_batches=2, num_sanity_val_steps=0, callbacks=[TunelessCallback()],
-            logger=CSVLogger(out, name="run"), enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, **precision)
-        trainer.fit(Regression(args.optimizer), data(32 * args.steps, 0), data(64, 1))
-        with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
-            logged = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-    logged = [row for row in logged if "effective_lr" in row]
+    rows, trainer = run(args.optimizer, args.precision, args.steps)
+    logged = [row for row in rows if "effective_lr" in row]
     print(f"precision: {type(trainer.precision_plugin).__name__} {trainer.precision_plugin.precision}")
     for row in logged:
         print(f"step {int(row['step']):3d}  effective_lr {row['effective_lr']:.4g}")
