@@ -144,14 +144,16 @@ class TunelessStep(TunelessOptimizer):
                 group[key] = value.clone() if isinstance(value, Tensor) else value
 
     def _buffers(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The local parts of p's four buffers (kept as p is, a DTensor when p is one, so that
+        sharded checkpoints see the real layout)."""
         state = self.state[p]
         if "exp_avg" not in state:
-            x = local_tensor(p)
-            state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(x, memory_format=torch.preserve_format)
-            state["grad_sum"] = torch.zeros_like(x, memory_format=torch.preserve_format)
-            state["x0"] = x.detach().clone(memory_format=torch.preserve_format)
-        return state["exp_avg"], state["exp_avg_sq"], state["grad_sum"], state["x0"]
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["grad_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["x0"] = p.detach().clone(memory_format=torch.preserve_format)
+        return (local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), local_tensor(state["grad_sum"]),
+                local_tensor(state["x0"]))
 
     # ------------------------------------------------------------------ the step
 
