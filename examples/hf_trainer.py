@@ -43,7 +43,8 @@ def run(optimizer_name: str = "tuneless", steps: int = 20, **training_args: obje
     """Train for ``steps`` optimizer steps; returns the training logs that carry ``effective_lr``
     and the trainer (``training_args`` override the TrainingArguments below)."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
     optimizer = tuneless.create(optimizer_name, model.parameters())
     with tempfile.TemporaryDirectory() as out:
         settings = dict(

@@ -71,9 +71,10 @@ def received(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def _assert_learned(values: list[float], published: float) -> None:
-    """The logged step sizes change, are not the multiplier 1.0, and the last is the optimizer's."""
+    """The logged step sizes change, are not the multiplier 1.0 (MoMo's may sit at its cap, lr = 1.0,
+    for the first steps: most are not), and the last is what the optimizer published."""
     assert len(set(values)) > 1, values
-    assert all(v != 1.0 and v > 0 for v in values[:5]), values
+    assert all(v > 0 for v in values) and sum(v != 1.0 for v in values) > len(values) // 2, values
     assert values[-1] == pytest.approx(published, rel=1e-6)
 
 

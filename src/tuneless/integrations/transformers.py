@@ -103,7 +103,7 @@ class TunelessTrainerMixin:
                 f"TrainingArguments unless you mean it",
                 UserWarning, stacklevel=3)
         if getattr(optimizer, "learning_rate_free", False):
-            lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
+            lrs = sorted({float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups})  # before warmup
             if lrs != [1.0]:
                 warnings.warn(
                     f"TunelessTrainer: {name}'s lr is a multiplier of the step size it learns (1.0 unless you "
