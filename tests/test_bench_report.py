@@ -99,12 +99,21 @@ def store_path(tmp_path_factory):
     return db
 
 
+def store_records(path):
+    with ResultStore(path) as store:
+        return store.records()
+
+
 def test_markdown_report_from_a_store(store_path):
     with ResultStore(store_path) as store:
         res = compute_results(store.records())
     text = markdown_report(res)
-    header = "| method | gap (geo-mean) | within 1.1x | within 2x | diverged | failed | steps to 1.1x | s/run |"
+    header = ("| method | AlgoPerf score | reached target | gap (geo-mean) | within 1.1x | within 2x | diverged "
+              "| failed | steps to 1.1x | s/run |")
     assert header in text
+    assert "| scored on | loss | test_loss |" in text  # rosenbrock on its objective, logreg_wine held out
+    train = markdown_report(res, train=compute_results(store_records(store_path), view="train"))
+    assert "### Second view: the final training loss" in train and "| scored on | loss | loss |" in train
     assert "| method | rosenbrock † | logreg_wine |" in text
     for method in ("polyak", "sps", "sgd:lr=10"):
         assert re.search(rf"^\| {re.escape(method)} \| ", text, re.M), method
@@ -121,6 +130,7 @@ def test_html_report_is_self_contained(store_path, tmp_path):
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', doc)
     assert "gap heat-map" in images and "oracle grids" in images
     assert "trajectories rosenbrock" in images and "curves rosenbrock" in images and "curves logreg_wine" in images
+    assert "<h2>performance profile</h2>" in doc and "performance profile" in images
     assert not re.search(r'(src|href)="(https?:)?//', doc), "nothing fetched from elsewhere"
     assert "<script" not in doc
 
