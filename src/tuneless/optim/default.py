@@ -35,8 +35,10 @@ Update: :math:`x_{k+1} = x_k - \eta_k (u_k + \lambda x_k)`. The step size :math:
 published as ``effective_lr``. One step is one pass of statistics (five sums over the
 parameters, reduced in one collective when sharded) and one update; no host synchronization.
 
-State per parameter: :math:`m, v` (Adam), :math:`s` (Prodigy's weighted gradient sum) and
-:math:`x_0` (the starting point): 16 bytes per float32 parameter, Prodigy's footprint.
+State per parameter: :math:`v` (Adam's second moment), :math:`s` (Prodigy's weighted gradient
+sum), :math:`x_0` (the starting point) and Schedule-Free's :math:`z`: 16 bytes per float32
+parameter, Schedule-Free Prodigy's footprint (:class:`TunelessStep` alone with
+:math:`\beta_1 > 0` adds Adam's :math:`m`).
 
 :class:`TunelessVariant` exposes the ingredients as switches for the ablation only; it is not
 registered and its switches are not part of the public interface.
@@ -143,17 +145,19 @@ class TunelessStep(TunelessOptimizer):
             for key, value in shared.items():
                 group[key] = value.clone() if isinstance(value, Tensor) else value
 
-    def _buffers(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The local parts of p's four buffers (kept as p is, a DTensor when p is one, so that
-        sharded checkpoints see the real layout)."""
+    def _buffers(self, p: Tensor, first_moment: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+        """The local parts of p's buffers (kept as p is, a DTensor when p is one, so that sharded
+        checkpoints see the real layout): m (None when beta1 = 0: m is the gradient itself, as
+        inside :class:`Tuneless`), v, s and x0."""
         state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "exp_avg_sq" not in state:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["grad_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["x0"] = p.detach().clone(memory_format=torch.preserve_format)
-        return (local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), local_tensor(state["grad_sum"]),
-                local_tensor(state["x0"]))
+        if first_moment and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        m = local_tensor(state["exp_avg"]) if first_moment else None
+        return m, local_tensor(state["exp_avg_sq"]), local_tensor(state["grad_sum"]), local_tensor(state["x0"])
 
     # ------------------------------------------------------------------ the step
 
@@ -177,9 +181,10 @@ class TunelessStep(TunelessOptimizer):
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
                 continue
-            bufs = [self._buffers(p) for p in params]
+            bufs = [self._buffers(p, beta1 > 0) for p in params]
             xs = [local_tensor(p) for p in params]
             ms, vs, ss, x0s = (list(t) for t in zip(*bufs))
+            ms = ms if beta1 > 0 else None
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
             stats = stats + fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=eps,
                                weight=weight, dtype=dtype, device=device)
@@ -229,9 +234,10 @@ class TunelessStep(TunelessOptimizer):
             group["grad_dot_x_avg"] = torch.where(ok_loss, gx_avg, group["grad_dot_x_avg"])
             if not params:
                 continue
-            bufs = [self._buffers(p) for p in params]
+            bufs = [self._buffers(p, beta1 > 0) for p in params]
             xs = [local_tensor(p) for p in params]
             ms, vs, ss, _ = (list(t) for t in zip(*bufs))
+            ms = ms if beta1 > 0 else [g.to(x.dtype) for g, x in zip(grads, xs)]
             fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
             fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=bc1, bc2=bc2, eps=eps,
                weight_decay=group["weight_decay"])
@@ -360,12 +366,17 @@ class TunelessScheduleFreeVariant(ScheduleFree):
 
 def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
                               device) -> Tensor:
-    """Update m, v and s of each tensor; return this part's five sums (see ``Tuneless._update``)."""
+    """Update m, v and s of each tensor; return this part's five sums (see ``TunelessStep._update``).
+    ``ms`` is None when beta1 = 0 (m is the gradient)."""
     sqrt_b2 = math.sqrt(beta2)
     sums = torch.zeros(5, dtype=dtype, device=device)
-    for x, g, m, v_, s, x0 in zip(xs, grads, ms, vs, ss, x0s):
-        g = g.to(m.dtype)
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
+    for i, (x, g, v_, s, x0) in enumerate(zip(xs, grads, vs, ss, x0s)):
+        g = g.to(v_.dtype)
+        if ms is None:
+            m = g
+        else:
+            m = ms[i]
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
         v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         s.mul_(sqrt_b2).add_(g * (1 - sqrt_b2) * weight.to(s.dtype))
         m_hat = m / bc1
@@ -400,8 +411,11 @@ def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, b
                              device) -> Tensor:
     """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site)."""
     sqrt_b2 = math.sqrt(beta2)
-    grads = [g.to(m.dtype) for g, m in zip(grads, ms)]
-    torch._foreach_lerp_(ms, grads, 1 - beta1)
+    grads = [g.to(v.dtype) for g, v in zip(grads, vs)]
+    if ms is None:
+        ms = grads
+    else:
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
     torch._foreach_mul_(ss, sqrt_b2)
