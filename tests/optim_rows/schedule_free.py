@@ -43,6 +43,8 @@ ROWS = [
         kwargs=dict(lr=0.05),
         extra_kwargs=[dict(lr=0.05, weight_decay=0.01, warmup_steps=3), dict(lr=0.05, betas=(0.5, 0.99), r=0.5)],
         error_inputs=[
+            ErrorInput(dict(betas=(1.0, 0.999)), InvalidArgumentError,
+                       r"^ScheduleFreeAdamW: betas\[0\] = 1.0 is invalid; allowed: 0 < betas\[0\] and betas\[0\] < 1 \(recommended: 0.9\)$"),
             ErrorInput(dict(betas=(0.0, 0.999)), InvalidArgumentError,
                        r"^ScheduleFreeAdamW: betas\[0\] = 0.0 is invalid; allowed: 0 < betas\[0\] and betas\[0\] < 1 \(recommended: 0.9\)$"),
             ErrorInput(dict(betas=(0.9, 1.0)), InvalidArgumentError,
@@ -79,7 +81,7 @@ ROWS = [
             ErrorInput(dict(lr=-1.0), InvalidArgumentError,
                        r"^ScheduleFreeProdigy: lr = -1.0 is invalid; allowed: 0 <= lr \(recommended: 1.0\)$"),
             ErrorInput(dict(betas=(1.0, 0.999)), InvalidArgumentError,
-                       r"^ScheduleFreeProdigy: betas\[0\] = 1.0 is invalid; allowed: 0 <= betas\[0\] and betas\[0\] < 1 \(recommended: 0.9\)$"),
+                       r"^ScheduleFreeProdigy: betas\[0\] = 1.0 is invalid; allowed: 0 < betas\[0\] and betas\[0\] < 1 \(recommended: 0.9\)$"),
             ErrorInput(dict(betas=(0.0, 0.999)), InvalidArgumentError,
                        r"^ScheduleFreeProdigy: betas\[0\] = 0.0 is invalid; allowed: 0 < betas\[0\] and betas\[0\] < 1 \(recommended: 0.9\)$"),
         ],

@@ -385,6 +385,14 @@ class _ScheduleFreeOptimizer(_ScheduleFreeBase):
         return zs, (vs if self._adaptive else None)
 
 
+def _check_betas(owner: str, betas: Any, recommended: tuple[float, float]) -> tuple:
+    """Two betas in [0, 1), the first in (0, 1) (the interpolation weight: 0 would leave x
+    behind). betas[0] is checked first, so that its message states the range it must be in."""
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        v.check_range(owner, "betas[0]", betas[0], 0.0, 1.0, inclusive="()", recommended=recommended[0])
+    return v.check_betas(owner, "betas", betas, recommended=recommended)
+
+
 def _check_schedule(owner: str, warmup_steps: Any, r: Any, weight_lr_power: Any, foreach: Any) -> None:
     v.check_range(owner, "warmup_steps", warmup_steps, 0, None, integer=True, recommended=0)
     v.check_range(owner, "r", r, 0.0, None, recommended=0.0)
@@ -514,8 +522,7 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
                  weight_lr_power: float = 2.0, foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
         v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=0.0025)
-        betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
-        v.check_range(owner, "betas[0]", betas[0], 0.0, 1.0, inclusive="()", recommended=0.9)
+        betas = _check_betas(owner, betas, recommended=(0.9, 0.999))
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         _check_schedule(owner, warmup_steps, r, weight_lr_power, foreach)
@@ -983,8 +990,7 @@ class ScheduleFreeProdigy(ScheduleFree):
         owner = type(self).__name__
         v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
         v.check_bool(owner, "fused", fused)
-        betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.99))
-        v.check_range(owner, "betas[0]", betas[0], 0.0, 1.0, inclusive="()", recommended=0.9)
+        betas = _check_betas(owner, betas, recommended=(0.9, 0.99))
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         from .prodigy import Prodigy  # the base; imported here to keep module imports one-way
 
