@@ -3,7 +3,9 @@
 Data flows one way: :mod:`~tuneless.bench.suite` says what to run, an executor from
 :mod:`~tuneless.bench.executors` runs it, :mod:`~tuneless.bench.store` keeps every finished
 run in one SQLite file, :mod:`~tuneless.bench.metrics` turns stored runs into gaps to the
-oracle (:mod:`~tuneless.bench.oracle`), and :mod:`tuneless.report.bench_report` renders them.
+oracle (:mod:`~tuneless.bench.oracle`) on each problem's target metric (held-out loss for learning
+problems) and on the training loss, times to the oracle's target and a performance profile with
+its AlgoPerf score, and :mod:`tuneless.report.bench_report` renders them.
 :func:`run_bench` is the whole pipeline in one call.
 """
 
