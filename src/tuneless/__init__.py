@@ -11,7 +11,7 @@ from .optim import COCOB, SGDHD, AdamHD, Mechanic
 from .optim import OPTIMIZERS, STEP_SIZE_KEY, SPS, Momo, MomoStar, Polyak, SPSMax, TunelessOptimizer, effective_lrs
 from .optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
 from .optim import Prodigy, Tuneless
-from .optim import MomoAdam
+from .optim import MomoAdam, ScheduleFreePlus
 from .optim import (ScheduleFree, ScheduleFreeAdamW, ScheduleFreeProdigy, ScheduleFreeSGD,
                     recompute_batchnorm_statistics)
 from .registry import available, available_schedulers, create, create_scheduler, learning_rate_free
@@ -27,7 +27,7 @@ __all__ = [
     "DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad",
     "Prodigy",
     "COCOB", "Mechanic", "SGDHD", "AdamHD",
-    "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeProdigy", "ScheduleFree", "recompute_batchnorm_statistics",
+    "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeProdigy", "ScheduleFreePlus", "ScheduleFree", "recompute_batchnorm_statistics",
     "LossProportionalLR",
     "create", "available", "learning_rate_free", "create_scheduler", "available_schedulers",
     "InvalidArgumentError", "UnknownArgumentError", "UnknownNameError", "SpecError",

@@ -154,14 +154,14 @@ class MomoAdam(TunelessOptimizer):
             group["f_star_estimate"] = self._scalar(group["lower_bound"])  # \ell_k
 
     def _buffers(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """This parameter's (local) m and v, created at its first gradient (sharded like it)."""
         state = self.state[p]
         if "exp_avg" not in state:
-            x = local_tensor(p)
             # Exponential moving average of the gradients, m_k (biased: started at 0).
-            state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # Exponential moving average of the squared gradients, v_k (biased).
-            state["exp_avg_sq"] = torch.zeros_like(x, memory_format=torch.preserve_format)
-        return state["exp_avg"], state["exp_avg_sq"]
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
 
     # ------------------------------------------------------------------ the step
 
