@@ -202,7 +202,7 @@ def build_suite(preset: str = "quick", *, problems: Sequence[str] | None = None,
         raise BenchInputError(f"eval_points = {eval_points!r} is invalid; allowed: an integer >= 0")
     budgets = {get_problem(p).spec(): n for p, n in preset_problems}
     if problems is None:
-        names = [p for p, _ in preset_problems] or list(PROBLEMS)
+        names = [p for p, _ in preset_problems] or [n for n, c in PROBLEMS.items() if getattr(c, "in_presets", True)]
     else:
         names = list(problems)
         if not names:

@@ -2,7 +2,8 @@
 
 Analytic functions are in :mod:`.analytic`; small learning tasks in :mod:`.learning`; the
 ``transformers`` language model ``transformer_lm`` in :mod:`.transformer_lm`; the BatchNorm
-ResNet ``resnet_digits`` and the fine-tuning task ``finetune_digits`` in :mod:`.vision`.
+ResNet ``resnet_digits`` and the fine-tuning task ``finetune_digits`` in :mod:`.vision`; ``transformed``
+(another problem with the loss the optimizer sees scaled or shifted) in :mod:`.transformed`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..spec import Spec, parse_spec
 from .analytic import AnalyticFunction, Beale, Quadratic, Rastrigin, Rosenbrock, RosenbrockND
 from .base import Problem, ProblemInstance
 from .learning import LEARNING_PROBLEMS
+from .transformed import Transformed
 from .transformer_lm import TransformerLM
 from .vision import FinetuneDigits, ResNetDigits
 
@@ -23,7 +25,7 @@ __all__ = ["Problem", "ProblemInstance", "AnalyticFunction", "Rosenbrock", "Rose
 #: Every problem class, by registry name.
 PROBLEMS: dict[str, type[Problem]] = {cls.name: cls for cls in (Rosenbrock, RosenbrockND, Beale, Quadratic, Rastrigin,
                                                                 *LEARNING_PROBLEMS, TransformerLM, ResNetDigits,
-                                                                FinetuneDigits)}
+                                                                FinetuneDigits, Transformed)}
 
 
 def available_problems(kind: str | None = None) -> list[str]:

@@ -52,6 +52,8 @@ class Problem(ABC):
     default_steps: ClassVar[int] = 1000
     #: "analytic" or "learning"
     kind: ClassVar[str] = "analytic"
+    #: False for problems that only wrap others (``transformed``): the ``full`` preset skips them
+    in_presets: ClassVar[bool] = True
 
     #: the minimum value of the training objective, when known (else None)
     min_value: float | None = None
