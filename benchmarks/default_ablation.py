@@ -10,6 +10,7 @@ once the design is frozen, and are reported in a table of their own.
     python benchmarks/default_ablation.py --seeds 0          # a quicker screen
     python benchmarks/default_ablation.py --held-out         # the frozen default on the held-out set
     python benchmarks/default_ablation.py --render           # re-print from the store, run nothing
+    python benchmarks/default_ablation.py --robustness       # the loss seen by the optimizer x1e-3, x1e3, +1
 
 The store (``out/default-ablation.sqlite`` by default) is resumable: an interrupted run
 continues where it stopped, and runs already stored (the oracle's included) are reused.
@@ -96,6 +97,67 @@ def render(db: Path, problems: list[str], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+#: the robustness conditions: (label, scale, shift) of the loss the optimizer sees
+LOSS_TRANSFORMS: tuple[tuple[str, float, float], ...] = (("x1e-3", 1e-3, 0.0), ("x1e3", 1e3, 0.0), ("+1", 1.0, 1.0))
+#: the methods of the robustness table: the default and the loss-based anchors (and Prodigy, which reads no loss)
+ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus", "prodigy")
+
+
+def robustness(db: Path, workers: int | None, render_only: bool) -> str:
+    """The quick suite, then each method again with the loss it sees transformed (the problem
+    ``transformed``), each run scored against the untransformed problem's oracle: evaluation is
+    the inner problem's, so the transformed runs are relabelled as runs of the inner problem."""
+    import dataclasses
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tuneless.bench import compute_results
+    from tuneless.bench.executors import execute_task
+    from tuneless.bench.store import ResultStore
+    from tuneless.bench.suite import PRESETS, Task
+    from tuneless.registry import available
+
+    methods = [m for m in ROBUSTNESS_METHODS if m in set(available())]
+    problems = PRESETS["quick"][0]
+    if not render_only:
+        cmd = [sys.executable, "-m", "tuneless.cli", "bench", "quick", "--optimizers", *methods, "--db", str(db),
+               "--no-report"] + (["--workers", str(workers)] if workers else [])
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        tasks = [Task(f"transformed:problem={p!r},scale={scale!r},shift={shift!r}", m, 0, steps)
+                 for label, scale, shift in LOSS_TRANSFORMS for p, steps in problems for m in methods]
+        with ResultStore(db) as store:
+            done = store.keys()
+            todo = [t for t in tasks if t.key not in done]
+            print(f"robustness: {len(todo)} transformed runs to make ({len(tasks) - len(todo)} stored)", flush=True)
+            with ProcessPoolExecutor(max_workers=workers or 2) as pool:
+                for i, record in enumerate(pool.map(execute_task, todo), 1):
+                    store.write(record)
+                    print(f"  [{i}/{len(todo)}] {record.spec} on {record.problem}: {record.status}", flush=True)
+    from tuneless.problems import get_problem
+
+    with ResultStore(db, create=False) as store:
+        records = list(store.records(curves=True))
+    relabelled, labels = [], {}
+    for r in records:
+        if r.problem.startswith("transformed:"):
+            t = get_problem(r.problem)
+            label = next(lab for lab, sc, sh in LOSS_TRANSFORMS if (sc, sh) == (t.scale, t.shift))
+            name = f"{r.spec} [{label}]"
+            relabelled.append(dataclasses.replace(r, problem=t.inner.spec(), spec=name, key=f"{r.key}|{label}"))
+        else:
+            relabelled.append(r)
+    results = compute_results(relabelled, methods=None)
+    lines = ["| method | loss as is | loss x 1e-3 | loss x 1e3 | loss + 1 |", "|---|---:|---:|---:|---:|"]
+    by_name = {s.method: s for s in results.summaries}
+    for m in methods:
+        cells = []
+        for name in [m] + [f"{m} [{label}]" for label, _, _ in LOSS_TRANSFORMS]:
+            sm = by_name.get(name)
+            cells.append("—" if sm is None else f"{sm.within_1_1}/{sm.problems} (geo {sm.geo_gap:.2f}x)")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -103,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--held-out", action="store_true", help="run the default and the anchors on the held-out set")
     parser.add_argument("--render", action="store_true", help="print the table from the store; run nothing")
+    parser.add_argument("--robustness", action="store_true",
+                        help="the quick suite with the loss the optimizer sees scaled by 1e-3 and 1e3 and shifted by 1")
     args = parser.parse_args(argv)
+    if args.robustness:
+        db = args.db if args.db != Path("out/default-ablation.sqlite") else Path("out/default-robustness.sqlite")
+        db.parent.mkdir(parents=True, exist_ok=True)
+        print(robustness(db, args.workers, args.render))
+        return 0
     problems = _available(HELD_OUT_PROBLEMS if args.held_out else DESIGN_PROBLEMS)
     variants = {"tuneless": "tuneless (default)"} if args.held_out else {s: n for n, (s, _) in VARIANTS.items()}
     labels = {**variants, **{a: a for a in _anchors()}}
