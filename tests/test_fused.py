@@ -54,6 +54,7 @@ def test_grouped_kernel_matches_the_loop_with_padding_and_a_non_contiguous_tenso
 
 
 def test_a_failed_compilation_warns_once_and_gives_the_same_results(monkeypatch) -> None:
+    monkeypatch.setattr(_fused, "_WARNED_REASONS", set())
     kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
 
     def broken(*args, **kwargs):
@@ -69,6 +70,29 @@ def test_a_failed_compilation_warns_once_and_gives_the_same_results(monkeypatch)
         kernel([ys, gs], (torch.tensor(2.0, dtype=torch.float64), torch.float64), sum_dtype=torch.float64, device=torch.device("cpu"))
     for y, x, g in zip(ys, xs, gs):
         torch.testing.assert_close(y, x + 4.0 * g, rtol=1e-14, atol=1e-14)
+
+
+def test_an_optimizer_with_two_kernels_warns_once_when_compiling_fails(monkeypatch) -> None:
+    """Without a compiler every kernel fails alike: Prodigy (an estimate kernel and a step
+    kernel) warns once, not once per kernel, and gives the per-parameter path's results."""
+    monkeypatch.setattr(_fused, "_WARNED_REASONS", set())
+    for kernel in _fused.KERNELS:  # the module-level kernels' flags, restored after the test
+        for name, fresh in (("_failed", False), ("_warned", False), ("_variants", {})):
+            monkeypatch.setattr(kernel, name, fresh)
+
+    def no_compiler(self, key):
+        raise RuntimeError("no C++ compiler (simulated for every kernel)")
+
+    monkeypatch.setattr(FusedKernel, "_compiled_grouped", no_compiler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused, opt = _train(Prodigy, {"fused": True}, steps=3)
+    messages = [str(w.message) for w in caught if "uncompiled" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert sum(k.failed for k in _fused.KERNELS if k.per_tensor.__module__ == "tuneless.optim.prodigy") >= 2
+    loop, _ = _train(Prodigy, {"foreach": False}, steps=3)
+    for x, y in zip(fused, loop):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
 def test_each_dtype_gets_a_variant_of_its_own() -> None:

@@ -26,8 +26,9 @@ How the kernel is called, so that neither the compile time nor the calls grow wi
   compiler), the same size within a row (one parameter and its buffers), none aliasing another.
   Everything else (non-contiguous or single-element tensors) goes through the plain per-tensor
   function (uncompiled), one tensor at a time.
-* If compilation fails (no C++ compiler, an unsupported device), a warning says so once and
-  the same per-tensor function runs uncompiled: slower, same results.
+* If compilation fails (no C++ compiler, an unsupported device), a warning says so once per
+  process and reason (an optimizer with two kernels, such as Prodigy, warns once, not once per
+  kernel) and the same per-tensor function runs uncompiled: slower, same results.
 * For kernel authors: torch 2.13's Inductor can miscompile ``z.copy_(y)`` followed by a
   mutation of ``y`` in the same graph: z receives the new y (its ``remove_noop_ops`` pass,
   pytorch/pytorch#198131). Copy an expression instead (``y + 0.0``), or copy outside the
@@ -58,6 +59,10 @@ MAX_VARIANTS = 8
 
 #: Every kernel made (module-level ones, a few): whether one fell back is ``kernel.failed``.
 KERNELS: list["FusedKernel"] = []
+
+#: The reasons already warned about in this process (a missing compiler fails every kernel
+#: alike: one warning, naming the first kernel).
+_WARNED_REASONS: set[str] = set()
 
 
 class FusedKernel:
@@ -122,6 +127,9 @@ class FusedKernel:
     def _warn_once(self, why: str) -> None:
         if not self._warned:
             self._warned = True
+            if why in _WARNED_REASONS:
+                return
+            _WARNED_REASONS.add(why)
             warnings.warn(f"tuneless: fused step ({getattr(self.per_tensor, '__name__', 'kernel')}): {why}",
                           RuntimeWarning, stacklevel=5)
 

@@ -126,6 +126,11 @@ class TunelessStep(TunelessOptimizer):
                                       eps=float(eps), foreach=foreach))
         self._step_rule, self._combine, self._start = step_rule, combine, start
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # torch's keeps defaults, state and param_groups only
+        state.update(_step_rule=self._step_rule, _combine=self._combine, _start=self._start)
+        return state
+
     # ------------------------------------------------------------------ state
 
     def _init_state(self) -> None:
