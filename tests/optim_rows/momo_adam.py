@@ -6,9 +6,12 @@ from tuneless import InvalidArgumentError, MomoAdam
 ROWS = [
     OptimizerInfo(
         MomoAdam,
-        kwargs=dict(),
+        # A cap this large leaves the Polyak step in charge, so that the loss matters (with the
+        # default 1e-2 the cap binds at every step of the short tests: the loss is not used).
+        kwargs=dict(cap=1.0),
         extra_kwargs=[
-            dict(cap=1.0, weight_decay=0.01),  # a cap this large leaves the Polyak step in charge
+            dict(cap=1e-2),  # the default
+            dict(cap=1.0, weight_decay=0.01),
             dict(cap=0.5, estimate_lower_bound=True, lower_bound=-1.0, betas=(0.8, 0.99)),
         ],
         error_inputs=[
