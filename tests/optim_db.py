@@ -7,11 +7,15 @@ optimizer = adding one row.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import pytest
 import torch
 
 
@@ -64,9 +68,14 @@ class OptimizerInfo:
     #: of those, how many come before the loss's all-reduce (a wrapper that reads its statistics
     #: before running a loss-based base)
     statistics_before_loss: int = 0
+    #: the row runs the compiled kernels (``fused=True``; rows of :data:`FUSED_DB`): building
+    #: it skips the test, with the reason, where torch.compile cannot compile for the CPU
+    fused: bool = False
 
     def build(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         kwargs = {**self.kwargs, **overrides}
+        if self.fused and kwargs.get("fused", True):
+            require_working_compiler()
         if self.factory is not None:
             return self.factory(params, **kwargs)
         return self.cls(params, **kwargs)
@@ -93,3 +102,47 @@ def _collect() -> list[OptimizerInfo]:
 
 
 OPTIM_DB: list[OptimizerInfo] = _collect()
+
+
+@functools.cache
+def _compiler_failure() -> str | None:
+    """Why torch.compile cannot compile a CPU kernel in this process (None: it can): a tiny
+    function compiled once, as the fused kernels are (Inductor's C++ code needs a compiler)."""
+    def axpy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x * 2.0 + y
+
+    try:
+        out = torch.compile(axpy, fullgraph=True)(torch.ones(3), torch.ones(3))
+    except Exception as error:  # noqa: BLE001 - any failure: the fused rows cannot run compiled
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None if torch.equal(out, torch.full((3,), 3.0)) else "the compiled test kernel gave a wrong result"
+
+
+def require_working_compiler() -> None:
+    """Skip the calling test, saying why, where torch.compile cannot compile for the CPU: the
+    fused rows would run their uncompiled fallback and check nothing about the kernels."""
+    failure = _compiler_failure()
+    if failure is not None:
+        pytest.skip(f"fused row: torch.compile cannot compile a CPU kernel here ({failure}); the compiled "
+                    "kernels are untested")
+
+
+def _fused_rows(rows: list[OptimizerInfo]) -> list[OptimizerInfo]:
+    """One fused row per optimizer class that takes ``fused``: its first row with ``fused=True``,
+    without the extra configurations (each compiles kernels of its own: tens of seconds on 2
+    cores). Prodigy's first row has ``slice_p = 1``, the one it compiles for."""
+    out, seen = [], set()
+    for info in rows:
+        if info.cls in seen or "fused" not in inspect.signature(info.cls).parameters:
+            continue
+        if info.kwargs.get("slice_p", 1) != 1:
+            continue
+        seen.add(info.cls)
+        out.append(dataclasses.replace(info, kwargs={**info.kwargs, "fused": True}, extra_kwargs=[],
+                                       id=f"{info.name}-fused", fused=True))
+    return out
+
+
+#: The fused axis of the contract table: the compiled kernels under every generic test. Kept
+#: out of :data:`OPTIM_DB`, which other suites iterate without compiling.
+FUSED_DB: list[OptimizerInfo] = _fused_rows(OPTIM_DB)

@@ -12,18 +12,41 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from tests.optim_db import OPTIM_DB, OptimizerInfo
+from tests.optim_db import FUSED_DB, OPTIM_DB, OptimizerInfo, _compiler_failure
 from tuneless import STEP_SIZE_KEY, LossRequiredError, SparseGradientError, UnknownArgumentError
 from tuneless._host_reads import HostReadCounter
 from tuneless.optim import _batched as batched
+from tuneless.optim import _fused
 from tuneless.optim.base import TunelessOptimizer
 
-ROWS = [pytest.param(info, id=info.name) for info in OPTIM_DB]
+def _marks(info: OptimizerInfo) -> tuple:
+    """Fused rows compile (tens of seconds per kernel and dtype on 2 cores, once per process):
+    marked slow, so that ``-m "not slow"`` leaves them out."""
+    return (pytest.mark.slow,) if info.fused else ()
+
+
+ROWS = [pytest.param(info, id=info.name, marks=_marks(info)) for info in OPTIM_DB + FUSED_DB]
 CONFIGS = [
-    pytest.param(info, kw, id=f"{info.name}-{i}")
-    for info in OPTIM_DB
+    pytest.param(info, kw, id=f"{info.name}-{i}", marks=_marks(info))
+    for info in OPTIM_DB + FUSED_DB
     for i, kw in enumerate([info.kwargs] + info.extra_kwargs)
 ]
+#: Without the fused rows: the tests of the vectorized path's variants (cache blocks, the other
+#: devices' branch), which the compiled kernels do not take.
+UNFUSED_CONFIGS = [c for c in CONFIGS if not c.values[0].fused]
+
+
+@pytest.fixture(autouse=True)
+def _fused_rows_ran_compiled(request):
+    """After a test of a fused row: every kernel compiled and ran compiled (none fell back to
+    the uncompiled function, none ran out of variants), so the row tested the kernels."""
+    yield
+    callspec = getattr(request.node, "callspec", None)
+    info = callspec.params.get("info") if callspec is not None else None
+    if isinstance(info, OptimizerInfo) and info.fused and _compiler_failure() is None:
+        fallen = [k.per_tensor.__name__ for k in _fused.KERNELS
+                  if k.per_tensor.__module__.startswith("tuneless.") and (k.failed or k._warned)]
+        assert not fallen, f"{info.name}: fused kernels ran uncompiled: {fallen}"
 
 
 # ----------------------------------------------------------------------------- a small model
@@ -129,13 +152,14 @@ def test_loss_requirement(info: OptimizerInfo) -> None:
 
 @pytest.mark.parametrize("info, kwargs", CONFIGS)
 def test_vectorized_matches_per_parameter_path(info: OptimizerInfo, kwargs) -> None:
+    """The vectorized path (a fused row: the compiled kernels) against the per-parameter path."""
     m1, _, _ = run(info, 12, **{**kwargs, "foreach": True})
-    m2, _, _ = run(info, 12, **{**kwargs, "foreach": False})
+    m2, _, _ = run(info, 12, **{**kwargs, "foreach": False, **({"fused": False} if info.fused else {})})
     for a, b in zip(m1.params, m2.params):
         torch.testing.assert_close(a, b, rtol=info.foreach_rtol, atol=1e-12)
 
 
-@pytest.mark.parametrize("info, kwargs", CONFIGS)
+@pytest.mark.parametrize("info, kwargs", UNFUSED_CONFIGS)
 def test_vectorized_matches_per_parameter_path_with_cache_blocks_cut_small(info: OptimizerInfo, kwargs,
                                                                           monkeypatch) -> None:
     """The same with the CPU's cache-sized blocks and dot chunks made tiny, so that the blocked
@@ -149,7 +173,7 @@ def test_vectorized_matches_per_parameter_path_with_cache_blocks_cut_small(info:
         torch.testing.assert_close(a, b, rtol=info.foreach_rtol, atol=1e-12)
 
 
-@pytest.mark.parametrize("info, kwargs", CONFIGS)
+@pytest.mark.parametrize("info, kwargs", UNFUSED_CONFIGS)
 def test_other_devices_path_matches_the_cpu_path(info: OptimizerInfo, kwargs) -> None:
     """The vectorized path written for GPUs and other devices (batched multi-tensor reductions
     over whole lists, no blocks or scratch), run on the CPU under the private switch, agrees
@@ -278,8 +302,15 @@ def test_lr_scheduler_changes_the_step(info: OptimizerInfo) -> None:
 # ----------------------------------------------------------------------------- dtypes, frozen params, grads
 
 
-@pytest.mark.parametrize("info", ROWS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+#: Every row in three dtypes; a fused row in float64 and bfloat16 only (each dtype compiles its
+#: kernels anew, tens of seconds on 2 cores; bfloat16's kernels take float32 coefficients, so
+#: they cover float32 arithmetic too).
+DTYPE_CASES = [pytest.param(row.values[0], dtype, id=f"{row.id}-{str(dtype).split('.')[1]}", marks=row.marks)
+               for row in ROWS for dtype in (torch.float64, torch.float32, torch.bfloat16)
+               if not (row.values[0].fused and dtype is torch.float32)]
+
+
+@pytest.mark.parametrize("info, dtype", DTYPE_CASES)
 def test_dtype_is_kept(info: OptimizerInfo, dtype) -> None:
     if dtype is torch.bfloat16 and not info.supports_bf16:
         pytest.fail(f"{info.name} must support bfloat16")
@@ -343,10 +374,25 @@ def test_step_size_is_published_on_the_device(info: OptimizerInfo) -> None:
 
 @pytest.mark.parametrize("info", ROWS)
 def test_deepcopy_and_pickle(info: OptimizerInfo) -> None:
-    _, opt, _ = run(info, 2)
-    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+    """A copy of (model, optimizer), by deepcopy or pickle, holds the same state and, stepped,
+    follows the original's trajectory exactly (its state is its own: stepping it leaves the
+    original as it was)."""
+    model, opt, _ = run(info, 2)
+    clones = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    before = model.snapshot()
+    for clone_model, clone in clones:
         assert type(clone) is type(opt)
         assert _flatten(clone.state_dict()) == _flatten(opt.state_dict())
+        for _ in range(3):
+            step(clone, clone_model)
+        for a, b in zip(model.params, before):
+            assert torch.equal(a, b), f"{info.name}: stepping a copy moved the original"
+    for _ in range(3):
+        step(opt, model)
+    assert any(not torch.equal(a, start) for a, start in zip(model.params, before)), f"{info.name} did not move"
+    for clone_model, _ in clones:
+        for a, b in zip(model.params, clone_model.params):
+            assert torch.equal(a, b), f"{info.name}: the copy's trajectory differs from the original's"
 
 
 # ----------------------------------------------------------------------------- host syncs
@@ -363,7 +409,9 @@ class SyncCounter(HostReadCounter):
 def _paths(info: OptimizerInfo, kwargs) -> list[tuple[str, dict, Callable[[], Any]]]:
     """The implementations of a configuration, as (name, kwargs, context to run it in): the
     vectorized path (the CPU's, and the one written for other devices, forced on the CPU) and
-    the per-parameter path."""
+    the per-parameter path; for a fused row, the compiled kernels."""
+    if info.fused:
+        return [("fused", kwargs, contextlib.nullcontext)]
     return [("vectorized", {**kwargs, "foreach": True}, contextlib.nullcontext),
             ("vectorized, other devices' path", {**kwargs, "foreach": True}, batched.device_paths_on_cpu),
             ("per-parameter", {**kwargs, "foreach": False}, contextlib.nullcontext)]

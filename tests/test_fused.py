@@ -4,17 +4,18 @@ The fused kernels are the per-parameter functions compiled; these tests check th
 the per-parameter path's results (to float reassociation), with the padding of a last group,
 non-contiguous tensors, several param groups and dtypes, without host syncs, and that a
 failed compilation falls back with a warning. Compiling takes seconds per configuration, so the
-configurations are few.
+configurations are few. Where torch.compile cannot compile a CPU kernel (no C++ compiler), the
+tests of compiled kernels skip and say so: they would compare the fallback with itself.
 """
 
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import pytest
 import torch
 
+from tests.optim_db import require_working_compiler
 from tests.test_contract import SyncCounter
 from tuneless import (COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Mechanic, Prodigy, ScheduleFreeAdamW,
                       ScheduleFree, ScheduleFreeProdigy, ScheduleFreeSGD)
@@ -37,7 +38,7 @@ def _lists(n, dtype=torch.float64, seed=0):
     return xs, gs
 
 
-def test_grouped_kernel_matches_the_loop_with_padding_and_a_non_contiguous_tensor() -> None:
+def test_grouped_kernel_matches_the_loop_with_padding_and_a_non_contiguous_tensor(compiles) -> None:
     kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
     xs, gs = _lists(GROUP_SIZE + 3)  # one full group, a padded one, and the non-contiguous tensor
     expected_x = [x + 0.5 * g for x, g in zip(xs, gs)]
@@ -95,7 +96,7 @@ def test_an_optimizer_with_two_kernels_warns_once_when_compiling_fails(monkeypat
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
-def test_each_dtype_gets_a_variant_of_its_own() -> None:
+def test_each_dtype_gets_a_variant_of_its_own(compiles) -> None:
     """Variants run without Dynamo's guards: the kernel's own key must tell float64 from float32."""
     kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
     for dtype in (torch.float64, torch.float32, torch.float64):
@@ -167,20 +168,21 @@ FUSED_CONFIGS = [
 ]
 
 
-def _have_cpp_compiler() -> bool:
-    """Inductor's CPU kernels need a C++ compiler; without one the fallback is the expected path."""
-    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+@pytest.fixture
+def compiles() -> None:
+    """For the tests of compiled kernels: skip, with the reason, where torch.compile cannot
+    compile a CPU kernel (the uncompiled fallback would be compared with itself: nothing checked)."""
+    require_working_compiler()
 
 
 @pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
-def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
+def test_fused_step_matches_the_per_parameter_path(cls, kwargs, compiles) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused, a = _train(cls, {**kwargs, "fused": True})
     fallbacks = [str(w.message) for w in caught if "uncompiled" in str(w.message)]
-    if _have_cpp_compiler():  # the kernels must have compiled: a fallback here is a bug
-        assert not fallbacks, fallbacks
-        assert not [k.per_tensor.__name__ for k in _fused.KERNELS if k.failed and k.per_tensor is not _axpy_kernel]
+    assert not fallbacks, fallbacks  # the kernels must have compiled: a fallback here is a bug
+    assert not [k.per_tensor.__name__ for k in _fused.KERNELS if k.failed and k.per_tensor is not _axpy_kernel]
     loop, b = _train(cls, {**kwargs, "foreach": False})
     for x, y, start in zip(fused, loop, _quadratic_model()[0]):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
@@ -194,7 +196,7 @@ def test_fused_step_matches_the_per_parameter_path(cls, kwargs) -> None:
 
 
 @pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS[:1], ids=lambda v: getattr(v, "__name__", None) or str(v))
-def test_fused_step_makes_no_host_sync(cls, kwargs) -> None:
+def test_fused_step_makes_no_host_sync(cls, kwargs, compiles) -> None:
     params, loss = _quadratic_model()
     opt = cls(params, **kwargs, fused=True)
     for _ in range(2):
@@ -239,7 +241,7 @@ def test_every_kernel_compiles_under_a_code_object_of_its_own() -> None:
     assert first._grouped.__name__ == "fused_axpy_kernel"
 
 
-def test_fused_prodigy_with_a_group_at_lr_0_keeps_it_still_and_its_moments_moving() -> None:
+def test_fused_prodigy_with_a_group_at_lr_0_keeps_it_still_and_its_moments_moving(compiles) -> None:
     """The fused Prodigy updates the moments in its step kernel: a group with lr = 0 still gets them."""
     fused, a = _train(Prodigy, {"fused": True}, steps=6, second_lr=0.0)
     loop, b = _train(Prodigy, {"foreach": False}, steps=6, second_lr=0.0)
@@ -252,7 +254,7 @@ def test_fused_prodigy_with_a_group_at_lr_0_keeps_it_still_and_its_moments_movin
         assert float(a.state[p]["grad_sq_avg"].abs().sum()) > 0
 
 
-def test_fused_schedule_free_wrapper_over_a_torch_optimizer_matches_the_loop() -> None:
+def test_fused_schedule_free_wrapper_over_a_torch_optimizer_matches_the_loop(compiles) -> None:
     """The wrapper's own passes compiled, with the decay at y taken at a plain float step size."""
     def train(**kwargs):
         params, loss = _quadratic_model()
@@ -279,16 +281,27 @@ BF16_CONFIGS = [c for c in FUSED_CONFIGS if c[0] in (ScheduleFreeAdamW, Schedule
 
 
 @pytest.mark.parametrize("cls, kwargs", BF16_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
-def test_fused_step_keeps_bfloat16_parameters_and_matches_the_loop(cls, kwargs) -> None:
+def test_fused_step_keeps_bfloat16_parameters_and_matches_the_loop(cls, kwargs, compiles) -> None:
     """16-bit parameters compile (coefficients in float32; a tensor lerp weight once made the
     Schedule-Free kernel fail to compile, then fail uncompiled) and agree with the per-parameter
-    path to bfloat16 rounding."""
+    path relative to how far the parameters moved: both moved, and the fused run is within 10%
+    of the loop's displacement from the start (measured: 0.3-1.1% between the loop and the
+    vectorized path after 20 steps; Schedule-Free Prodigy moves only ~7e-5 in that time, so an
+    absolute tolerance would pass a kernel that did nothing)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused, _ = _train(cls, {**kwargs, "fused": True}, steps=5, dtype=torch.bfloat16)
-    if _have_cpp_compiler():
-        assert not [str(w.message) for w in caught if "uncompiled" in str(w.message)]
-    loop, _ = _train(cls, {**kwargs, "foreach": False}, steps=5, dtype=torch.bfloat16)
-    for x, y in zip(fused, loop):
+        fused, _ = _train(cls, {**kwargs, "fused": True}, steps=20, dtype=torch.bfloat16)
+    assert not [str(w.message) for w in caught if "uncompiled" in str(w.message)]
+    loop, _ = _train(cls, {**kwargs, "foreach": False}, steps=20, dtype=torch.bfloat16)
+    start = [p.detach() for p in _quadratic_model(dtype=torch.bfloat16)[0]]
+    for x in fused:
         assert x.dtype == torch.bfloat16 and torch.isfinite(x.float()).all()
-        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
+
+    def flat(tensors):
+        return torch.cat([t.float().flatten() for t in tensors])
+
+    moved_loop = (flat(loop) - flat(start)).norm()
+    moved_fused = (flat(fused) - flat(start)).norm()
+    assert moved_loop > 0 and moved_fused > 0, "the parameters did not move"
+    gap = (flat(fused) - flat(loop)).norm()
+    assert gap <= 0.1 * moved_loop, f"fused and loop differ by {gap:.3g}, {gap / moved_loop:.1%} of the loop's displacement"
