@@ -155,3 +155,14 @@ def test_not_learning_rate_free_but_in_the_benchmark_default_set() -> None:
     assert "momo_adam" in tuneless.registry.methods_at_defaults()
     assert "momo_adam" in default_methods()
     assert isinstance(tuneless.create("momo_adam", SeparableLogistic().params), MomoAdam)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_float16_zero_gradient_keeps_the_parameters_finite(foreach) -> None:
+    """eps = 1e-8 rounds to 0 in float16: Adam's denominator then was 0 + 0 and m / D NaN."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = MomoAdam([p], foreach=foreach)
+    for grad in (0.0, 1.0):
+        p.grad = torch.full((3,), grad, dtype=torch.float16)
+        opt.step(loss=1.0)
+    assert torch.isfinite(p).all() and (p < 1).all()

@@ -256,3 +256,14 @@ def test_annealing_moves_an_idle_parameter_to_the_new_interpolation() -> None:
 def test_registered_and_learning_rate_free() -> None:
     assert "sf_plus" in tuneless.learning_rate_free()
     assert isinstance(tuneless.create("sf_plus", SeparableLogistic().params), ScheduleFreePlus)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_float16_zero_gradient_keeps_the_parameters_finite(foreach) -> None:
+    """eps = 1e-8 rounds to 0 in float16: Adam's denominator then was 0 + 0 and m / D NaN."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = ScheduleFreePlus([p], foreach=foreach)
+    for grad in (0.0, 1.0):
+        p.grad = torch.full((3,), grad, dtype=torch.float16)
+        opt.step(loss=1.0)
+    assert torch.isfinite(p).all() and (p < 1).all()

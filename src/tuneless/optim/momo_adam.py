@@ -47,6 +47,13 @@ __all__ = ["MomoAdam"]
 DEFAULT_CAP = 1e-2
 
 
+def representable_eps(eps: float, dtype: torch.dtype) -> float:
+    """``eps``, or the smallest positive value of ``dtype`` where ``eps`` would round to 0 in it
+    (float16: 1e-8 does; then a zero gradient gave Adam's 0 / (0 + 0) = NaN)."""
+    info = torch.finfo(dtype)
+    return max(eps, info.tiny * info.eps)
+
+
 class MomoAdam(TunelessOptimizer):
     r"""MoMo-Adam: Adam's direction, with the step size of the MoMo model in Adam's norm.
 
@@ -267,7 +274,7 @@ def _single_tensor_statistics(xs: list[Tensor], grads: list[Tensor], ms: list[Te
         g = g.to(m.dtype)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v_ / bias_correction2).sqrt_().add_(eps)
+        denom = (v_ / bias_correction2).sqrt_().add_(representable_eps(eps, v_.dtype))
         m_dot_x = m_dot_x + (m.to(dtype) * x.to(dtype)).sum()
         m_sq = m_sq + (m * (m / denom)).to(dtype).sum()
     return torch.stack([g_dot_x, m_dot_x, m_sq])
@@ -277,7 +284,7 @@ def _single_tensor_apply(xs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *
                          bias_correction2: float, eps: float, shrink: float) -> None:
     """x <- (x - tau m / D) / (1 + eta lambda), one tensor at a time."""
     for x, m, v_ in zip(xs, ms, vs):
-        denom = (v_ / bias_correction2).sqrt_().add_(eps)
+        denom = (v_ / bias_correction2).sqrt_().add_(representable_eps(eps, v_.dtype))
         x.sub_((m / denom).mul_(tau.to(x.dtype)))
         if shrink != 1.0:
             x.div_(shrink)
@@ -300,7 +307,7 @@ def _multi_tensor_statistics(xs: list[Tensor], grads: list[Tensor], ms: list[Ten
         torch._foreach_addcmul_(v_, g, g, value=1 - beta2)
         denom = torch._foreach_div(v_, bias_correction2)
         torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, representable_eps(eps, v_[0].dtype))
         u = torch._foreach_div(m, denom)  # m / D
         sums = sums + torch.cat([g_dot_x, total_dots((m, x, u), ((0, 1), (0, 2)), dtype, device, scratch)])
     return sums
@@ -312,7 +319,7 @@ def _multi_tensor_apply(xs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *,
     for x, m, v_ in cache_blocks(xs, ms, vs):
         denom = torch._foreach_div(v_, bias_correction2)
         torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, representable_eps(eps, v_[0].dtype))
         u = torch._foreach_div(m, denom)
         torch._foreach_addcmul_(x, u, [-tau.to(x[0].dtype)] * len(x))
         if shrink != 1.0:

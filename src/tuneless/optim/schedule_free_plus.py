@@ -45,6 +45,7 @@ from torch import Tensor
 from .. import _validate as v
 from ._batched import cache_blocks, total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
 from .base import finite_or_zero, local_tensor
+from .momo_adam import representable_eps
 from .schedule_free import MODE_KEY, _ScheduleFreeBase
 
 __all__ = ["ScheduleFreePlus"]
@@ -293,7 +294,7 @@ def _single_tensor_apply(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor]
             z.sub_(y * (gamma * gamma * decay))
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v_ / bias_correction2).sqrt_().add_(eps)
+        denom = (v_ / bias_correction2).sqrt_().add_(representable_eps(eps, v_.dtype))
         z.sub_((m / denom).mul_(gamma / bias_correction1))
         x.mul_(1 - c).add_(z * c)  # the average: x <- (1 - c) x + c z
         y.copy_(torch.lerp(z, x, beta))  # y = beta x + (1 - beta) z
@@ -334,7 +335,7 @@ def _multi_tensor_apply(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
         torch._foreach_addcmul_(v_, g, g, value=1 - beta2)
         denom = torch._foreach_div(v_, bias_correction2)
         torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, representable_eps(eps, v_[0].dtype))
         u = torch._foreach_div(m, denom)
         torch._foreach_addcmul_(z, u, [-(gamma / bias_correction1)] * len(z))
         torch._foreach_mul_(x, 1 - c)  # x <- (1 - c) x + c z (a lerp with a tensor weight would sync)
