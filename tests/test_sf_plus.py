@@ -267,3 +267,15 @@ def test_float16_zero_gradient_keeps_the_parameters_finite(foreach) -> None:
         p.grad = torch.full((3,), grad, dtype=torch.float16)
         opt.step(loss=1.0)
     assert torch.isfinite(p).all() and (p < 1).all()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_tiny_gradients_do_not_overflow_the_averaging_weights(foreach) -> None:
+    """float32, loss 3, gradients 1e-30: the Polyak step is ~1e30 and its square (the averaging
+    weight) overflows float32; the weights are summed in float64, as the reference's host doubles."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = ScheduleFreePlus([p], foreach=foreach)
+    p.grad = torch.full((2,), 1e-30)
+    opt.step(loss=torch.tensor(3.0))
+    assert torch.isfinite(p).all() and torch.isfinite(opt.param_groups[0]["weight_sum"])
+    assert opt.param_groups[0]["weight_sum"].dtype == torch.float64

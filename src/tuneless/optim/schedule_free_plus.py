@@ -181,7 +181,12 @@ class ScheduleFreePlus(_ScheduleFreeBase):
         for group in self.param_groups:
             if "lr_max" not in group:
                 group["lr_max"] = self._scalar(group["eps"])  # the largest step so far (floored at eps)
-                group["weight_sum"] = self._scalar(0.0)        # the sum of the averaging weights
+                # the sum of the averaging weights, in float64 (float32 on MPS, which has none): with
+                # tiny gradients the step is ~1e30 and its square overflows float32 (the reference
+                # sums host doubles)
+                device = self._stat_device()
+                group["weight_sum"] = torch.zeros((), device=device,
+                                                  dtype=torch.float32 if device.type == "mps" else torch.float64)
                 group["grad_l1_ema"] = self._scalar(0.0)       # the running average of sqrt(pi/2) ||g||_1 (biased)
 
     def _buffers(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -245,11 +250,12 @@ class ScheduleFreePlus(_ScheduleFreeBase):
             if k < group["c_warmup"]:
                 average_weight: Tensor | float = 1.0
             else:
-                weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
-                weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+                weight_sum = group["weight_sum"]
+                weight = (k + 1) ** group["r"] * lr_max.to(weight_sum.dtype) ** group["weight_lr_power"]
+                weight_sum = group["weight_sum"] = weight_sum + weight
                 average_weight = torch.where(weight_sum > 0, weight / torch.where(weight_sum > 0, weight_sum,
                                                                                   torch.ones_like(weight_sum)),
-                                             torch.zeros_like(weight_sum))
+                                             torch.zeros_like(weight_sum)).to(step_size.dtype)
             y_beta = group["y_beta"]
             group["y_beta"] = beta
             beta1, beta2 = group["betas"]
