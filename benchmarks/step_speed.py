@@ -13,7 +13,9 @@ included) and for the authors' reference packages that are installed, on two par
   the bytes per parameter taken from :data:`BOUND_BYTES` (documented per optimizer);
 * the optimizer's state memory per parameter (bytes of every tensor in ``optimizer.state``
   and ``param_groups``, nested optimizers included, divided by the number of parameters);
-* the device-to-host synchronizations per step (Python-level reads of tensor values).
+* the device-to-host synchronizations per step: reads of tensor values on the host, from
+  Python and inside torch ops (:class:`tuneless._host_reads.HostReadCounter`, as the contract
+  suite counts them; torch.optim's own CPU step counters exempted).
 
 Method (``../shared/PERFORMANCE.md``): one thread, medians of interleaved repetitions, and
 ratios against baselines timed in the same block, never lone absolute times. Each candidate is
@@ -62,6 +64,7 @@ from torch import Tensor
 
 import tuneless
 from tuneless import registry
+from tuneless._host_reads import HostReadCounter
 from tuneless.optim.base import TunelessOptimizer
 from tuneless.spec import parse_spec
 
@@ -316,56 +319,18 @@ def checkpoint_bytes(opt: torch.optim.Optimizer) -> int:
 # ----------------------------------------------------------------------------- sync counting
 
 
-def host_side_tensors(opt: torch.optim.Optimizer) -> set[int]:
-    """Tensors that torch.optim keeps on the host by design: the ``step`` counters of its
-    optimizers when neither ``capturable`` nor ``fused`` (they stay on the CPU even when the
-    parameters are on a GPU, so reading them is no device-to-host synchronization)."""
-    out: set[int] = set()
-    for o in [opt, *nested_optimizers(opt)]:
-        if not any(c.__module__.startswith("torch.optim.") and c is not torch.optim.Optimizer
-                   for c in type(o).__mro__):
-            continue
-        for group in o.param_groups:
-            if group.get("capturable") or group.get("fused"):
-                continue
-            for p in group["params"]:
-                step = o.state.get(p, {}).get("step") if isinstance(o.state.get(p), dict) else None
-                if isinstance(step, Tensor):
-                    out.add(id(step))
-    return out
+class SyncCounter(HostReadCounter):
+    """Counts host reads of tensor values, each a device-to-host synchronization on a GPU: the
+    contract suite's counter (tests/test_contract.py), Python-level reads (item, bool, float,
+    ...) and those torch makes inside an op (``aten._local_scalar_dense``: a 0-d tensor given to
+    a Scalar overload; ``equal``, ``nonzero``, ...). torch.optim's own reads of its CPU step
+    counters are exempted by where they come from (``exempted``), not by which tensor they read;
+    see :mod:`tuneless._host_reads`."""
 
 
-class SyncCounter:
-    """Counts Python-level reads of tensor values (item, bool, float, int, index, tolist,
-    numpy): each is a device-to-host synchronization on a GPU. Reads of the tensors in
-    ``ignore`` (ids of host-side tensors) are not counted. Same method as tests/test_contract.py."""
-
-    NAMES = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
-
-    def __init__(self, ignore: set[int] | None = None) -> None:
-        self.ignore = ignore or set()
-        self.count = 0
-
-    def __enter__(self) -> "SyncCounter":
-        self.count = 0
-        self.saved = {n: getattr(Tensor, n) for n in self.NAMES}
-        for name, fn in self.saved.items():
-            def counted(t: Tensor, *a: Any, _fn: Callable = fn, **k: Any) -> Any:
-                if id(t) not in self.ignore:
-                    self.count += 1
-                return _fn(t, *a, **k)
-
-            setattr(Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, fn in self.saved.items():
-            setattr(Tensor, name, fn)
-
-
-def count_syncs(opt: torch.optim.Optimizer, step: StepFn, steps: int = 1) -> float:
+def count_syncs(step: StepFn, steps: int = 1) -> float:
     """Device-to-host reads per step, over ``steps`` steps (state already initialized)."""
-    with SyncCounter(host_side_tensors(opt)) as counter:
+    with SyncCounter() as counter:
         for _ in range(steps):
             step()
     return counter.count / steps
@@ -602,7 +567,7 @@ def measure_block(candidate: Candidate, set_name: str, shapes: Shapes, baselines
         step = step_function(opt)
         step()  # state initialization
         step()
-        row.syncs_per_step = count_syncs(opt, step)
+        row.syncs_per_step = count_syncs(step)
         fill_memory(row, opt, n)
         row.bound_bytes, row.bound_note = bound_bytes(candidate.key, opt)
         subjects = {PROBE: probe, **baselines.steps, SUBJECT: step}
@@ -664,7 +629,7 @@ def baseline_rows(set_name: str, blocks: list[Timed], baselines: Baselines, prob
         row = Row(set_name, title, "adam", "baseline")
         row.bound_bytes, row.bound_note = bound_bytes("adam", opt)
         fill_memory(row, opt, baselines.n)
-        row.syncs_per_step = count_syncs(opt, baselines.steps[label])
+        row.syncs_per_step = count_syncs(baselines.steps[label])
         per_block = []
         for timed in blocks:
             r = Row(set_name, title, "adam", "baseline", bound_bytes=row.bound_bytes)
