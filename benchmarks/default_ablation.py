@@ -143,7 +143,11 @@ def robustness(db: Path, workers: int | None, render_only: bool) -> str:
             t = get_problem(r.problem)
             label = next(lab for lab, sc, sh in LOSS_TRANSFORMS if (sc, sh) == (t.scale, t.shift))
             name = f"{r.spec} [{label}]"
-            relabelled.append(dataclasses.replace(r, problem=t.inner.spec(), spec=name, key=f"{r.key}|{label}"))
+            # the training losses it recorded are the transformed ones: undo the transform, so that
+            # the start (and the solved floor of a known minimum) is the inner problem's
+            initial = None if r.initial_loss is None else (r.initial_loss - t.shift) / t.scale
+            relabelled.append(dataclasses.replace(r, problem=t.inner.spec(), spec=name, key=f"{r.key}|{label}",
+                                                  initial_loss=initial, loss=(r.loss - t.shift) / t.scale))
         else:
             relabelled.append(r)
     results = compute_results(relabelled, methods=None)
