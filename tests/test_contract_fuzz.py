@@ -246,11 +246,6 @@ KNOWN_FAILURES: dict[tuple[str, torch.dtype], str] = {
     ("DAdaptAdam-bias_correction", torch.float16): _FP16_EPS + " (D-Adapt Adam: the per-parameter path only, "
                                                               "dadapt.py _single_tensor_dadapt_adam)",
     ("Prodigy-slice_p", torch.float16): _FP16_EPS + " (Prodigy: the per-parameter path gives NaN, the vectorized one not)",
-    ("ScheduleFreePlus", torch.bfloat16): (
-        "schedule_free_plus.py:247-251: the averaging weight (k+1)^r * lr_max^2 is a float32 tensor; with tiny "
-        "gradients (1e-30) the Polyak step lr_max is ~1e30, its square overflows to inf, weight_sum = inf and "
-        "weight / weight_sum = inf/inf = NaN: every parameter becomes NaN (float32 and bfloat16 alike). Fix: keep "
-        "weight_sum in float64 as the Schedule-Free wrapper does, or store the weights relative to lr_max^2"),
     ("MomoStar", torch.bfloat16): (
         "MoMo*'s step (loss_avg - f*_estimate)/||d||^2 is a cancellation when f*_estimate is within rounding of "
         "loss_avg: in bfloat16 the per-parameter and vectorized paths round f*_estimate differently (about 1e-5 "
@@ -330,10 +325,10 @@ def assert_paths_agree(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, inf
 # ----------------------------------------------------------------------------- the bugs found, pinned
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[("ScheduleFreePlus", torch.bfloat16)])
 @pytest.mark.parametrize("foreach", [False, True])
 def test_schedule_free_plus_stays_finite_on_tiny_gradients(foreach: bool) -> None:
-    """Found by the fuzz test: float32 parameters, a finite loss of 3 and gradients of 1e-30."""
+    """Found by the fuzz test (float32 parameters, a finite loss of 3 and gradients of 1e-30: the
+    averaging weight lr_max^2 overflowed float32); fixed by summing the weights in float64."""
     from tuneless.optim.schedule_free_plus import ScheduleFreePlus
 
     p = torch.nn.Parameter(torch.ones(2))
