@@ -11,6 +11,8 @@ once the design is frozen, and are reported in a table of their own.
     python benchmarks/default_ablation.py --held-out         # the frozen default on the held-out set
     python benchmarks/default_ablation.py --render           # re-print from the store, run nothing
     python benchmarks/default_ablation.py --robustness       # the loss seen by the optimizer x1e-3, x1e3, +1
+    python benchmarks/default_ablation.py --render --db benchmarks/results/default-design.sqlite
+                                                             # the tables of docs/default.md, from the stored runs
 
 The store (``out/default-ablation.sqlite`` by default) is resumable: an interrupted run
 continues where it stopped, and runs already stored (the oracle's included) are reused.
@@ -162,6 +164,24 @@ def robustness(db: Path, workers: int | None, render_only: bool) -> str:
     return "\n".join(lines)
 
 
+def export(db: Path, path: Path) -> None:
+    """A copy of the store small enough to keep in the repository: every run and its evaluation
+    curves, without the per-step loss and step-size curves (the tables here do not use them)."""
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    with sqlite3.connect(db) as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+        dst.execute("UPDATE runs SET loss_curve = NULL, step_size_curve = NULL, positions = NULL")
+        dst.commit()
+        dst.execute("PRAGMA journal_mode = DELETE")
+    with sqlite3.connect(path) as dst:
+        dst.execute("VACUUM")
+    print(f"exported {db} -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -171,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="print the table from the store; run nothing")
     parser.add_argument("--robustness", action="store_true",
                         help="the quick suite with the loss the optimizer sees scaled by 1e-3 and 1e3 and shifted by 1")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="write a slim copy of the store (no per-step curves) to this path, e.g. under "
+                             "benchmarks/results/, and render from it with --render --db PATH")
     args = parser.parse_args(argv)
+    if args.export is not None:
+        export(args.db, args.export)
+        return 0
     if args.robustness:
         db = args.db if args.db != Path("out/default-ablation.sqlite") else Path("out/default-robustness.sqlite")
         db.parent.mkdir(parents=True, exist_ok=True)
