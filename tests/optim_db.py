@@ -68,6 +68,14 @@ class OptimizerInfo:
     #: of those, how many come before the loss's all-reduce (a wrapper that reads its statistics
     #: before running a loss-based base)
     statistics_before_loss: int = 0
+    #: with ``lr=torch.tensor(x)`` the step runs the same operations as with ``lr=x`` (bit-for-bit
+    #: equal trajectories); False: other operations (tensor operands instead of ``alpha=`` numbers),
+    #: equal to 1e-12 in float64
+    tensor_lr_exact: bool = True
+    #: a tensor lr scheduled to 0 stops the parameters (up to one rounding); False: they coast on
+    #: statistics that hold lr-scaled steps (D-Adaptation's momentum and dual averaging: a known
+    #: limitation, the update is not gated on the device yet), by steps like the last ones taken
+    tensor_lr_zero_stops: bool = True
     #: the row runs the compiled kernels (``fused=True``; rows of :data:`FUSED_DB`): building
     #: it skips the test, with the reason, where torch.compile cannot compile for the CPU
     fused: bool = False
@@ -79,6 +87,16 @@ class OptimizerInfo:
         if self.factory is not None:
             return self.factory(params, **kwargs)
         return self.cls(params, **kwargs)
+
+    def float_lr(self, kwargs: dict[str, Any]) -> float:
+        """The lr a configuration runs with: its own, else the default of the factory (a
+        wrapper's: its base's lr) or of the class."""
+        if "lr" in kwargs:
+            return kwargs["lr"]
+        param = inspect.signature(self.factory or self.cls).parameters.get("lr")
+        if param is None or not isinstance(param.default, (int, float)):
+            raise TypeError(f"{self.name}: the factory must take lr (with a default) for the tensor-lr tests")
+        return float(param.default)
 
     @property
     def name(self) -> str:

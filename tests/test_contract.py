@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.optim_db import FUSED_DB, OPTIM_DB, OptimizerInfo, _compiler_failure
-from tuneless import STEP_SIZE_KEY, LossRequiredError, SparseGradientError, UnknownArgumentError
+from tuneless import STEP_SIZE_KEY, InvalidArgumentError, LossRequiredError, SparseGradientError, UnknownArgumentError
 from tuneless._host_reads import HostReadCounter
 from tuneless.optim import _batched as batched
 from tuneless.optim import _fused
@@ -297,6 +297,98 @@ def test_lr_scheduler_changes_the_step(info: OptimizerInfo) -> None:
         sched.step()
     for a, b in zip(model.params, frozen):
         assert torch.equal(a, b), f"{info.name}: lr scheduled to 0 still moved the parameters"
+
+
+# ----------------------------------------------------------------------------- a tensor lr
+
+
+def _lr_pair(info: OptimizerInfo, kwargs) -> tuple[torch.Tensor, float]:
+    """``torch.tensor(<the configuration's lr>)`` (float32, as users write it) and the float it
+    holds (the float run compares with that float, e.g. float32(0.05), not 0.05)."""
+    lr = torch.tensor(info.float_lr(kwargs))
+    return lr, float(lr)
+
+
+@pytest.mark.parametrize("info, kwargs", CONFIGS)
+def test_tensor_lr_follows_the_float_lr_trajectory(info: OptimizerInfo, kwargs) -> None:
+    """``lr=torch.tensor(x)`` trains exactly as ``lr=x`` on every path (bit for bit), the tensor
+    stays the group's lr (schedulers fill it in place), and no step reads it on the host."""
+    for name, path, context in _paths(info, kwargs):
+        lr, lr_float = _lr_pair(info, kwargs)
+        with context():
+            m1, _, _ = run(info, 4, **{**path, "lr": lr_float})
+            model = Model()
+            opt = info.build(model.params, **{**path, "lr": lr})
+            step(opt, model)  # state initialization may read values once
+            with SyncCounter() as counter:
+                for _ in range(3):
+                    step(opt, model)
+        assert counter.count == 0, f"{info.name} {path} ({name}): host reads with a tensor lr: {counter.sites}"
+        assert any(g["lr"] is lr for g in opt.param_groups), f"{info.name}: the tensor lr was replaced"
+        for a, b in zip(m1.params, model.params):
+            if info.tensor_lr_exact:
+                assert torch.equal(a, b), f"{info.name} {path} ({name}): tensor lr and float lr differ by {(a - b).abs().max()}"
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_lr_scheduler_drives_a_tensor_lr(info: OptimizerInfo) -> None:
+    """A scheduler fills a tensor lr in place; the run follows the float-lr run under the same
+    schedule, and a tensor lr scheduled to 0 stops the parameters (a number lr of 0 freezes the
+    group, statistics included; a tensor lr is never read, so its group takes steps of size 0:
+    see ``OptimizerInfo.tensor_lr_zero_stops``)."""
+    factors = [1.0, 0.5, 0.25, 0.0, 0.0]
+    models = []
+    for lr in _lr_pair(info, info.kwargs):
+        model = Model()
+        opt = info.build(model.params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[min(t, len(factors) - 1)])
+        for _ in range(3):
+            before = model.snapshot()
+            step(opt, model)
+            sched.step()
+        last_move = max((a - b).abs().max().item() for a, b in zip(model.params, before))  # at lr x 0.25
+        assert all(g["lr"] == 0.0 for g in opt.param_groups)
+        if isinstance(lr, torch.Tensor):
+            assert any(g["lr"] is lr for g in opt.param_groups) and lr.item() == 0.0
+        frozen, moves = model.snapshot(), []
+        for _ in range(2):
+            before = model.snapshot()
+            step(opt, model)
+            sched.step()
+            moves.append(max((a - b).abs().max().item() for a, b in zip(model.params, before)))
+        if not isinstance(lr, torch.Tensor):
+            for a, b in zip(model.params, frozen):
+                assert torch.equal(a, b), f"{info.name}: lr scheduled to 0 still moved the parameters"
+        elif info.tensor_lr_zero_stops:  # up to one rounding of Schedule-Free's y -> z -> y round trip
+            assert max(moves) <= 1e-15, f"{info.name}: a tensor lr scheduled to 0 still moved the parameters: {moves}"
+        else:  # coasting on lr-scaled statistics: bounded by the last steps taken (a known limitation)
+            assert max(moves) < 3 * last_move, f"{info.name}: with a tensor lr of 0: steps {moves}, before {last_move}"
+        models.append((model, frozen))
+    (_, float_run), (_, tensor_run) = models
+    for a, b in zip(float_run, tensor_run):  # until the lr reached 0
+        if info.tensor_lr_exact:
+            assert torch.equal(a, b), f"{info.name}: scheduled tensor lr and float lr differ by {(a - b).abs().max()}"
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("info", [r for r in ROWS if r.values[0].factory is None and not r.values[0].fused])
+def test_tensor_lr_is_checked_at_construction(info: OptimizerInfo) -> None:
+    """A bad tensor lr is refused with the usual message; a one-element tensor is accepted."""
+    bad = [(torch.tensor(-1.0), r"lr = tensor\(-1\.\) is invalid; allowed: 0 <= lr"),
+           (torch.tensor(float("nan")), r"lr = tensor\(nan\) is invalid"),
+           (torch.ones(2), r"lr = tensor\(\[1\., 1\.\]\) is invalid; allowed: .*one element"),
+           (torch.tensor(1), r"lr = tensor\(1\) is invalid; allowed: .*floating-point")]
+    for lr, match in bad:
+        with pytest.raises(InvalidArgumentError, match=match):
+            info.build(Model().params, lr=lr)
+    lr, lr_float = _lr_pair(info, info.kwargs)
+    m1, _, _ = run(info, 2, lr=lr.reshape(1))
+    m2, _, _ = run(info, 2, lr=lr_float)
+    for a, b in zip(m1.params, m2.params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0 if info.tensor_lr_exact else 1e-12)
 
 
 # ----------------------------------------------------------------------------- dtypes, frozen params, grads

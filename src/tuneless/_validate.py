@@ -18,10 +18,13 @@ import math
 from numbers import Real
 from typing import Any, Callable, Iterable, Sequence
 
+from torch import Tensor
+
 from .errors import InvalidArgumentError, UnknownArgumentError
 
 __all__ = [
     "check_range",
+    "check_lr",
     "check_bool",
     "check_betas",
     "check_optional_range",
@@ -89,6 +92,22 @@ def check_range(
     if math.isinf(v) and not ((v > 0 and high is not None and math.isinf(high)) or (v < 0 and low is not None and math.isinf(low))):
         fail(owner, name, value, allowed + " (finite)", recommended)
     return value
+
+
+def check_lr(owner: str, value: Any, recommended: Any = None, *, name: str = "lr") -> Any:
+    """A learning rate: a real number ``>= 0``, or, as torch.optim accepts, a floating-point
+    tensor holding one such number (0-d, or one element: returned as a 0-d view of it, so that a
+    scheduler filling it in place still drives it). Its value is read here, once: construction,
+    not a step. Returns the number unchanged, or the tensor."""
+    if not isinstance(value, Tensor):
+        return check_range(owner, name, value, 0.0, None, inclusive="[)", recommended=recommended)
+    allowed = f"0 <= {name}: a number, or a floating-point tensor with one element"
+    if not value.is_floating_point() or value.is_complex() or value.numel() != 1:
+        fail(owner, name, value, allowed, recommended)
+    number = float(value.detach().reshape(()).cpu())
+    if not (math.isfinite(number) and number >= 0):
+        fail(owner, name, value, allowed + " (finite)", recommended)
+    return value if value.dim() == 0 else value.view(())
 
 
 def check_optional_range(owner: str, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "InvalidArgumentError",
+    "ComplexParameterError",
     "UnknownArgumentError",
     "UnknownNameError",
     "SpecError",
@@ -20,6 +21,11 @@ __all__ = [
 
 class InvalidArgumentError(ValueError):
     """A hyperparameter or argument has a value outside what is allowed."""
+
+
+class ComplexParameterError(InvalidArgumentError):
+    """A complex parameter given to an optimizer that does not train complex parameters (refused
+    at construction, never in the middle of a step)."""
 
 
 class UnknownArgumentError(TypeError):

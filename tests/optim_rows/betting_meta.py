@@ -6,19 +6,19 @@ from tests.optim_db import ErrorInput, OptimizerInfo
 from tuneless import COCOB, SGDHD, AdamHD, InvalidArgumentError, Mechanic, Polyak
 
 
-def mechanic_over_sgd(params, **kwargs):
-    return Mechanic(torch.optim.SGD(params, lr=1.0, momentum=0.9), **kwargs)
+def mechanic_over_sgd(params, lr=1.0, **kwargs):
+    return Mechanic(torch.optim.SGD(params, lr=lr, momentum=0.9), **kwargs)
 
 
-def mechanic_over_adam(params, **kwargs):
+def mechanic_over_adam(params, lr=1.0, **kwargs):
     # fused: torch's other CPU Adam paths read their step counter with .item() (a CPU tensor,
     # so no device sync, but the contract's counter counts it)
-    return Mechanic(torch.optim.Adam(params, lr=1.0, fused=True), **kwargs)
+    return Mechanic(torch.optim.Adam(params, lr=lr, fused=True), **kwargs)
 
 
-def mechanic_over_polyak(params, **kwargs):
+def mechanic_over_polyak(params, lr=1.0, **kwargs):
     """A loss-based base: Mechanic passes the loss on, so it needs it too."""
-    return Mechanic(Polyak(params, max_step=1.0), **kwargs)
+    return Mechanic(Polyak(params, lr=lr, max_step=1.0), **kwargs)
 
 
 ROWS = [

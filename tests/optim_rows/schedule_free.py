@@ -14,9 +14,9 @@ def _wrapped_sgd(params, lr=0.1, **kwargs):
     return ScheduleFree(torch.optim.SGD(params, lr=lr, momentum=0.0), **kwargs)
 
 
-def _wrapped_polyak(params, **kwargs):
+def _wrapped_polyak(params, lr=1.0, **kwargs):
     """ScheduleFree around Polyak (a loss-based base: the wrapper needs the loss too)."""
-    return ScheduleFree(Polyak(params, max_step=1.0), **kwargs)
+    return ScheduleFree(Polyak(params, lr=lr, max_step=1.0), **kwargs)
 
 
 ROWS = [
@@ -36,6 +36,7 @@ ROWS = [
                        r"^ScheduleFreeSGD: weight_decay = -0.1 is invalid; allowed: 0 <= weight_decay$"),
         ],
         misspelt="momentun",
+        tensor_lr_exact=False,  # a tensor lr: tensor operands where a number lr takes alpha= (1e-12)
         id="ScheduleFreeSGD",
     ),
     OptimizerInfo(
@@ -55,6 +56,7 @@ ROWS = [
                        r"^ScheduleFreeAdamW: weight_lr_power = -1.0 is invalid; allowed: 0 <= weight_lr_power \(recommended: 2.0\)$"),
         ],
         misspelt="weight_decy",
+        tensor_lr_exact=False,  # a tensor lr: tensor operands where a number lr takes alpha= (1e-12)
         id="ScheduleFreeAdamW",
     ),
     OptimizerInfo(

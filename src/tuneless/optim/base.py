@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 
 from .._validate import refuse_unknown_kwargs
-from ..errors import LossRequiredError, SparseGradientError
+from ..errors import ComplexParameterError, LossRequiredError, SparseGradientError
 
-__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "local_tensor", "effective_lrs"]
+__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "local_tensor", "effective_lrs", "lr_is_zero", "lr_moves", "lr_in"]
 
 #: The key under which every tuneless optimizer publishes, in each param group, the step size
 #: it applied at its last step (the group's ``lr`` multiplier included), as a 0-d tensor on the
@@ -60,6 +60,35 @@ def local_tensor(t: Tensor) -> Tensor:
     """The local part of ``t``: a DTensor's shard on this rank, or ``t`` itself."""
     local = getattr(t, "_local_tensor", None)
     return local if local is not None else t
+
+
+def lr_is_zero(lr: Any) -> bool:
+    """Whether a group's ``lr`` is the number 0, known on the host without reading a tensor.
+
+    A tensor lr (``lr=torch.tensor(...)``, filled in place by schedulers) is never read in a
+    step: its group steps with a step size ``lr * ...`` that is exactly 0 when the lr is 0, so
+    its parameters stay where they are, while its per-parameter statistics (moments) advance as
+    torch.optim's do with lr = 0. Where a method skips a group with lr = 0 entirely, a number
+    lr keeps that (its statistics stay too); the cross-group flags that depend on it are made
+    on the device with :func:`lr_moves`.
+    """
+    return not isinstance(lr, Tensor) and lr == 0
+
+
+def lr_moves(lr: Any, like: Tensor) -> Tensor:
+    """1 where the group's ``lr`` is not 0, else 0: a 0-d tensor like ``like`` (on its device,
+    in its dtype), made without a host read (a CPU tensor lr enters as a CPU scalar: no copy)."""
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    if isinstance(lr, Tensor):
+        return one * (lr != 0).reshape(())
+    return one if lr != 0 else torch.zeros_like(one)
+
+
+def lr_in(lr: Any, dtype: torch.dtype) -> Any:
+    """A group's ``lr`` for arithmetic in ``dtype``: a number as it is; a tensor lr in ``dtype``,
+    where it is (no copy to another device, no read), so that ``0.01 * lr`` is rounded as with a
+    number (a float32 tensor would round it to float32)."""
+    return lr.to(dtype) if isinstance(lr, Tensor) else lr
 
 
 def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -149,6 +178,9 @@ class TunelessOptimizer(torch.optim.Optimizer):
     requires_loss: ClassVar[bool] = False
     #: the name under which :func:`tuneless.create` finds the class
     registry_name: ClassVar[str] = ""
+    #: True when the class trains complex parameters as torch.optim does (as their real view,
+    #: ``torch.view_as_real``); False: a complex parameter is refused at construction
+    supports_complex: ClassVar[bool] = False
     #: True when the defaults need no learning rate (``lr`` is only a multiplier, 1.0)
     learning_rate_free: ClassVar[bool] = True
 
@@ -168,6 +200,32 @@ class TunelessOptimizer(torch.optim.Optimizer):
         defaults = dict(defaults)
         defaults.setdefault("foreach", None)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, refusing complex parameters first (see :attr:`supports_complex`)."""
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self._refuse_complex(param_group["params"])
+        super().add_param_group(param_group)
+
+    def _refuse_complex(self, params: list[Any], before: int | None = None) -> None:
+        """Raise :class:`~tuneless.errors.ComplexParameterError` for a complex parameter, naming it
+        (its index among all the optimizer's parameters: ``before`` + its position, ``before``
+        defaulting to the parameters already in the groups), unless the class trains complex
+        parameters (:attr:`supports_complex`)."""
+        if type(self).supports_complex:
+            return
+        if before is None:
+            before = sum(len(g["params"]) for g in self.param_groups)
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor) and p.is_complex():
+                owner = type(self).__name__
+                raise ComplexParameterError(
+                    f"{owner}: parameter {before + i} (shape {tuple(p.shape)}, dtype {p.dtype}) is complex; allowed: "
+                    f"real floating-point parameters ({owner}'s step takes norms and dot products over real "
+                    f"numbers, untested on complex ones). Train its real view instead, a real parameter of shape "
+                    f"{tuple(p.shape) + (2,)} used through torch.view_as_complex, or use ScheduleFreeSGD, which trains "
+                    f"complex parameters as their real view (as torch.optim does)")
 
     # ------------------------------------------------------------------ stepping
 
@@ -260,15 +318,16 @@ class TunelessOptimizer(torch.optim.Optimizer):
         ``get_state_dict`` / ``set_state_dict`` of ``torch.distributed.checkpoint.state_dict``
         give a fresh optimizer (empty ``state``) its state, the layout a checkpoint is loaded
         into, by calling ``step()`` with every ``lr`` set to 0, zero gradients and no loss.
-        Checked in that order; reading the gradients synchronizes, but only when every lr is 0
-        and the state is empty.
+        Checked with the state first: reading a tensor lr, or the gradients, synchronizes, and
+        happens only while the state is empty (then every lr is read, and the gradients when
+        every lr is 0).
         """
+        if self.state:
+            return False
         for group in self.param_groups:
             lr = group.get("lr")
             if not isinstance(lr, (int, float, Tensor)) or float(lr) != 0:
                 return False
-        if self.state:
-            return False
         grads = [local_tensor(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
         return bool(grads) and not any(bool(torch.any(g != 0)) for g in grads)
 

@@ -99,7 +99,7 @@ class COCOB(TunelessOptimizer):
     def __init__(self, params: Any, lr: float = 1.0, *, alpha: float = 100.0, eps: float = 1e-8,
                  weight_decay: float = 0.0, foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "alpha", alpha, 0.0, None, inclusive="()", recommended=100.0)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")

@@ -57,7 +57,7 @@ from ..errors import InvalidArgumentError
 from ._batched import (Scratch, cpu_paths, _sum_stacked, add_scaled_, cache_blocks, coefficient, coefficient_dtype,
                        flat_abs_sum, flat_dot, flat_sum_of_squares, total_abs_sum, total_dot, total_sum_of_squares)
 from ._fused import FusedKernel
-from .base import TunelessOptimizer, local_tensor
+from .base import TunelessOptimizer, local_tensor, lr_is_zero, lr_moves
 
 __all__ = ["DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad"]
 
@@ -173,7 +173,7 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
 
 
 def _check_common(owner: str, h: dict[str, Any]) -> None:
-    v.check_range(owner, "lr", h["lr"], 0.0, None, inclusive="[)", recommended=1.0)
+    h["lr"] = v.check_lr(owner, h["lr"], recommended=1.0)
     v.check_range(owner, "weight_decay", h["weight_decay"], 0.0, None, inclusive="[)", recommended=0.0)
     v.check_range(owner, "d0", h["d0"], 0.0, None, inclusive="()", recommended=1e-6)
     rate = h["growth_rate"]
@@ -288,9 +288,12 @@ class DAdaptSGD(_DAdaptBase):
         first = self.param_groups[0]
         d, g0 = scalars["d"], scalars["g0_norm"]
         per_group = [self._params_with_grad(group) for group in self.param_groups]
-        active = [group["lr"] != 0 for group in self.param_groups]
+        active = [not lr_is_zero(group["lr"]) for group in self.param_groups]  # a tensor lr: on, see lr_is_zero
         stepped = any(on and grads for on, (_, grads) in zip(active, per_group))  # something moves here
-        moved_here = torch.full((), float(stepped), dtype=dtype, device=device)  # a fill, no copy
+        moved_here = torch.zeros((), dtype=dtype, device=device)  # on the device: a tensor lr may be 0
+        for on, group, (_, grads) in zip(active, self.param_groups, per_group):
+            if on and grads:
+                moved_here = torch.maximum(moved_here, lr_moves(group["lr"], moved_here))
         measured = first.get("g0_measured")
         if measured is None:  # a checkpoint of an earlier version (plain int k): one sync, once
             measured = bool(float(scalars["k"]) > 0)
@@ -526,15 +529,15 @@ class DAdaptAdam(_DAdaptBase):
         d = scalars["d"]
         numerator = torch.zeros((), dtype=dtype, device=device)
         s_l1 = torch.zeros((), dtype=dtype, device=device)
-        stepped = False  # some group with lr != 0 has a gradient
+        moved_here = torch.zeros((), dtype=dtype, device=device)  # some group with lr != 0 has a gradient
         for group in self.param_groups:
-            on = group["lr"] != 0
+            on = not lr_is_zero(group["lr"])  # a tensor lr: on (its step size is 0 when it is 0)
             step_size = d * (group["lr"] * bias_correction)  # eta_k for this group
             self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
             params, grads = self._params_with_grad(group)
             if not on or not params:
                 continue  # lr = 0: the group is frozen
-            stepped = True
+            moved_here = torch.maximum(moved_here, lr_moves(group["lr"], moved_here))
             states = [self._init_state(p) for p in params]
             xs = [local_tensor(p) for p in params]
             foreach = self._use_foreach(group)
@@ -549,7 +552,6 @@ class DAdaptAdam(_DAdaptBase):
 
         # One reduction per step, always reached (no early return: no hang when sharded); whether
         # anything moved on any rank travels with it.
-        moved_here = torch.full((), float(stepped), dtype=dtype, device=device)  # a fill, no copy
         numerator, s_l1, moved = self._global_sum(torch.stack([numerator, s_l1, moved_here])).unbind(0)
         r = sqrt_beta2 * scalars["numerator_weighted"] + (1 - sqrt_beta2) * numerator
         d_hat = _ratio(r, (1 - sqrt_beta2) * s_l1)
@@ -765,7 +767,7 @@ class DAdaptAdaGrad(_DAdaptBase):
         # eta^2 sum g^2/a, sum s^2/a, ||s||_1, and whether something moved on this rank
         stats = torch.zeros(4, dtype=dtype, device=device)
         for group in self.param_groups:
-            on = group["lr"] != 0
+            on = not lr_is_zero(group["lr"])  # a tensor lr: on (its step size is 0 when it is 0)
             step_size = d * group["lr"]  # eta_k for this group
             self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
             params, grads = self._params_with_grad(group)
@@ -781,7 +783,7 @@ class DAdaptAdaGrad(_DAdaptBase):
             g_sq, s_sq, l1 = impl(xs, grads, states, step_size=step_size, eps=group["eps"],
                                   weight_decay=group["weight_decay"], momentum=group["momentum"],
                                   dtype=dtype, device=device, **extra)
-            stats = stats + torch.stack([step_size * step_size * g_sq, s_sq, l1, torch.ones_like(l1)])
+            stats = stats + torch.stack([step_size * step_size * g_sq, s_sq, l1, lr_moves(group["lr"], l1)])
 
         # One reduction per step, always reached (no early return: no hang when sharded).
         g_sq, s_sq, l1, moved = self._global_sum(stats).unbind(0)

@@ -109,7 +109,7 @@ class TunelessStep(TunelessOptimizer):
     def _init(self, params: Any, lr: float, betas: Any, weight_decay: float, lower_bound: float, eps: float,
               foreach: bool | None, step_rule: str, combine: str, start: str) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             v.fail(owner, "betas", betas, "a pair (beta1, beta2) with 0 <= beta < 1", (0.9, 0.999))
         for i, b in enumerate(betas):
@@ -325,7 +325,7 @@ class Tuneless(ScheduleFree):
     def __init__(self, params: Any, lr: float = 1.0, *, weight_decay: float = 0.0, lower_bound: float = 0.0,
                  foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
         base = TunelessStep(params, lr=lr, betas=(0.0, self.BETA2), lower_bound=lower_bound, eps=self.EPS,

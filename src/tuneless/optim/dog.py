@@ -321,9 +321,11 @@ class _DistanceBase(TunelessOptimizer):
                     group[key] = value.to(device)
 
 
-def _check_common(owner: str, lr: Any, weight_decay: Any) -> None:
-    v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+def _check_common(owner: str, lr: Any, weight_decay: Any) -> Any:
+    """Check lr and weight_decay; returns lr (a one-element tensor as a 0-d view)."""
+    lr = v.check_lr(owner, lr, recommended=1.0)
     v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
+    return lr
 
 
 def _safe_rsqrt_times(numerator: Tensor, denominator_sq: Tensor) -> Tensor:
@@ -399,7 +401,7 @@ class DoG(_DistanceBase):
     def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float = 1e-6, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        _check_common(owner, lr, weight_decay)
+        lr = _check_common(owner, lr, weight_decay)
         v.check_range(owner, "reps_rel", reps_rel, 0.0, None, inclusive="()", recommended=1e-6)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="[)", recommended=1e-8)
         v.check_optional_range(owner, "init_eta", init_eta, 0.0, None, inclusive="()")
@@ -543,7 +545,7 @@ class DoWG(_DistanceBase):
     def __init__(self, params: Any, *, lr: float = 1.0, eps: float = 1e-4, weight_decay: float = 0.0,
                  foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        _check_common(owner, lr, weight_decay)
+        lr = _check_common(owner, lr, weight_decay)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-4)
         super().__init__(params, dict(lr=lr, eps=float(eps), weight_decay=float(weight_decay), foreach=foreach))
 

@@ -89,7 +89,9 @@ class _HypergradientBase(TunelessOptimizer):
             group["learned_lr"] = alpha
             group["hd_step"] += 1
             lr = group["lr"]
-            group["hd_prev_lr"] = lr.clone() if isinstance(lr, Tensor) else lr  # schedulers fill_ tensor lrs
+            # a copy (schedulers fill_ tensor lrs), in the statistics dtype: hypergrad_lr * lr is
+            # then rounded as with a float lr (a float32 lr would round it to float32), no sync
+            group["hd_prev_lr"] = lr.to(dtype, copy=True) if isinstance(lr, Tensor) else lr
             step = alpha * group["lr"]
             self._publish_step_size(group, step)
             if params:
@@ -109,11 +111,13 @@ class _HypergradientBase(TunelessOptimizer):
 
 
 def _check_hd(owner: str, lr: Any, init_lr: Any, hypergrad_lr: Any, weight_decay: Any,
-              init_rec: float, beta_rec: float) -> None:
-    v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+              init_rec: float, beta_rec: float) -> Any:
+    """Check the arguments; returns lr (a one-element tensor as a 0-d view)."""
+    lr = v.check_lr(owner, lr, recommended=1.0)
     v.check_range(owner, "init_lr", init_lr, 0.0, None, inclusive="[)", recommended=init_rec)
     v.check_range(owner, "hypergrad_lr", hypergrad_lr, 0.0, None, inclusive="[)", recommended=beta_rec)
     v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
+    return lr
 
 
 # ============================================================================ SGD-HD
@@ -170,7 +174,7 @@ class SGDHD(_HypergradientBase):
                  momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-3)
+        lr = _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-3)
         v.check_range(owner, "momentum", momentum, 0.0, 1.0, inclusive="[)", recommended=0.9)
         v.check_bool(owner, "nesterov", nesterov)
         if nesterov and momentum == 0:
@@ -297,7 +301,7 @@ class AdamHD(_HypergradientBase):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
-        _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-7)
+        lr = _check_hd(owner, lr, init_lr, hypergrad_lr, weight_decay, 1e-3, 1e-7)
         v.check_bool(owner, "fused", fused)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)

@@ -83,7 +83,7 @@ from .. import _validate as v
 from ._batched import (Scratch, cpu_paths, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
                        flat_sum_of_squares, total_dot_loop, total_dots, total_sum_of_squares_loop)
 from ._fused import FusedKernel
-from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
+from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor, lr_moves
 
 __all__ = ["Mechanic", "DEFAULT_BASE"]
 
@@ -231,6 +231,9 @@ class Mechanic(TunelessOptimizer):
         if not getattr(self, "_linked", False):  # during __init__: adopt the base's groups
             super().add_param_group(param_group)
             return
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self._refuse_complex(param_group["params"])
         self.base_optimizer.add_param_group(param_group)
         for key, value in self.defaults.items():
             self.param_groups[-1].setdefault(key, value)
@@ -413,6 +416,12 @@ class Mechanic(TunelessOptimizer):
         sum_sq = betas * betas * sum_sq + h * h
         reward = torch.clamp(betas * reward - s * h, min=0.0)
         s = (s_init * m / len(betas) + reward) / (torch.sqrt(sum_sq) + eps)
+        tensor_lrs = [g["lr"] for g in self.param_groups if isinstance(g.get("lr"), Tensor)]
+        if len(tensor_lrs) == len(self.param_groups):  # every lr a tensor (never read on the host):
+            # when all are 0 the tuner keeps its state and the scale, as with number lrs of 0
+            moving = torch.stack([lr_moves(lr, s) for lr in tensor_lrs]).amax() > 0
+            old = (first[_S], first[_M], first[_V], first[_R])
+            s, m, sum_sq, reward = (torch.where(moving, new, prev) for new, prev in zip((s, m, sum_sq, reward), old))
         return _Pending(tuned, deltas, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
 
     def _apply(self, pending: _Pending | None) -> None:

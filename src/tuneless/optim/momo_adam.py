@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import cache_blocks, total_dots, total_dot_loop
-from .base import TunelessOptimizer, finite_or_zero, local_tensor
+from .base import TunelessOptimizer, finite_or_zero, local_tensor, lr_in
 
 __all__ = ["MomoAdam"]
 
@@ -133,7 +133,7 @@ class MomoAdam(TunelessOptimizer):
                  lower_bound: float = 0.0, estimate_lower_bound: bool = False,
                  foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "cap", cap, 0.0, None, inclusive="()", recommended=DEFAULT_CAP)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
@@ -222,7 +222,7 @@ class MomoAdam(TunelessOptimizer):
                 continue
             xs = [local_tensor(p) for p in params]
             ms, vs = (list(t) for t in zip(*(self._buffers(p) for p in params)))
-            eta = group["lr"] * group["cap"]
+            eta = lr_in(group["lr"], dtype) * group["cap"]
             fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
             fn(xs, ms, vs, tau=tau, bias_correction2=1.0 - group["betas"][1] ** k, eps=group["eps"],
                shrink=1.0 + eta * group["weight_decay"])
@@ -237,7 +237,7 @@ def momo_adam_step_size(group: dict[str, Any], k: int, loss_avg: Tensor, gamma: 
                         m_sq: Tensor, ok_loss: Tensor) -> tuple[Tensor, Tensor]:
     """The group's tau_k (the step along m / D) and rho_k tau_k (along m_hat / D, published);
     updates the group's lower-bound estimate when it is learned. See :class:`MomoAdam`."""
-    eta = group["lr"] * group["cap"]
+    eta = lr_in(group["lr"], gamma.dtype) * group["cap"]
     rho = 1.0 - group["betas"][0] ** k
     scale = 1.0 + eta * group["weight_decay"]
     ell0 = group["lower_bound"]
@@ -286,7 +286,7 @@ def _single_tensor_apply(xs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *
     for x, m, v_ in zip(xs, ms, vs):
         denom = (v_ / bias_correction2).sqrt_().add_(representable_eps(eps, v_.dtype))
         x.sub_((m / denom).mul_(tau.to(x.dtype)))
-        if shrink != 1.0:
+        if isinstance(shrink, Tensor) or shrink != 1.0:  # (a tensor lr: never read on the host)
             x.div_(shrink)
 
 
@@ -322,5 +322,5 @@ def _multi_tensor_apply(xs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *,
         torch._foreach_add_(denom, representable_eps(eps, v_[0].dtype))
         u = torch._foreach_div(m, denom)
         torch._foreach_addcmul_(x, u, [-tau.to(x[0].dtype)] * len(x))
-        if shrink != 1.0:
+        if isinstance(shrink, Tensor) or shrink != 1.0:  # (a tensor lr: never read on the host)
             torch._foreach_div_(x, shrink)

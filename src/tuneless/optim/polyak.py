@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import add_scaled_, total_dot_loop, total_dots, total_sum_of_squares, total_sum_of_squares_loop
-from .base import TunelessOptimizer, finite_or_zero, local_tensor
+from .base import TunelessOptimizer, finite_or_zero, local_tensor, lr_in
 
 __all__ = ["Polyak", "SPS", "SPSMax", "Momo", "MomoStar"]
 
@@ -120,10 +120,12 @@ def _multi_tensor_ema_(avgs: list[Tensor], values: list[Tensor], keep: Tensor) -
     add_scaled_(avgs, values, (1 - keep).to(avgs[0].dtype))
 
 
-def _check_common(owner: str, lr: Any, f_star: Any, max_step: Any) -> None:
-    v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+def _check_common(owner: str, lr: Any, f_star: Any, max_step: Any) -> Any:
+    """Check lr, f_star and max_step; returns lr (a one-element tensor as a 0-d view)."""
+    lr = v.check_lr(owner, lr, recommended=1.0)
     v.check_range(owner, "f_star", f_star, recommended=0.0)
     v.check_optional_range(owner, "max_step", max_step, 0.0, None, inclusive="()")
+    return lr
 
 
 class Polyak(_PolyakBase):
@@ -163,7 +165,7 @@ class Polyak(_PolyakBase):
 
     def __init__(self, params: Any, lr: float = 1.0, *, f_star: float = 0.0, max_step: float | None = None,
                  foreach: bool | None = None) -> None:
-        _check_common("Polyak", lr, f_star, max_step)
+        lr = _check_common("Polyak", lr, f_star, max_step)
         super().__init__(params, dict(lr=lr, f_star=float(f_star), c=1.0, max_step=max_step, foreach=foreach))
 
 
@@ -193,7 +195,7 @@ class SPS(_PolyakBase):
     def __init__(self, params: Any, lr: float = 1.0, *, c: float = 0.5, f_star: float = 0.0,
                  max_step: float | None = None, foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        _check_common(owner, lr, f_star, max_step)
+        lr = _check_common(owner, lr, f_star, max_step)
         v.check_range(owner, "c", c, 0.0, None, inclusive="()", recommended=0.5)
         super().__init__(params, dict(lr=lr, f_star=float(f_star), c=float(c), max_step=max_step, foreach=foreach))
 
@@ -262,7 +264,7 @@ class Momo(TunelessOptimizer):
                  estimate_lower_bound: bool = False, weight_decay: float = 0.0,
                  foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "beta", beta, 0.0, 1.0, inclusive="[)", recommended=0.9)
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
         v.check_bool(owner, "estimate_lower_bound", estimate_lower_bound)
@@ -315,7 +317,7 @@ class Momo(TunelessOptimizer):
         for group, keep, (params, _) in zip(self.param_groups, keeps, per_group):
             group["loss_avg"] = keep * group["loss_avg"] + (1 - keep) * safe_loss
             group["grad_dot_x_avg"] = keep * group["grad_dot_x_avg"] + (1 - keep) * g_dot_x
-            lr, wd, lb0 = group["lr"], group["weight_decay"], group["lower_bound"]
+            lr, wd, lb0 = lr_in(group["lr"], dtype), group["weight_decay"], group["lower_bound"]
             scale = 1.0 + lr * wd
             loss_avg, gx_avg = group["loss_avg"], group["grad_dot_x_avg"]
             ell = group["f_star_estimate"]

@@ -27,7 +27,7 @@ from ..errors import InvalidArgumentError
 from ._batched import (Scratch, _sum_stacked, add_scaled_, coefficient, coefficient_dtype, cpu_paths, total_abs_sum,
                        total_dot)
 from ._fused import FusedKernel
-from .base import TunelessOptimizer, local_tensor
+from .base import TunelessOptimizer, local_tensor, lr_in, lr_is_zero
 
 __all__ = ["Prodigy"]
 
@@ -295,7 +295,7 @@ class Prodigy(TunelessOptimizer):
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
             self._rescale_idle_moments(group, moment_ratio)
-            lr = group["lr"]
+            lr = lr_in(group["lr"], dtype)  # a tensor lr in the statistics' dtype: rounded as a number is
             step_size = d * (lr * bias_correction)  # eta_k for this group
             if not params:
                 work.append((group, None, step_size, None))
@@ -316,7 +316,7 @@ class Prodigy(TunelessOptimizer):
             if self._fused(group):
                 first_pass, extra = _fused_prodigy_estimate, {}
             dot, l1 = first_pass(buffers, beta3=beta3, m_coef=m_coef, one_minus_beta1=1 - beta1, v_coef=v_coef,
-                                 one_minus_beta2=1 - beta2, s_weight=s_weight, with_numerator=lr != 0,
+                                 one_minus_beta2=1 - beta2, s_weight=s_weight, with_numerator=not lr_is_zero(lr),
                                  dtype=dtype, device=device, **extra)
             partials.append(torch.stack([(d_ratio * step_size) * dot, l1]))
             work.append((group, buffers, step_size, s_weight))
@@ -341,10 +341,10 @@ class Prodigy(TunelessOptimizer):
                 _fused_prodigy_step(buffers, s_weight=s_weight, beta3=beta3, step_size=step_size,
                                     growth=growth, eps=group["eps"], decay=decay, m_coef=m_coef,
                                     one_minus_beta1=1 - beta1, v_coef=v_coef, one_minus_beta2=1 - beta2,
-                                    move=group["lr"] != 0)
+                                    move=not lr_is_zero(group["lr"]))
                 continue
-            if group["lr"] == 0 or buffers is None:
-                continue  # lr = 0: the group does not move
+            if lr_is_zero(group["lr"]) or buffers is None:
+                continue  # lr = 0: the group does not move (a tensor lr: a step of size 0)
             second_pass = _multi_tensor_prodigy_step if self._use_foreach(group) else _single_tensor_prodigy_step
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
             second_pass(buffers, step_size=step_size, growth=growth, eps=group["eps"], decay=decay, **extra)
@@ -378,7 +378,7 @@ class Prodigy(TunelessOptimizer):
 
 
 def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
-    v.check_range(owner, "lr", h["lr"], 0.0, None, inclusive="[)", recommended=1.0)
+    h["lr"] = v.check_lr(owner, h["lr"], recommended=1.0)
     v.check_betas(owner, "betas", h["betas"], recommended=(0.9, 0.999))
     v.check_range(owner, "beta3", h["beta3"], 0.0, 1.0, inclusive="[)")
     v.check_range(owner, "eps", h["eps"], 0.0, None, inclusive="()", recommended=1e-8)

@@ -61,7 +61,7 @@ from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
 from ._batched import cache_blocks, coefficient_dtype, host_coefficients
 from ._fused import FusedKernel
-from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor
+from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor, lr_in, lr_is_zero, lr_moves
 
 __all__ = ["ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFree", "ScheduleFreeProdigy",
            "recompute_batchnorm_statistics"]
@@ -241,6 +241,7 @@ def _single_tensor_schedule_free(
     y <- lerp(y, z, c) + lr (beta (1 - c) - 1) u (which is y_{t+1} = (1-beta) z_{t+1} + beta x_{t+1}
     without forming x) and z <- z - lr u.
     """
+    a = lr * (beta * (1.0 - ckp1) - 1.0)
     for i, (y, g, z) in enumerate(zip(ys, grads, zs)):
         if exp_avg_sqs is not None:
             v_ = exp_avg_sqs[i]
@@ -250,8 +251,14 @@ def _single_tensor_schedule_free(
             u = g
         if weight_decay != 0.0:
             u = u.add(y, alpha=weight_decay)  # decay computed at y (a new tensor: g is never modified)
+        if isinstance(lr, Tensor):  # a tensor lr: lr, c and a are 0-d tensors, never read on the host
+            cd = coefficient_dtype(y)
+            y.copy_(torch.lerp(y.to(cd), z.to(cd), ckp1.to(cd)))
+            y.addcmul_(u, a.to(cd))
+            z.addcmul_(u, (-lr).to(cd))
+            continue
         y.lerp_(z, ckp1)
-        y.add_(u, alpha=lr * (beta * (1.0 - ckp1) - 1.0))
+        y.add_(u, alpha=a)
         z.sub_(u, alpha=lr)
 
 
@@ -293,7 +300,9 @@ def _fused_schedule_free(
         return
     like = ys[0]
     cd = coefficient_dtype(like)
-    coefs = host_coefficients(like, ckp1, lr * (beta * (1.0 - ckp1) - 1.0), lr, bias_correction2)
+    a = lr * (beta * (1.0 - ckp1) - 1.0)
+    coefs = (host_coefficients(like, ckp1, a, lr, bias_correction2) if not isinstance(lr, Tensor) else
+             [torch.zeros(1, dtype=cd, device=like.device).add_(c) for c in (ckp1, a, lr, bias_correction2)])
     adaptive = exp_avg_sqs is not None
     lists = [ys, grads, zs] + ([exp_avg_sqs] if adaptive else [])
     _SF_KERNELS[adaptive](lists, (*coefs, weight_decay, beta2, eps, adaptive), sum_dtype=cd, device=like.device)
@@ -313,6 +322,10 @@ def _multi_tensor_schedule_free(
     """
     lists = [ys, grads, zs] + ([exp_avg_sqs] if exp_avg_sqs is not None else [])
     a = lr * (beta * (1.0 - ckp1) - 1.0)
+    if isinstance(lr, Tensor):
+        _multi_tensor_schedule_free_tensor_lr(lists, lr=lr, a=a, ckp1=ckp1, weight_decay=weight_decay, beta2=beta2,
+                                              bias_correction2=bias_correction2, eps=eps)
+        return
     for y, g, z, *rest in cache_blocks(*lists):
         if exp_avg_sqs is not None:
             v_ = rest[0]
@@ -335,6 +348,31 @@ def _multi_tensor_schedule_free(
             torch._foreach_add_(z, g, alpha=-lr)
 
 
+def _multi_tensor_schedule_free_tensor_lr(lists: list[list[Tensor]], *, lr: Tensor, a: Tensor, ckp1: Tensor,
+                                          weight_decay: float, beta2: float, bias_correction2: float,
+                                          eps: float) -> None:
+    """:func:`_multi_tensor_schedule_free` with a tensor lr: lr, c and a are 0-d tensors (never
+    read on the host), so they enter as tensor operands, not as ``alpha=`` numbers."""
+    for y, g, z, *rest in cache_blocks(*lists):
+        cd = coefficient_dtype(y[0])
+        n = len(y)
+        if rest:
+            v_ = rest[0]
+            torch._foreach_mul_(v_, beta2)
+            torch._foreach_addcmul_(v_, g, g, value=1.0 - beta2)
+            denom = torch._foreach_div(v_, bias_correction2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            u = torch._foreach_div(g, denom)
+        else:
+            u = list(g)
+        if weight_decay != 0.0:
+            u = torch._foreach_add(u, y, alpha=weight_decay)  # decay at y (new tensors)
+        torch._foreach_lerp_(y, z, [ckp1.to(cd)] * n)
+        torch._foreach_addcmul_(y, u, [a.to(cd)] * n)
+        torch._foreach_addcmul_(z, u, [(-lr).to(cd)] * n)
+
+
 class _ScheduleFreeOptimizer(_ScheduleFreeBase):
     """Shared step of Schedule-Free SGD and AdamW: host-side schedule, then the tensor update."""
 
@@ -348,16 +386,25 @@ class _ScheduleFreeOptimizer(_ScheduleFreeBase):
             # The schedule is known on the host (no device value is read): warmup, averaging weight.
             k = group["k"]
             warmup = group["warmup_steps"]
-            lr = group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
+            # A tensor lr (never read on the host) takes the same arithmetic in float64 tensors
+            # where it is (the CPU for torch.tensor(...)); its lr = 0 gives c = 0: frozen too.
+            lr = lr_in(group["lr"], torch.float64) * ((k + 1) / warmup if k < warmup else 1.0)
             group["k"] = k + 1
             group["scheduled_lr"] = lr
-            self._publish_step_size(group, torch.full((), lr, dtype=dtype, device=device))
-            if lr == 0:
+            self._publish_step_size(group, torch.zeros((), dtype=dtype, device=device).add_(lr) if
+                                    isinstance(lr, Tensor) else torch.full((), lr, dtype=dtype, device=device))
+            if lr_is_zero(lr):
                 continue  # lr = 0 freezes the group: neither z nor the average x moves
-            lr_max = group["lr_max"] = max(lr, group["lr_max"])
-            weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
-            weight_sum = group["weight_sum"] = group["weight_sum"] + weight
-            ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+            if isinstance(lr, Tensor):
+                lr_max = group["lr_max"] = torch.maximum(lr, torch.as_tensor(group["lr_max"], dtype=lr.dtype))
+                weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"]) * lr_moves(lr, lr)
+                weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+                ckp1 = torch.where(weight_sum != 0, weight / torch.where(weight_sum != 0, weight_sum, 1.0), 0.0)
+            else:
+                lr_max = group["lr_max"] = max(lr, group["lr_max"])
+                weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+                weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+                ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
             if not params:
                 continue
             zs, vs = self._init_state(params)
@@ -453,13 +500,15 @@ class ScheduleFreeSGD(_ScheduleFreeOptimizer):
     """
 
     registry_name = "sf_sgd"
+    #: elementwise (no norm, no dot product): a complex parameter trains as its real view
+    supports_complex = True
     learning_rate_free = False
 
     def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
                  foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "momentum", momentum, 0.0, 1.0, inclusive="()", recommended=0.9)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         _check_schedule(owner, warmup_steps, r, weight_lr_power, foreach)
@@ -521,7 +570,7 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, foreach: bool | None = None, fused: bool = False) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=0.0025)
+        lr = v.check_lr(owner, lr, recommended=0.0025)
         betas = _check_betas(owner, betas, recommended=(0.9, 0.999))
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
@@ -626,6 +675,8 @@ class ScheduleFree(_ScheduleFreeBase):
         v.check_bool(owner, "fused", fused)
         # Set up the torch.optim.Optimizer machinery without creating param groups of our own:
         # the groups are the base's (see the param_groups property).
+        for i, group in enumerate(base.param_groups):
+            self._refuse_complex(group["params"], before=sum(len(g["params"]) for g in base.param_groups[:i]))
         self.base = base
         #: True when the base takes its step size from the loss: then so does the wrapper.
         self.requires_loss = bool(getattr(base, "requires_loss", False))
@@ -663,6 +714,9 @@ class ScheduleFree(_ScheduleFreeBase):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         mode = self.training
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self._refuse_complex(param_group["params"])
         self.base.add_param_group(param_group)
         self._init_group(self.param_groups[-1], mode)
 
@@ -682,11 +736,12 @@ class ScheduleFree(_ScheduleFreeBase):
         """The base's step size: lr * group['d'] where the group has a learned d (the reference's
         rule: D-Adaptation, Prodigy), else a tuneless base's published effective_lr (0 before
         its first step), else lr."""
+        lr = lr_in(group["lr"], self._stat_dtype())  # a tensor lr: rounded as a number is
         if "d" in group:
-            return group["lr"] * group["d"]
+            return lr * group["d"]
         if isinstance(self.base, TunelessOptimizer):
             return group.get(STEP_SIZE_KEY, 0.0)
-        return group["lr"]
+        return lr
 
     @staticmethod
     def _frozen(group: dict[str, Any]) -> bool:
@@ -777,6 +832,8 @@ class ScheduleFree(_ScheduleFreeBase):
         lr_max = group.get("sf_lr_max")
         lr_max = gamma if lr_max is None else torch.maximum(lr_max.to(gamma), gamma)
         weight = ((k + 1) ** group["sf_r"]) * lr_max ** group["sf_weight_lr_power"]
+        if isinstance(group["lr"], Tensor):  # a tensor lr of 0 freezes the group, as lr = 0 does: c = 0
+            weight = weight * lr_moves(group["lr"], weight)
         weight_sum = group.get("sf_weight_sum")
         weight_sum = weight if weight_sum is None else weight_sum.to(weight) + weight
         group["sf_lr_max"], group["sf_weight_sum"] = lr_max, weight_sum
@@ -988,7 +1045,7 @@ class ScheduleFreeProdigy(ScheduleFree):
                  r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
                  fused: bool = False) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_bool(owner, "fused", fused)
         betas = _check_betas(owner, betas, recommended=(0.9, 0.99))
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import cache_blocks, total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
-from .base import finite_or_zero, local_tensor
+from .base import finite_or_zero, local_tensor, lr_in, lr_is_zero, lr_moves
 from .momo_adam import representable_eps
 from .schedule_free import MODE_KEY, _ScheduleFreeBase
 
@@ -148,7 +148,7 @@ class ScheduleFreePlus(_ScheduleFreeBase):
                  polyak_beta: float = 0.0, c_warmup: int = 0, sf_beta1_anneal_steps: int = 0,
                  sf_beta1_max: float = 0.965, weight_lr_power: float = 2.0, foreach: bool | None = None) -> None:
         owner = type(self).__name__
-        v.check_range(owner, "lr", lr, 0.0, None, inclusive="[)", recommended=1.0)
+        lr = v.check_lr(owner, lr, recommended=1.0)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.95))
         v.check_range(owner, "sf_beta1", sf_beta1, 0.0, 1.0, inclusive="()", recommended=0.9)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
@@ -241,10 +241,14 @@ class ScheduleFreePlus(_ScheduleFreeBase):
             group["grad_l1_ema"] = l1_ema
             k = group["k"]
             group["k"] = k + 1
-            if group["lr"] == 0:  # lr = 0 freezes the group: neither z nor the average x moves
+            if lr_is_zero(group["lr"]):  # lr = 0 freezes the group: neither z nor the average x moves
                 self._publish_step_size(group, torch.zeros_like(polyak))
                 continue
-            step_size = max(group["lr"], group["eps"]) * polyak
+            if isinstance(group["lr"], Tensor):  # never read on the host; a tensor lr of 0: step 0, weight 0
+                moves = lr_moves(group["lr"], polyak)
+                step_size = torch.clamp(lr_in(group["lr"], polyak.dtype), min=group["eps"]) * polyak * moves
+            else:
+                moves, step_size = None, max(group["lr"], group["eps"]) * polyak
             self._publish_step_size(group, step_size)
             lr_max = group["lr_max"] = torch.maximum(step_size, group["lr_max"])
             if k < group["c_warmup"]:
@@ -252,6 +256,8 @@ class ScheduleFreePlus(_ScheduleFreeBase):
             else:
                 weight_sum = group["weight_sum"]
                 weight = (k + 1) ** group["r"] * lr_max.to(weight_sum.dtype) ** group["weight_lr_power"]
+                if moves is not None:
+                    weight = weight * moves.to(weight.dtype)
                 weight_sum = group["weight_sum"] = weight_sum + weight
                 average_weight = torch.where(weight_sum > 0, weight / torch.where(weight_sum > 0, weight_sum,
                                                                                   torch.ones_like(weight_sum)),
