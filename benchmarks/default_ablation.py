@@ -87,7 +87,7 @@ def render(db: Path, problems: list[str], labels: dict[str, str]) -> str:
     from tuneless.bench.store import ResultStore
 
     with ResultStore(db, create=False) as store:
-        records = [r for r in store.records(curves=True) if r.problem in problems]
+        records = [r for r in store.records(curves=True) if r.problem.split(":")[0] in problems]
     results = compute_results(records, methods=list(labels))
     lines = ["| variant | spec | gap (geo-mean) | within 1.1x | within 2x | diverged | failed |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -102,7 +102,8 @@ def render(db: Path, problems: list[str], labels: dict[str, str]) -> str:
 #: the robustness conditions: (label, scale, shift) of the loss the optimizer sees
 LOSS_TRANSFORMS: tuple[tuple[str, float, float], ...] = (("x1e-3", 1e-3, 0.0), ("x1e3", 1e3, 0.0), ("+1", 1.0, 1.0))
 #: the methods of the robustness table: the default and the loss-based anchors (and Prodigy, which reads no loss)
-ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus", "prodigy")
+ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus", "prodigy",
+                                       f"{_SF_VARIANT}:r=8.0,step_rule='polyak'")
 
 
 def robustness(db: Path, workers: int | None, render_only: bool) -> str:
@@ -118,7 +119,10 @@ def robustness(db: Path, workers: int | None, render_only: bool) -> str:
     from tuneless.bench.suite import PRESETS, Task
     from tuneless.registry import available
 
-    methods = [m for m in ROBUSTNESS_METHODS if m in set(available())]
+    from tuneless.bench.suite import canonical_spec
+
+    names = set(available())
+    methods = [canonical_spec(m) for m in ROBUSTNESS_METHODS if m in names or "." in m.split(":")[0]]
     problems = PRESETS["quick"][0]
     if not render_only:
         cmd = [sys.executable, "-m", "tuneless.cli", "bench", "quick", "--optimizers", *methods, "--db", str(db),
