@@ -57,6 +57,8 @@ class Transformed(Problem):
     description = "another problem whose loss, as the optimizer sees it, is scale * loss + shift (robustness checks)"
     #: not in any preset (``full`` runs the registered problems themselves)
     in_presets = False
+    #: neither analytic nor learning until built: an instance takes its inner problem's kind
+    kind = "wrapper"
 
     def __init__(self, problem: str = "rosenbrock", scale: float = 1.0, shift: float = 0.0) -> None:
         from . import get_problem
