@@ -13,6 +13,8 @@ once the design is frozen, and are reported in a table of their own.
     python benchmarks/default_ablation.py --robustness       # the loss seen by the optimizer x1e-3, x1e3, +1
     python benchmarks/default_ablation.py --render --db benchmarks/results/default-design.sqlite
                                                              # the tables of docs/default.md, from the stored runs
+    python benchmarks/default_ablation.py --headline benchmarks/results/default-design.sqlite \
+        benchmarks/results/default-heldout.sqlite          # the README's table
 
 The store (``out/default-ablation.sqlite`` by default) is resumable: an interrupted run
 continues where it stopped, and runs already stored (the oracle's included) are reused.
@@ -21,6 +23,7 @@ continues where it stopped, and runs already stored (the oracle's included) are 
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +171,34 @@ def robustness(db: Path, workers: int | None, render_only: bool) -> str:
     return "\n".join(lines)
 
 
+def headline(design_db: Path, held_out_db: Path) -> str:
+    """The README's table: the default and the anchors on the design and the held-out problems,
+    each set scored with its own oracle runs (one store each), then both together."""
+    from tuneless.bench import compute_results
+    from tuneless.bench.store import ResultStore
+
+    methods = ["tuneless"] + _anchors()
+    summaries = {}
+    for name, db, problems in (("design", design_db, DESIGN_PROBLEMS), ("held-out", held_out_db, HELD_OUT_PROBLEMS)):
+        with ResultStore(db, create=False) as store:
+            records = [r for r in store.records(curves=True) if r.problem.split(":")[0] in problems]
+        summaries[name] = {sm.method: sm for sm in compute_results(records, methods=methods).summaries}
+    lines = ["| method | within 1.1x: design | held-out | all | within 2x: all | diverged runs | gap (geo-mean, all) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
+    for m in methods:
+        d, h = summaries["design"].get(m), summaries["held-out"].get(m)
+        if d is None or h is None or not h.problems:
+            continue
+        n = d.problems + h.problems
+        geo = math.exp((d.problems * math.log(d.geo_gap) + h.problems * math.log(h.geo_gap)) / n)
+        rows.append((d.within_1_1 + h.within_1_1, -geo, f"| {m} | {d.within_1_1}/{d.problems} | {h.within_1_1}/{h.problems} | "
+                     f"{d.within_1_1 + h.within_1_1}/{n} | {d.within_2 + h.within_2}/{n} | "
+                     f"{d.diverged + h.diverged} | {geo:.2f}x |"))
+    lines += [r[2] for r in sorted(rows, reverse=True)]
+    return "\n".join(lines)
+
+
 def export(db: Path, path: Path) -> None:
     """A copy of the store small enough to keep in the repository: every run and its evaluation
     curves, without the per-step loss and step-size curves (the tables here do not use them)."""
@@ -198,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, default=None,
                         help="write a slim copy of the store (no per-step curves) to this path, e.g. under "
                              "benchmarks/results/, and render from it with --render --db PATH")
+    parser.add_argument("--headline", nargs=2, type=Path, metavar=("DESIGN_DB", "HELD_OUT_DB"), default=None,
+                        help="print the README's table from a design-set store and a held-out store")
     args = parser.parse_args(argv)
+    if args.headline is not None:
+        print(headline(*args.headline))
+        return 0
     if args.export is not None:
         export(args.db, args.export)
         return 0
