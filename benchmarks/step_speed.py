@@ -199,6 +199,10 @@ BOUND_BYTES: tuple[BoundEntry, ...] = (
                lambda o: _wrapper_base_bytes(o)[0] + 8.0,
                "derived: base optimizer (stepping z) plus one more read and write of a parameter-sized buffer",
                wrapper=True),
+    BoundEntry(("tuneless",), lambda o: 52.0,
+               "derived: its step needs global sums before the update, so two passes over z (the parameters "
+               "while stepping): statistics read g, z, x0, v, s and write v, s (28); the update reads z, g, v and "
+               "writes z (16); Schedule-Free's swap reads and writes one more buffer (8)"),
     BoundEntry(("sgdhd", "hdsgd", "hypergradientsgd", "sgdhypergradient"),
                lambda o: 24.0 + 8.0 * bool(_d(o, "momentum", 0)),
                "derived: read g, previous g for <g, g_prev> (8); read p, g, write p, g_prev (16); +8 with momentum"),
