@@ -110,10 +110,7 @@ class TunelessStep(TunelessOptimizer):
               foreach: bool | None, step_rule: str, combine: str, start: str) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            v.fail(owner, "betas", betas, "a pair (beta1, beta2) with 0 <= beta < 1", (0.9, 0.999))
-        for i, b in enumerate(betas):
-            v.check_range(owner, f"betas[{i}]", b, 0.0, 1.0, inclusive="[)", recommended=(0.9, 0.999)[i])
+        betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
@@ -180,16 +177,20 @@ class TunelessStep(TunelessOptimizer):
         d = first["distance"]
         weight = torch.where(d > 0, d * d, torch.ones_like(d))  # d_k^2 (1 at the first step, rescaled below)
 
+        # Each group's local tensors and buffers, gathered once for both passes (m is None when
+        # beta1 = 0: the gradient itself).
+        tensors = []
+        for params, grads in per_group:
+            bufs = [self._buffers(p, beta1 > 0) for p in params]
+            ms, vs, ss, x0s = (list(t) for t in zip(*bufs)) if bufs else ([], [], [], [])
+            tensors.append(([local_tensor(p) for p in params], grads, ms if beta1 > 0 else None, vs, ss, x0s))
+
         # 1. Moments, the weighted gradient sum, and the five sums:
         #    <g, x>, <g, x0 - x>, <m_hat, x>, ||m_hat||^2_{D^-1}, ||s||_1 (before rescaling).
         stats = torch.zeros(5, dtype=dtype, device=device)
-        for group, (params, grads) in zip(self.param_groups, per_group):
-            if not params:
+        for group, (xs, grads, ms, vs, ss, x0s) in zip(self.param_groups, tensors):
+            if not xs:
                 continue
-            bufs = [self._buffers(p, beta1 > 0) for p in params]
-            xs = [local_tensor(p) for p in params]
-            ms, vs, ss, x0s = (list(t) for t in zip(*bufs))
-            ms = ms if beta1 > 0 else None
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
             stats = stats + fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=eps,
                                weight=weight, dtype=dtype, device=device)
@@ -218,7 +219,7 @@ class TunelessStep(TunelessOptimizer):
                             torch.zeros_like(s_l1))
         new_d = torch.maximum(d, torch.where(torch.isfinite(d_hat), d_hat, torch.zeros_like(d_hat)))
 
-        for group, (params, grads) in zip(self.param_groups, per_group):
+        for group, (xs, grads, ms, vs, ss, _) in zip(self.param_groups, tensors):
             tau = torch.where(m_sq > 0, torch.clamp(model - group["lower_bound"], min=0.0) / safe_m_sq,
                               torch.zeros_like(m_sq))
             if self._step_rule == "polyak":
@@ -237,12 +238,9 @@ class TunelessStep(TunelessOptimizer):
             group["distance_numerator"] = torch.where(ok_loss, numerator, group["distance_numerator"])
             group["loss_avg"] = torch.where(ok_loss, loss_avg, group["loss_avg"])
             group["grad_dot_x_avg"] = torch.where(ok_loss, gx_avg, group["grad_dot_x_avg"])
-            if not params:
+            if not xs:
                 continue
-            bufs = [self._buffers(p, beta1 > 0) for p in params]
-            xs = [local_tensor(p) for p in params]
-            ms, vs, ss, _ = (list(t) for t in zip(*bufs))
-            ms = ms if beta1 > 0 else [g.to(x.dtype) for g, x in zip(grads, xs)]
+            ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]
             fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
             fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=bc1, bc2=bc2, eps=eps,
                weight_decay=group["weight_decay"])
