@@ -188,12 +188,14 @@ class TunelessStep(TunelessOptimizer):
         # 1. Moments, the weighted gradient sum, and the five sums:
         #    <g, x>, <g, x0 - x>, <m_hat, x>, ||m_hat||^2_{D^-1}, ||s||_1 (before rescaling).
         stats = torch.zeros(5, dtype=dtype, device=device)
-        for group, (xs, grads, ms, vs, ss, x0s) in zip(self.param_groups, tensors):
+        denoms: list[list[Tensor] | None] = [None] * len(tensors)  # the vectorized sqrt(v_hat) + eps, reused below
+        for i, (group, (xs, grads, ms, vs, ss, x0s)) in enumerate(zip(self.param_groups, tensors)):
             if not xs:
                 continue
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
-            stats = stats + fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=eps,
-                               weight=weight, dtype=dtype, device=device)
+            sums, denoms[i] = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2,
+                                 eps=eps, weight=weight, dtype=dtype, device=device)
+            stats = stats + sums
         g_dot_x, g_dot_x0_minus_x, m_dot_x, m_sq, s_l1 = self._global_sum(stats).unbind(0)
 
         # 2. The scalars: the model h_k, the Polyak step, the distance, the step size.
@@ -219,7 +221,7 @@ class TunelessStep(TunelessOptimizer):
                             torch.zeros_like(s_l1))
         new_d = torch.maximum(d, torch.where(torch.isfinite(d_hat), d_hat, torch.zeros_like(d_hat)))
 
-        for group, (xs, grads, ms, vs, ss, _) in zip(self.param_groups, tensors):
+        for i, (group, (xs, grads, ms, vs, ss, _)) in enumerate(zip(self.param_groups, tensors)):
             tau = torch.where(m_sq > 0, torch.clamp(model - group["lower_bound"], min=0.0) / safe_m_sq,
                               torch.zeros_like(m_sq))
             if self._step_rule == "polyak":
@@ -243,7 +245,7 @@ class TunelessStep(TunelessOptimizer):
             ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]
             fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
             fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=bc1, bc2=bc2, eps=eps,
-               weight_decay=group["weight_decay"])
+               weight_decay=group["weight_decay"], denoms=denoms[i])
 
     @property
     def distances(self) -> list[Tensor]:
@@ -368,9 +370,9 @@ class TunelessScheduleFreeVariant(ScheduleFree):
 
 
 def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                              device) -> Tensor:
-    """Update m, v and s of each tensor; return this part's five sums (see ``TunelessStep._update``).
-    ``ms`` is None when beta1 = 0 (m is the gradient)."""
+                              device) -> tuple[Tensor, None]:
+    """Update m, v and s of each tensor; return this part's five sums (see ``TunelessStep._update``),
+    and None (the update recomputes each denominator). ``ms`` is None when beta1 = 0 (m is the gradient)."""
     sqrt_b2 = math.sqrt(beta2)
     sums = torch.zeros(5, dtype=dtype, device=device)
     for i, (x, g, v_, s, x0) in enumerate(zip(xs, grads, vs, ss, x0s)):
@@ -392,10 +394,10 @@ def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, 
             (m64 * m64 / denom.to(dtype)).sum(),
             s.to(dtype).abs().sum(),
         ])
-    return sums
+    return sums, None
 
 
-def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay) -> None:
+def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay, denoms=None) -> None:
     """x <- x - eta (m_hat / (sqrt(v_hat) + eps) + wd x); at the first step s is rescaled to d_1^2."""
     for x, m, v_, s in zip(xs, ms, vs, ss):
         if rescale is not None:
@@ -411,8 +413,9 @@ def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_
 
 
 def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                             device) -> Tensor:
-    """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site)."""
+                             device) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site); also
+    returns the denominators sqrt(v_hat) + eps, which the update reuses (v does not change between)."""
     sqrt_b2 = math.sqrt(beta2)
     grads = [g.to(v.dtype) for g, v in zip(grads, vs)]
     if ms is None:
@@ -435,15 +438,14 @@ def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, b
         total_dot(m_hat, xs, dtype, device),
         total_dot(m_hat, u, dtype, device),
         total_abs_sum(ss, dtype, device),
-    ])
+    ]), denom
 
 
-def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay) -> None:
+def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay, denoms) -> None:
+    """:func:`_single_tensor_apply` with ``torch._foreach_*``, with the statistics pass's denominators."""
     if rescale is not None:
         torch._foreach_mul_(ss, rescale.to(ss[0].dtype))
-    denom = torch._foreach_div(vs, bc2)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
+    denom = denoms
     e = eta.to(xs[0].dtype)
     if weight_decay:
         torch._foreach_mul_(xs, 1 - e * weight_decay)

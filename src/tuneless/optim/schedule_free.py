@@ -328,12 +328,7 @@ def _multi_tensor_schedule_free(
         return
     for y, g, z, *rest in cache_blocks(*lists):
         if exp_avg_sqs is not None:
-            v_ = rest[0]
-            torch._foreach_mul_(v_, beta2)
-            torch._foreach_addcmul_(v_, g, g, value=1.0 - beta2)
-            denom = torch._foreach_div(v_, bias_correction2)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
+            denom = _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps)
         if weight_decay != 0.0:
             torch._foreach_add_(z, y, alpha=-lr * weight_decay)
             torch._foreach_mul_(y, 1.0 - ckp1 + (a + ckp1 * lr) * weight_decay)
@@ -348,6 +343,17 @@ def _multi_tensor_schedule_free(
             torch._foreach_add_(z, g, alpha=-lr)
 
 
+def _multi_tensor_second_moment_(exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float,
+                                 bias_correction2: float, eps: float) -> list[Tensor]:
+    """v <- beta2 v + (1 - beta2) g^2 in place; returns the new list sqrt(v / bias_correction2) + eps."""
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
 def _multi_tensor_schedule_free_tensor_lr(lists: list[list[Tensor]], *, lr: Tensor, a: Tensor, ckp1: Tensor,
                                           weight_decay: float, beta2: float, bias_correction2: float,
                                           eps: float) -> None:
@@ -357,13 +363,7 @@ def _multi_tensor_schedule_free_tensor_lr(lists: list[list[Tensor]], *, lr: Tens
         cd = coefficient_dtype(y[0])
         n = len(y)
         if rest:
-            v_ = rest[0]
-            torch._foreach_mul_(v_, beta2)
-            torch._foreach_addcmul_(v_, g, g, value=1.0 - beta2)
-            denom = torch._foreach_div(v_, bias_correction2)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
-            u = torch._foreach_div(g, denom)
+            u = torch._foreach_div(g, _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps))
         else:
             u = list(g)
         if weight_decay != 0.0:
