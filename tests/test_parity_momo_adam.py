@@ -24,31 +24,12 @@ import torch
 
 momo = pytest.importorskip("momo", reason="test-only dependency momo-opt==0.1.0")
 
+from tests.separable import SeparableLogistic  # noqa: E402
 from tuneless import MomoAdam  # noqa: E402
 
 STEPS = 200
 RTOL = 1e-10
 DT = torch.float64
-
-
-class SeparableLogistic:
-    """Cross-entropy of a linear 3-class classifier on separable data; three tensors."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.wa = torch.nn.Parameter(1e-3 * torch.randn(3, 4, generator=g, dtype=DT))
-        self.wb = torch.nn.Parameter(1e-3 * torch.randn(3, 5, generator=g, dtype=DT))
-        self.b = torch.nn.Parameter(torch.zeros(3, dtype=DT))
-        self.x = torch.randn(48, 9, generator=g, dtype=DT)
-        self.y = (self.x @ torch.randn(3, 9, generator=g, dtype=DT).T).argmax(1)  # separable
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [self.wa, self.wb, self.b]
-
-    def loss(self) -> torch.Tensor:
-        z = self.x[:, :4] @ self.wa.T + self.x[:, 4:] @ self.wb.T + self.b
-        return torch.nn.functional.cross_entropy(z, self.y)
 
 
 def reference(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.Optimizer:

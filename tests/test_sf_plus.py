@@ -19,6 +19,8 @@ import math
 import pytest
 import torch
 
+from tests.separable import SeparableLogistic as _SeparableLogistic
+
 import tuneless
 from tuneless import LossRequiredError, ScheduleFreePlus, WrongModeError
 
@@ -27,31 +29,9 @@ RTOL = 1e-10
 DT = torch.float64
 
 
-class SeparableLogistic:
-    """Cross-entropy of a linear 3-class classifier on separable data; three tensors."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.wa = torch.nn.Parameter(1e-2 * torch.randn(3, 4, generator=g, dtype=DT))
-        self.wb = torch.nn.Parameter(1e-2 * torch.randn(3, 5, generator=g, dtype=DT))
-        self.b = torch.nn.Parameter(torch.zeros(3, dtype=DT))
-        self.x = torch.randn(48, 9, generator=g, dtype=DT)
-        self.y = (self.x @ torch.randn(3, 9, generator=g, dtype=DT).T).argmax(1)  # separable
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [self.wa, self.wb, self.b]
-
-    def loss(self) -> torch.Tensor:
-        z = self.x[:, :4] @ self.wa.T + self.x[:, 4:] @ self.wb.T + self.b
-        return torch.nn.functional.cross_entropy(z, self.y)
-
-    def backward(self) -> torch.Tensor:
-        for p in self.params:
-            p.grad = None
-        loss = self.loss()
-        loss.backward()
-        return loss.detach()
+def SeparableLogistic() -> _SeparableLogistic:
+    """The shared model of tests/separable.py, weights drawn at 1e-2."""
+    return _SeparableLogistic(scale=1e-2)
 
 
 class PaperLoop:
