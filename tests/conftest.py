@@ -8,8 +8,12 @@ multi-process tests.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+
+import tuneless.distributed as td
 
 torch.set_num_threads(1)
 
@@ -21,3 +25,17 @@ def _restore_torch_globals():
     yield
     torch.set_grad_enabled(grad_mode)
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The losses loss-based steps take (every one passes through ``tuneless.distributed.average_loss``)."""
+    seen: list[float] = []
+    original = td.average_loss
+
+    def spy(optimizer: Any, loss: torch.Tensor) -> torch.Tensor:
+        seen.append(float(loss))
+        return original(optimizer, loss)
+
+    monkeypatch.setattr(td, "average_loss", spy)
+    return seen

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 
-import tuneless.distributed as td
 from tests.optim_db import OPTIM_DB, OptimizerInfo
 
 ROWS = [pytest.param(info, id=info.name) for info in OPTIM_DB]
@@ -51,20 +50,6 @@ def _loss(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def _full_loss(model: torch.nn.Module) -> float:
     with torch.no_grad():
         return float(torch.nn.functional.mse_loss(model(X), Y))
-
-
-@pytest.fixture
-def received(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The losses loss-based steps take (every one passes through ``average_loss``)."""
-    seen: list[float] = []
-    original = td.average_loss
-
-    def spy(optimizer: Any, loss: torch.Tensor) -> torch.Tensor:
-        seen.append(float(loss))
-        return original(optimizer, loss)
-
-    monkeypatch.setattr(td, "average_loss", spy)
-    return seen
 
 
 def _scaled_run(info: OptimizerInfo, steps: int, how: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[float]]:

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 import tuneless
-import tuneless.distributed as td
 from tests.optim_db import OPTIM_DB, OptimizerInfo
 from tests.test_contract import Model, SyncCounter
 from tuneless.errors import LossRequiredError
@@ -54,20 +53,6 @@ def _fresh_accelerate_state() -> Any:
     reset()
     yield
     reset()
-
-
-@pytest.fixture
-def received(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The losses loss-based steps take (every one passes through ``average_loss``)."""
-    seen: list[float] = []
-    original = td.average_loss
-
-    def spy(optimizer: Any, loss: torch.Tensor) -> torch.Tensor:
-        seen.append(float(loss))
-        return original(optimizer, loss)
-
-    monkeypatch.setattr(td, "average_loss", spy)
-    return seen
 
 
 def _assert_learned(values: list[float], published: float) -> None:
