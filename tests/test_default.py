@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tuneless
-from tuneless.optim.default import TunelessVariant
+from tuneless.optim.default import TunelessScheduleFreeVariant, TunelessVariant
 
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,35 +60,29 @@ def test_first_step_is_half_the_polyak_step_along_the_sign_of_the_gradient():
 
 
 def test_the_step_size_is_the_soft_minimum_of_the_polyak_step_and_the_distance():
-    # Once both are known, eta = 1 / (1/tau + 1/d): check it against the variants that apply
-    # each one alone, from identical states.
-    def run(**kw):
+    # At every step, eta = 1 / (1/tau + 1/d) with tau = f / sum(g^2 / (sqrt(v_hat) + eps)) (inside
+    # Tuneless the base has beta1 = 0, so the model is the loss itself and m_hat = g), and d, the
+    # distance estimate, never decreases. The hard-minimum variant publishes min(tau, d).
+    target = torch.tensor([0.5, -0.5, 2.0], dtype=torch.float64)
+    for hard in (False, True):
         p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
-        opt = TunelessVariant([p], **kw)
-        for t in range(6):
+        opt = (TunelessScheduleFreeVariant([p], r=8.0, combine="hard") if hard else tuneless.Tuneless([p]))
+        before_d = None
+        for k in range(1, 11):
             opt.zero_grad()
-            loss = ((p - torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)) ** 2).sum() + 0.1 * t
+            loss = ((p - target) ** 2).sum() + 0.1
             loss.backward()
+            g = p.grad.detach().clone()
             opt.step(loss=loss)
-        return opt
-
-    both = run()
-    assert float(both.param_groups[0]["effective_lr"]) > 0
-    assert float(run(combine="hard").param_groups[0]["effective_lr"]) > 0
-    # the published step is below each of its two parts at every state (a soft minimum)
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
-    opt = tuneless.Tuneless([p])
-    for _ in range(10):
-        opt.zero_grad()
-        loss = (p ** 2).sum()
-        loss.backward()
-        before_d = opt.distances[0].clone() if opt.param_groups[0].get("tuneless_step") else None
-        opt.step(loss=loss)
-        eta = float(opt.param_groups[0]["effective_lr"])
-        d = float(opt.distances[0])
-        assert 0 < eta < d
-        if before_d is not None:
-            assert d >= float(before_d)  # the distance estimate never decreases
+            v = opt.base.state[p]["exp_avg_sq"]
+            tau = float(loss.detach()) / float((g * g / ((v / (1 - 0.999 ** k)).sqrt() + 1e-8)).sum())
+            d = float(opt.base.distances[0])
+            eta = float(opt.param_groups[0]["effective_lr"])
+            expected = min(tau, d) if hard else tau * d / (tau + d)
+            assert eta == pytest.approx(expected, rel=1e-10), (k, hard)
+            if before_d is not None:
+                assert d >= before_d  # the distance estimate never decreases
+            before_d = d
 
 
 def test_bfloat16_parameters_make_progress_within_ten_steps():
