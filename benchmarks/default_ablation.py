@@ -199,6 +199,26 @@ def headline(design_db: Path, held_out_db: Path) -> str:
     return "\n".join(lines)
 
 
+def spread(db: Path, method: str = "tuneless") -> str:
+    """``method``'s gap on each seed (its run's score over the oracle's score, the geometric mean
+    over seeds), per learning problem of the store: the spread behind the tables' geometric means."""
+    from tuneless.bench import compute_results
+    from tuneless.bench.metrics import metric_of, run_score
+    from tuneless.bench.store import ResultStore
+
+    with ResultStore(db, create=False) as store:
+        records = list(store.records(curves=True))
+    oracles = {o.label: o for o in compute_results(records, methods=[method]).oracles}
+    lines = [f"| problem | {method}: gap on seeds 0, 1, 2 |", "|---|---|"]
+    for label, oracle in oracles.items():
+        runs = sorted((r for r in records if r.spec == method and r.problem.split(":")[0] == label
+                       and r.kind == "learning"), key=lambda r: r.seed)
+        if len(runs) > 1 and not oracle.min_known:  # (a known minimum: solved or not, see the tables)
+            gaps = ", ".join(f"{run_score(r, penalize=True, metric=metric_of(r)) / oracle.score:.3g}" for r in runs)
+            lines.append(f"| {label} | {gaps} |")
+    return "\n".join(lines)
+
+
 def export(db: Path, path: Path) -> None:
     """A copy of the store small enough to keep in the repository: every run and its evaluation
     curves, without the per-step loss and step-size curves (the tables here do not use them)."""
@@ -229,9 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, default=None,
                         help="write a slim copy of the store (no per-step curves) to this path, e.g. under "
                              "benchmarks/results/, and render from it with --render --db PATH")
+    parser.add_argument("--spread", action="store_true",
+                        help="print the default's gap on each seed of each learning problem of --db; run nothing")
     parser.add_argument("--headline", nargs=2, type=Path, metavar=("DESIGN_DB", "HELD_OUT_DB"), default=None,
                         help="print the README's table from a design-set store and a held-out store")
     args = parser.parse_args(argv)
+    if args.spread:
+        print(spread(args.db))
+        return 0
     if args.headline is not None:
         print(headline(*args.headline))
         return 0
