@@ -13,6 +13,8 @@ once the design is frozen, and are reported in a table of their own.
     python benchmarks/default_ablation.py --robustness       # the loss seen by the optimizer x1e-3, x1e3, +1
     python benchmarks/default_ablation.py --render --db benchmarks/results/default-design.sqlite
                                                              # the tables of docs/default.md, from the stored runs
+    python benchmarks/default_ablation.py --spread --db benchmarks/results/default-heldout.sqlite
+                                                             # the default's gap on each seed
     python benchmarks/default_ablation.py --headline benchmarks/results/default-design.sqlite \
         benchmarks/results/default-heldout.sqlite          # the README's table
 

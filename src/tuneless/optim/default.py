@@ -257,7 +257,7 @@ class TunelessVariant(TunelessStep):
     """:class:`TunelessStep` (no averaging) with its ingredients as switches, for
     ``benchmarks/default_ablation.py`` only.
 
-    Args (beyond :class:`Tuneless`'s):
+    Args (beyond :class:`TunelessStep`'s):
         step_rule: ``"both"`` (the default's), ``"polyak"`` (the error-driven step alone, no cap)
             or ``"distance"`` (Prodigy's estimate alone).
         combine: ``"soft"`` (1/(1/tau + 1/d), the default's) or ``"hard"`` (min).
