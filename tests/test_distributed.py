@@ -165,7 +165,8 @@ def counting_all_reduces(log: list[list[int]]):
     original, calls = dist.all_reduce, []
 
     def counted(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
+        # the non-finite flag (one int32 number) is recorded by name, statistics by their size
+        calls.append("flag" if tensor.dtype == torch.int32 else tensor.numel())
         return original(tensor, *args, **kwargs)
 
     dist.all_reduce = counted
@@ -582,7 +583,8 @@ def test_collectives_per_step(results, row):
     """Under sharding: at most one all-reduce of statistics a step (one per optimizer, for a wrapper
     over a base that reduces its own), on every step and rank (the
     steps where ``gate`` or a whole rank has no gradient included), plus one of one number for
-    the loss of a method that takes it. Under DDP: only the loss."""
+    the loss of a method that takes it, and one of one int32 number for the non-finite flag.
+    Under DDP: only the loss (the gradients are already the same on every rank)."""
     info = ROWS[row]
     loss = [1] if info.requires_loss else []
     for scenario in ("fsdp", "manual", "ddp"):
@@ -590,6 +592,9 @@ def test_collectives_per_step(results, row):
         per_step = [r["collectives"] for r in res]
         assert per_step[0] == per_step[1], f"{row} under {scenario}: the ranks made different all-reduces"
         for step, calls in enumerate(per_step[0]):
+            flags = calls.count("flag")
+            assert flags == (0 if scenario == "ddp" else 1), f"{row} under {scenario}, step {step + 1}: {calls}"
+            calls = [c for c in calls if c != "flag"]
             # the loss's all-reduce, after those of a wrapper that reads its statistics first
             at = info.statistics_before_loss if loss and scenario != "ddp" else 0
             assert calls[at:at + len(loss)] == loss, f"{row} under {scenario}, step {step + 1}: {calls}"

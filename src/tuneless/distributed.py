@@ -271,6 +271,20 @@ def global_sum(optimizer: torch.optim.Optimizer, partial_sums: Tensor) -> Tensor
     return out
 
 
+def any_rank_nonfinite(optimizer: torch.optim.Optimizer, bad: Tensor) -> Tensor:
+    """Whether any rank of the reduction group saw a non-finite gradient: ``bad`` (0-d, 1 on this
+    rank when one of its gradients is not finite) summed over the group, in one all-reduce of
+    one int32 number. Returns ``bad`` itself when there is nothing to reduce (one process, DDP)."""
+    group = reduction_group(optimizer)
+    if group is None:
+        return bad
+    import torch.distributed as dist
+
+    out = bad.detach().reshape(1).to(torch.int32)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.reshape(()).to(bad.dtype)
+
+
 def average_loss(optimizer: torch.optim.Optimizer, loss: Tensor) -> Tensor:
     """The mean of the ranks' losses over the optimizer's loss group (one all-reduce of one number).
 

@@ -40,6 +40,7 @@ __all__ = [
     "CPU_DOT_MIN_NUMEL",
     "chunked_dots",
     "total_dots",
+    "nonfinite_count",
     "total_sum_of_squares",
     "total_abs_sum",
     "total_dot",
@@ -105,6 +106,25 @@ def _sum_stacked(values: Sequence[Tensor], dtype: torch.dtype, device: torch.dev
     if len(values) == 0:
         return torch.zeros((), dtype=dtype, device=device)
     return torch.stack([v.reshape(()).to(dtype) for v in values]).sum()
+
+
+def nonfinite_count(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1.0 (a 0-d tensor in ``dtype``) when any entry of ``tensors`` is NaN or infinite, else 0.0.
+
+    One read of each tensor: a sum per tensor (NaN and infinities survive a sum; finite values
+    overflow it only beyond ~1e38 in float32, where a step is no better), stacked and summed.
+    On the CPU, one ``sum`` per tensor (a read at memory speed); elsewhere one multi-tensor
+    l1 norm per dtype."""
+    if len(tensors) == 0:
+        return torch.zeros((), dtype=dtype, device=device)
+    if cpu_paths(tensors[0].device):
+        sums = [t.sum(dtype=dtype) for t in tensors]
+    else:
+        sums = []
+        for dt, idx in indices_by_dtype(tensors).items():
+            sums.extend(torch._foreach_norm([tensors[i] for i in idx], 1, dtype=dtype if dt.itemsize < 4 else None))
+    total = _sum_stacked(sums, dtype, device)
+    return (~torch.isfinite(total)).to(dtype)
 
 
 def total_sum_of_squares(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -29,6 +29,12 @@ What every tuneless optimizer gets from :class:`TunelessOptimizer`:
   ``set_state_dict`` give a fresh optimizer its state by calling ``step()`` with lr = 0 and zero
   gradients; every tuneless ``step`` (wrappers' included) recognizes that call and creates the
   full state layout without moving anything (:meth:`TunelessOptimizer._initializing_state`).
+* **A non-finite step is skipped** (``skip_nonfinite=True``, the default of every class):
+  when a gradient, or the loss of a method that takes one, is NaN or infinite, the step leaves
+  every parameter and all learned state exactly as they were, and adds 1 to the group's
+  :data:`SKIPPED_STEPS_KEY` counter. The decision is a 0-d device tensor (no host sync), the
+  same on every rank (see :meth:`TunelessOptimizer._skipping_nonfinite`); ``skip_nonfinite=False``
+  keeps torch.optim's behaviour (the NaN propagates).
 * **One evaluation hook.** :meth:`TunelessOptimizer.evaluation_point` is a context manager
   under which the parameters hold the point that should be evaluated (the averaged point for
   Schedule-Free); for most methods it does nothing.
@@ -47,13 +53,18 @@ from torch import Tensor
 from .._validate import refuse_unknown_kwargs
 from ..errors import ComplexParameterError, LossRequiredError, SparseGradientError
 
-__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "local_tensor", "effective_lrs", "lr_is_zero", "lr_moves", "lr_in"]
+__all__ = ["TunelessOptimizer", "STEP_SIZE_KEY", "SKIPPED_STEPS_KEY", "gate", "zeros_unless", "OptimizerSnapshot", "local_tensor", "effective_lrs", "lr_is_zero", "lr_moves", "lr_in"]
 
 #: The key under which every tuneless optimizer publishes, in each param group, the step size
 #: it applied at its last step (the group's ``lr`` multiplier included), as a 0-d tensor on the
 #: parameters' device. For per-coordinate methods (Adam-like) it is the scalar in front of the
 #: normalized direction.
 STEP_SIZE_KEY = "effective_lr"
+
+#: The key under which every tuneless optimizer counts, in each param group, the steps it
+#: skipped because a gradient (or the loss it takes) was not finite: a 0-d int64 tensor on the
+#: parameters' device, created at the first step when ``skip_nonfinite`` is on.
+SKIPPED_STEPS_KEY = "skipped_steps"
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -107,6 +118,10 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
 #: attribute: never in ``state_dict``, never pickled), and the flag set while a step runs.
 _OBSERVED_LOSS = "_tuneless_observed_loss"
 _STEPPING = "_tuneless_stepping"
+#: Where the current step's finiteness flag lives while the step runs (see
+#: :meth:`TunelessOptimizer._skipping_nonfinite`).
+_STEP_FINITE = "_tuneless_step_finite"
+_FINITE_LENT = "_tuneless_finite_lent"
 
 
 def _takes_observed_loss(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -199,14 +214,42 @@ class TunelessOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = dict(defaults)
         defaults.setdefault("foreach", None)
+        skip = defaults.setdefault("skip_nonfinite", True)
+        if not isinstance(skip, bool):
+            from .._validate import fail
+
+            fail(type(self).__name__, "skip_nonfinite", skip, "True or False")
         super().__init__(params, defaults)
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Skip a step whose gradients (or loss) are not finite (see :meth:`_skipping_nonfinite`).
+
+        One setting for the whole optimizer, kept in ``defaults`` (so it survives pickling): the
+        decision is one flag over every group, so groups do not carry their own."""
+        return bool(self.defaults.get("skip_nonfinite", True))
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            from .._validate import fail
+
+            fail(type(self).__name__, "skip_nonfinite", value, "True or False")
+        self.defaults["skip_nonfinite"] = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, refusing complex parameters first (see :attr:`supports_complex`)."""
         params = param_group["params"]
         param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
         self._refuse_complex(param_group["params"])
+        own = param_group.pop("skip_nonfinite", None)
+        if own is not None and own != self.defaults.get("skip_nonfinite", True):
+            raise ValueError(
+                f"{type(self).__name__}: a param group sets skip_nonfinite={own!r}, the optimizer "
+                f"{self.defaults.get('skip_nonfinite', True)!r}; allowed: one setting for the whole optimizer "
+                f"(one decision per step over every group), given to the constructor")
         super().add_param_group(param_group)
+        param_group.pop("skip_nonfinite", None)
 
     def _refuse_complex(self, params: list[Any], before: int | None = None) -> None:
         """Raise :class:`~tuneless.errors.ComplexParameterError` for a complex parameter, naming it
@@ -265,7 +308,8 @@ class TunelessOptimizer(torch.optim.Optimizer):
                 f"optimizer.observe_loss(loss) before a step() that gets no argument"
             )
         self._check_gradients()
-        self._update(loss_tensor)
+        with self._skipping_nonfinite(loss_tensor):
+            self._update(loss_tensor)
         return loss
 
     def observe_loss(self, loss: Any) -> None:
@@ -360,6 +404,117 @@ class TunelessOptimizer(torch.optim.Optimizer):
                         if copy is not None:
                             value.copy_(copy)
                         group[key] = value
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    @contextlib.contextmanager
+    def _skipping_nonfinite(self, loss: Tensor | None, *, finite: Tensor | None = None,
+                            count: bool = True) -> Iterator[Tensor | None]:
+        """The scope of one step's non-finite check: yields the step's flag, ``finite``.
+
+        ``finite`` is a 0-d bool tensor on the parameters' device, True when every gradient of
+        every group, and ``loss`` when this method takes one (:attr:`requires_loss`), is finite;
+        None when ``skip_nonfinite`` is off. Within the scope :meth:`_step_finite` returns it,
+        and the step must leave every parameter and all learned state exactly as they were when
+        it is False (see :func:`gate`, :func:`zeros_unless`). After the step, each group's
+        :data:`SKIPPED_STEPS_KEY` counter grows by one when it was False (``count=False``: a
+        wrapper's inner optimizer whose groups the wrapper counts).
+
+        How the flag is made, without a host sync: one sum per gradient tensor (one read of the
+        gradients; NaN and infinities survive a sum), stacked and summed; under sharding
+        (FSDP2), one all-reduce of one int32 number makes it the same on every rank
+        (:func:`tuneless.distributed.any_rank_nonfinite`). Under DDP the
+        gradients, and the losses of loss-based methods, are already the ranks' average, so
+        every rank decides alike with no collective. A wrapper that has made the flag passes it
+        to its inner optimizer with :meth:`_lending_finite`; a nested scope reuses the flag it
+        finds.
+        """
+        outer = self.__dict__.get(_STEP_FINITE)
+        lent = self.__dict__.get(_FINITE_LENT, False)
+        if outer is None and not self.skip_nonfinite:
+            yield None
+            return
+        if finite is None:
+            finite = outer if outer is not None else self._finite_flag(loss)
+        self.__dict__[_STEP_FINITE] = finite
+        try:
+            yield finite
+        finally:
+            if outer is None:
+                self.__dict__.pop(_STEP_FINITE, None)
+            else:
+                self.__dict__[_STEP_FINITE] = outer
+        if count and not lent:
+            self._count_skipped(finite)
+
+    @contextlib.contextmanager
+    def _lending_finite(self, inner: torch.optim.Optimizer) -> Iterator[None]:
+        """Within it, ``inner`` (a wrapper's base optimizer, when it is a tuneless one) steps
+        under this step's flag: no second read of the gradients, no second collective, and its
+        groups' skips are not counted by it (the wrapper counts). The wrapper's
+        ``skip_nonfinite`` decides for both. Does nothing outside a checked step."""
+        finite = self._step_finite()
+        if finite is None or not isinstance(inner, TunelessOptimizer) or inner is self:
+            yield
+            return
+        saved = inner.__dict__.get(_STEP_FINITE), inner.__dict__.get(_FINITE_LENT)
+        inner.__dict__[_STEP_FINITE], inner.__dict__[_FINITE_LENT] = finite, True
+        try:
+            yield
+        finally:
+            for key, value in zip((_STEP_FINITE, _FINITE_LENT), saved):
+                if value is None:
+                    inner.__dict__.pop(key, None)
+                else:
+                    inner.__dict__[key] = value
+
+    def _step_finite(self) -> Tensor | None:
+        """The current step's finiteness flag (a 0-d bool tensor), or None when the step is not
+        checked (``skip_nonfinite=False``, or called outside a step)."""
+        return self.__dict__.get(_STEP_FINITE)
+
+    def _finite_flag(self, loss: Tensor | None) -> Tensor:
+        """True (a 0-d bool tensor) when every gradient, and the loss of a loss-based method, is finite."""
+        from ._batched import nonfinite_count
+
+        grads = [local_tensor(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        bad = nonfinite_count(grads, self._stat_dtype(), self._stat_device())
+        if loss is not None and self.requires_loss:
+            bad = bad + (~torch.isfinite(loss)).to(bad.dtype)
+        from .. import distributed as _dist
+
+        return _dist.any_rank_nonfinite(self, bad) == 0  # sharded: each rank holds other gradients
+
+    def _count_skipped(self, finite: Tensor) -> None:
+        skipped = (~finite).to(torch.int64)
+        for group in self.param_groups:
+            counter = group.get(SKIPPED_STEPS_KEY)
+            if isinstance(counter, Tensor):
+                counter.add_(skipped.to(counter.device))
+            else:
+                group[SKIPPED_STEPS_KEY] = skipped.clone()
+
+    def skipped_steps(self) -> list[int]:
+        """How many steps each param group skipped because a gradient or the loss was not finite
+        (synchronizes; 0 for a group that has not stepped or when ``skip_nonfinite`` is off)."""
+        return [int(group.get(SKIPPED_STEPS_KEY, 0)) for group in self.param_groups]
+
+    def _finite_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """What a checked step computes with: ``grads`` when the step is finite, zeros when it
+        is not (copies made with ``torch.where``, no host sync; ``grads`` itself when the step
+        is not checked).
+
+        The recipe every method follows: compute the step from these, so that no NaN can reach
+        the state (NaN * 0 is NaN: a zero coefficient alone would not stop it), then :func:`gate`
+        whatever a step with zero gradients would still change (momentum decay, counters,
+        learned scalars, weight decay, the step size), so that a step that is not finite is an
+        exact no-op. Fused kernels do the same inside the kernel, at no extra memory traffic.
+        The copies live in buffers reused from step to step (not state): one more gradient's
+        worth of memory, one read and one write of the gradients per step."""
+        finite = self._step_finite()
+        if finite is None:
+            return grads
+        return zeros_unless(finite, grads, self.__dict__.setdefault("_tuneless_finite_buffers", {}))
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - abstract
         """Apply one update; ``loss`` is a 0-d tensor (statistics dtype) or None."""
@@ -475,6 +630,77 @@ class TunelessOptimizer(torch.optim.Optimizer):
             lines.append(f"  group {i}: {len(group['params'])} tensors, {items}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def gate(finite: Tensor | None, new: Tensor, old: Any) -> Tensor:
+    """``new`` where the step is finite, else ``old`` (a tensor or a number): how a step keeps a
+    learned scalar, a counter or a coefficient as it was on a skipped step. ``finite`` None
+    (the step is not checked) returns ``new``."""
+    if finite is None:
+        return new
+    if not isinstance(old, Tensor):
+        old = torch.full((), old, dtype=new.dtype, device=new.device)
+    return torch.where(finite, new, old)
+
+
+def zeros_unless(finite: Tensor, tensors: Sequence[Tensor], buffers: dict[Any, Tensor] | None = None) -> list[Tensor]:
+    """``tensors`` where the step is finite, else tensors of zeros: copies, ``torch.where``.
+
+    A step computed from all-zero gradients cannot pick up a NaN, and is easy to make an exact
+    no-op (see :meth:`TunelessOptimizer._finite_grads`). ``buffers`` (a dict kept by the caller)
+    holds the copies from step to step, keyed by position, shape, dtype and device, so that a
+    warm step allocates nothing."""
+    out = []
+    for i, t in enumerate(tensors):
+        if buffers is None:
+            out.append(torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+            continue
+        key = (i, t.shape, t.dtype, t.device)
+        buf = buffers.get(key)
+        if buf is None:
+            buf = buffers[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
+        out.append(torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device), out=buf))
+    return out
+
+
+class OptimizerSnapshot:
+    """Copies of an optimizer's parameters and every tensor of its state and param groups, put
+    back with :meth:`restore_unless` when a step turned out not to be finite.
+
+    For wrappers over an optimizer that tuneless does not own (``torch.optim.Adam`` inside
+    Mechanic or the Schedule-Free wrapper): its step cannot be gated from inside, so it runs
+    and is undone. Costs a copy of the parameters and the state per step (a read and a write
+    of each, then a select); tuneless's own methods gate their updates instead, at no copy.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.entries: list[tuple[Any, Any, Tensor, Tensor]] = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self.entries.append((None, None, local_tensor(p), local_tensor(p).detach().clone()))
+                for key, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, Tensor):
+                        self.entries.append((optimizer.state[p], key, value, value.detach().clone()))
+            for key, value in group.items():
+                if key != "params" and isinstance(value, Tensor):
+                    self.entries.append((group, key, value, value.detach().clone()))
+        self.states = {p: set(optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]}
+        self.optimizer = optimizer
+
+    @torch.no_grad()
+    def restore_unless(self, finite: Tensor) -> None:
+        """Where ``finite`` is False, put every copied tensor back (in place when the step
+        updated it in place, else by reassigning the entry). State created by the step (a first
+        step) is kept: its values are a function of the parameters, which are put back."""
+        for container, key, before, saved in self.entries:
+            if container is None:
+                before.copy_(torch.where(finite, before, saved))
+                continue
+            now = container.get(key)
+            if now is before:
+                before.copy_(torch.where(finite, before, saved))
+            elif isinstance(now, Tensor):
+                container[key] = torch.where(finite, now, saved.to(now.dtype))
 
 
 def finite_or_zero(step: Tensor, *values: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import _validate as v
 from ._batched import add_scaled_, coefficient_dtype, indices_by_dtype
 from ._fused import FusedKernel
-from .base import TunelessOptimizer, local_tensor
+from .base import TunelessOptimizer, gate, local_tensor
 
 __all__ = ["COCOB"]
 
@@ -72,6 +72,9 @@ class COCOB(TunelessOptimizer):
         fused: one compiled single-pass kernel per group of tensors instead of the vectorized
             chain (default False): several times faster on a CPU, at the cost of compiling it at
             the first step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -97,7 +100,8 @@ class COCOB(TunelessOptimizer):
     registry_name = "cocob"
 
     def __init__(self, params: Any, lr: float = 1.0, *, alpha: float = 100.0, eps: float = 1e-8,
-                 weight_decay: float = 0.0, foreach: bool | None = None, fused: bool = False) -> None:
+                 weight_decay: float = 0.0, foreach: bool | None = None, fused: bool = False,
+                 skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "alpha", alpha, 0.0, None, inclusive="()", recommended=100.0)
@@ -106,8 +110,9 @@ class COCOB(TunelessOptimizer):
         if foreach is not None:
             v.check_bool(owner, "foreach", foreach)
         v.check_bool(owner, "fused", fused)
-        super().__init__(params, dict(lr=lr, alpha=float(alpha), eps=float(eps),
-                                      weight_decay=float(weight_decay), foreach=foreach, fused=fused))
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
+        super().__init__(params, dict(lr=lr, alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay),
+                                      foreach=foreach, fused=fused, skip_nonfinite=skip_nonfinite))
 
     def _state_of(self, p: Tensor, eps: float) -> dict[str, Tensor]:
         state = self.state[p]
@@ -137,31 +142,46 @@ class COCOB(TunelessOptimizer):
             buffers = {k: [local_tensor(s[k]) for s in states]
                        for k in ("neg_grad_sum", "abs_grad_sum", "max_abs_grad", "reward", "bet")}
             xs = [local_tensor(p) for p in params]
+            # A step that is not finite: the per-parameter function and the kernel zero the
+            # gradient inside; the vectorized chain gets zeros (its lr and weight decay gated).
+            finite = self._step_finite()
             fn = _multi_tensor_cocob if self._use_foreach(group) else _single_tensor_cocob
             if group.get("fused", False):
                 fn = _fused_cocob
-            fn(xs, grads, lr=lr, alpha=group["alpha"], weight_decay=group["weight_decay"], **buffers)
+            if fn is _multi_tensor_cocob:
+                grads = self._finite_grads(grads)
+            elif finite is None:
+                finite = torch.ones((), dtype=torch.bool, device=lr.device)
+            fn(xs, grads, lr=lr, alpha=group["alpha"], weight_decay=group["weight_decay"], finite=finite, **buffers)
 
 
 def _single_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Tensor],
                          abs_grad_sum: list[Tensor], max_abs_grad: list[Tensor], reward: list[Tensor],
-                         bet: list[Tensor], lr: Tensor, alpha: float, weight_decay: float) -> None:
+                         bet: list[Tensor], lr: Tensor, alpha: float, weight_decay: float, finite: Tensor) -> None:
     """One COCOB-Backprop step, one tensor at a time (the readable truth: :func:`_cocob_kernel`)."""
     for x, g, theta, G, L, R, b in zip(xs, grads, neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet):
-        _cocob_kernel(x, g, theta, G, L, R, b, lr.to(x.dtype), alpha, weight_decay)
+        _cocob_kernel(x, g, theta, G, L, R, b, lr.to(x.dtype), finite, alpha, weight_decay)
 
 
 def _multi_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Tensor],
                         abs_grad_sum: list[Tensor], max_abs_grad: list[Tensor], reward: list[Tensor],
-                        bet: list[Tensor], lr: Tensor, alpha: float, weight_decay: float) -> None:
-    """The same step over all tensors at once: one temporary (|g|), reused as the denominator."""
+                        bet: list[Tensor], lr: Tensor, alpha: float, weight_decay: float,
+                        finite: Tensor | None) -> None:
+    """The same step over all tensors at once: one temporary (|g|), reused as the denominator.
+
+    ``grads`` are zeros on a step that is not finite (``finite`` False): then the weight decay
+    and the lr are gated to 0, and every buffer keeps its value (the new bet, computed from
+    unchanged sums, is the old one)."""
     for dt, idx in indices_by_dtype(xs).items():
         x = [xs[i] for i in idx]
         g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
         theta, G, L, R, b = ([t[i] for i in idx] for t in (neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet))
-        step = lr.to(dt)
+        step = lr.to(dt) if finite is None else gate(finite, lr, 0.0).to(dt)
         if weight_decay != 0:
-            g = torch._foreach_add(g, x, alpha=weight_decay)
+            if finite is None:
+                g = torch._foreach_add(g, x, alpha=weight_decay)
+            else:
+                g = torch._foreach_add(g, torch._foreach_mul(x, gate(finite, lr.new_tensor(weight_decay, dtype=dt), 0.0)))
         # Reward of the bet just played, then x <- x - lr * b_t (b's buffer becomes free).
         torch._foreach_addcmul_(R, g, b, value=-1.0)
         torch._foreach_clamp_min_(R, 0.0)
@@ -186,13 +206,18 @@ def _multi_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: 
 
 
 def _cocob_kernel(x: Tensor, g: Tensor, theta: Tensor, G: Tensor, L: Tensor, R: Tensor, b: Tensor, lr: Tensor,
-                  alpha: float, weight_decay: float) -> tuple[()]:
+                  finite: Tensor, alpha: float, weight_decay: float) -> tuple[()]:
     """One COCOB-Backprop step of one tensor: the per-parameter path runs it as is, and
     :class:`~tuneless.optim._fused.FusedKernel` compiles it for ``fused=True`` (no sums: the
-    padding's values, 0/0 included, are discarded)."""
+    padding's values, 0/0 included, are discarded).
+
+    ``finite`` False (a step whose gradients are not all finite): the gradient is taken as 0,
+    and a zero gradient changes nothing here (the sums keep their values, so the new bet is
+    the old one and x moves by exactly 0)."""
     g = g.to(x.dtype)
     if weight_decay != 0:
         g = g + weight_decay * x
+    g = torch.where(finite, g, 0.0)
     abs_g = g.abs()
     L.copy_(torch.maximum(L, abs_g))
     G.add_(abs_g)
@@ -209,9 +234,9 @@ _COCOB_KERNEL = FusedKernel(_cocob_kernel, num_tensors=7, num_sums=0)
 
 def _fused_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Tensor], abs_grad_sum: list[Tensor],
                  max_abs_grad: list[Tensor], reward: list[Tensor], bet: list[Tensor], lr: Tensor, alpha: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, finite: Tensor) -> None:
     """:func:`_single_tensor_cocob` as one compiled single-pass kernel per group of tensors (``fused=True``)."""
     if xs:
         _COCOB_KERNEL([xs, grads, neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet],
-                      (lr.to(coefficient_dtype(xs[0])), alpha, weight_decay),
+                      (lr.to(coefficient_dtype(xs[0])), finite, alpha, weight_decay),
                       sum_dtype=lr.dtype, device=lr.device)
