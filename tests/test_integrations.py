@@ -240,6 +240,7 @@ def test_hf_trainer_example_logs_the_learned_step_size(name: str, received: list
     assert all(entry["learning_rate"] == 1.0 for entry in logs)  # the multiplier
     _assert_learned([entry["effective_lr"] for entry in logs],
                     float(trainer.optimizer.optimizer.param_groups[0]["effective_lr"]))
+    assert [entry["skipped_steps"] for entry in logs] == [0.0] * 20  # the non-finite steps' count is logged
     if name == "momo":  # the loss of each step reached the optimizer: the one the Trainer logged
         assert received == pytest.approx([entry["loss"] for entry in logs], rel=1e-5)
     assert logs[-1]["loss"] < logs[0]["loss"]
@@ -288,6 +289,7 @@ def test_lightning_example_logs_the_learned_step_size(precision: str, received: 
     logged = [row for row in rows if "effective_lr" in row]
     assert len(logged) == 20
     _assert_learned([row["effective_lr"] for row in logged], float(trainer.optimizers[0].param_groups[0]["effective_lr"]))
+    assert all(row["skipped_steps"] == 0.0 for row in logged)  # the non-finite steps' count is logged
     # The optimizer got the unscaled training loss, once a step (16-mixed: through the loss
     # channel; otherwise from Lightning's closure).
     train_losses = [row["train_loss"] for row in rows if "train_loss" in row]
@@ -370,16 +372,20 @@ def test_write_step_sizes_to_tensorboard_and_a_wandb_like_run(tmp_path: Path) ->
     for step in range(3):
         opt.zero_grad()
         model.loss().backward()
+        if step == 2:  # a NaN gradient: the step is skipped, and the count is written
+            model.params[0].grad.view(-1)[0] = float("nan")
         opt.step()
         written = write_step_sizes(writer, opt, step)
         published.append([float(g["effective_lr"]) for g in opt.param_groups])
-        assert written == {"effective_lr/0": published[-1][0], "effective_lr/1": published[-1][1]}
+        assert written == {"effective_lr/0": published[-1][0], "effective_lr/1": published[-1][1],
+                           "skipped_steps": 1.0 if step == 2 else 0.0}
     writer.close()
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     for group in range(2):
         got = [(e.step, e.value) for e in events.Scalars(f"effective_lr/{group}")]
         assert got == [(s, pytest.approx(published[s][group], rel=1e-6)) for s in range(3)]
+    assert [(e.step, e.value) for e in events.Scalars("skipped_steps")] == [(0, 0.0), (1, 0.0), (2, 1.0)]
 
     class Run:  # the part of a W&B run that is used: log(dict, step=)
         def __init__(self) -> None:
@@ -390,7 +396,8 @@ def test_write_step_sizes_to_tensorboard_and_a_wandb_like_run(tmp_path: Path) ->
 
     run = Run()
     write_step_sizes(run, opt, 7)
-    assert run.calls == [({"effective_lr/0": published[-1][0], "effective_lr/1": published[-1][1]}, 7)]
+    assert run.calls == [({"effective_lr/0": published[-1][0], "effective_lr/1": published[-1][1],
+                           "skipped_steps": 1.0}, 7)]
     with pytest.raises(TypeError, match="add_scalar"):
         write_step_sizes(object(), opt, 0)
 

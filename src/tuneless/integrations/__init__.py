@@ -25,6 +25,9 @@ What they share, defined here (no framework needed):
   ``effective_lr/<i>`` with several groups): the step size itself, not the ``lr`` multiplier
   that the frameworks log as ``learning_rate`` (1.0 for a learning-rate-free method). Reading
   it synchronizes with the device, so it is called only when a log is written.
+* :func:`skipped_steps` names the count of steps skipped because a gradient or the loss was not
+  finite (``skipped_steps``: one number, the decision is one per step for every group), so
+  that a run that keeps hitting NaN shows it in the same dashboard as its step size.
 * :func:`evaluation_mode` holds the point to evaluate or save (Schedule-Free's average).
 
 Caution: ``prodigy-plus-schedule-free`` uses the key ``effective_lr`` for a multiplier (its users
@@ -38,9 +41,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ..optim.base import STEP_SIZE_KEY, TunelessOptimizer
+from ..optim.base import SKIPPED_STEPS_KEY, STEP_SIZE_KEY, TunelessOptimizer
 
-__all__ = ["unwrap", "observe_loss", "step_sizes", "evaluation_mode", "is_schedule_free", "STEP_SIZE_KEY"]
+__all__ = ["unwrap", "observe_loss", "step_sizes", "skipped_steps", "evaluation_mode", "is_schedule_free",
+           "STEP_SIZE_KEY", "SKIPPED_STEPS_KEY"]
 
 
 def unwrap(optimizer: Any) -> Any:
@@ -84,6 +88,15 @@ def step_sizes(optimizer: Any, key: str = STEP_SIZE_KEY) -> dict[str, float]:
     if len(values) == 1:
         return {key: values[0]}
     return {f"{key}/{i}": value for i, value in enumerate(values)}
+
+
+def skipped_steps(optimizer: Any, key: str = SKIPPED_STEPS_KEY) -> dict[str, float]:
+    """``{"skipped_steps": n}``: how many steps the (wrapped) tuneless optimizer skipped because a
+    gradient or the loss was not finite (synchronizes). One number: the decision is one per
+    step for all groups, so every group's counter holds it. Empty for an optimizer that does not
+    count (a torch optimizer, or ``skip_nonfinite=False``) or before its first step."""
+    counts = [g[SKIPPED_STEPS_KEY] for g in unwrap(optimizer).param_groups if SKIPPED_STEPS_KEY in g]
+    return {key: float(max(int(c) for c in counts))} if counts else {}
 
 
 def is_schedule_free(optimizer: Any) -> bool:

@@ -44,7 +44,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from . import evaluation_mode, is_schedule_free, step_sizes, unwrap
+from . import evaluation_mode, is_schedule_free, skipped_steps, step_sizes, unwrap
 from ..optim.base import TunelessOptimizer
 
 __all__ = ["TunelessCallback"]
@@ -54,7 +54,8 @@ class TunelessCallback(pl.Callback):
     """Loss channel under 16-mixed, Schedule-Free modes, and learned step sizes in the logs.
 
     Args:
-        log_step_sizes: write every group's learned step size to the Trainer's loggers.
+        log_step_sizes: write every group's learned step size, and the count of skipped non-finite
+            steps (``skipped_steps``), to the Trainer's loggers.
         key: the name they are logged under (``effective_lr``).
     """
 
@@ -118,7 +119,7 @@ class TunelessCallback(pl.Callback):
         values: dict[str, float] = {}
         optimizers = trainer.optimizers
         for i, opt in enumerate(optimizers):
-            for name, value in step_sizes(opt, self.key).items():
+            for name, value in {**step_sizes(opt, self.key), **skipped_steps(opt)}.items():
                 values[name if len(optimizers) == 1 else f"{name}/optimizer{i}"] = value
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import STEP_SIZE_KEY, step_sizes
+from . import STEP_SIZE_KEY, skipped_steps, step_sizes
 
 __all__ = ["write_step_sizes"]
 
 
 def write_step_sizes(writer: Any, optimizer: Any, step: int, *, key: str = STEP_SIZE_KEY) -> dict[str, float]:
-    """Write every group's learned step size at ``step``; returns what was written.
+    """Write every group's learned step size at ``step``, and the count of skipped non-finite
+    steps (``skipped_steps``, when the optimizer counts them); returns what was written.
 
     Args:
         writer: a TensorBoard ``SummaryWriter`` (anything with ``add_scalar(tag, value, step)``),
@@ -36,7 +37,7 @@ def write_step_sizes(writer: Any, optimizer: Any, step: int, *, key: str = STEP_
         step: the global step.
         key: the name: ``effective_lr`` for one group, ``effective_lr/<i>`` for several.
     """
-    values = step_sizes(optimizer, key)
+    values = {**step_sizes(optimizer, key), **skipped_steps(optimizer)}
     if callable(getattr(writer, "add_scalar", None)):
         for tag, value in values.items():
             writer.add_scalar(tag, value, step)

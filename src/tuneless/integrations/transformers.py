@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import evaluation_mode, observe_loss, step_sizes, unwrap
+from . import evaluation_mode, observe_loss, skipped_steps, step_sizes, unwrap
 from ..optim.base import TunelessOptimizer
 
 __all__ = ["TunelessTrainer", "TunelessTrainerMixin", "NON_DECAYING_SCHEDULERS"]
@@ -82,6 +82,7 @@ class TunelessTrainerMixin:
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "learning_rate" in logs and getattr(self, "optimizer", None) is not None:  # a training log
             logs.update(step_sizes(self.optimizer))  # type: ignore[attr-defined]
+            logs.update(skipped_steps(self.optimizer))  # type: ignore[attr-defined]
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
