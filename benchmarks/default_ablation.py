@@ -10,6 +10,8 @@ once the design is frozen, and are reported in a table of their own.
     python benchmarks/default_ablation.py --seeds 0          # a quicker screen
     python benchmarks/default_ablation.py --held-out         # the frozen default on the held-out set
     python benchmarks/default_ablation.py --render           # re-print from the store, run nothing
+    python benchmarks/default_ablation.py --catalogue --db DESIGN_DB --held-out-db HELD_OUT_DB
+                                                             # every registered optimizer, both sets
     python benchmarks/default_ablation.py --robustness       # the loss seen by the optimizer x1e-3, x1e3, +1
     python benchmarks/default_ablation.py --render --db benchmarks/results/default-design.sqlite
                                                              # the tables of docs/default.md, from the stored runs
@@ -75,6 +77,17 @@ def _anchors() -> list[str]:
     names = set(available())
     extra = [a for a in ("momo_adam", "sf_plus") if a in names]
     return [a for a in ANCHORS if a in names] + extra
+
+
+def _catalogue() -> list[str]:
+    """Every registered tuneless optimizer at its defaults (the learning-rate-free ones, the
+    anchors, and the methods that take a learning rate, at their default one), and torch's
+    Adam at its default lr: the field the default must lead."""
+    from tuneless.registry import available, methods_at_defaults
+
+    names = list(methods_at_defaults())
+    names += [n for n in available(source="tuneless") if n not in names]
+    return names + ["adam"]
 
 
 def run_sweep(problems: list[str], specs: list[str], seeds: list[int], db: Path, workers: int | None) -> None:
@@ -179,7 +192,7 @@ def headline(design_db: Path, held_out_db: Path) -> str:
     from tuneless.bench import compute_results
     from tuneless.bench.store import ResultStore
 
-    methods = ["tuneless"] + _anchors()
+    methods = ["tuneless"] + [m for m in _catalogue() if m != "tuneless"]
     summaries = {}
     for name, db, problems in (("design", design_db, DESIGN_PROBLEMS), ("held-out", held_out_db, HELD_OUT_PROBLEMS)):
         with ResultStore(db, create=False) as store:
@@ -253,9 +266,21 @@ def main(argv: list[str] | None = None) -> int:
                              "benchmarks/results/, and render from it with --render --db PATH")
     parser.add_argument("--spread", action="store_true",
                         help="print the default's gap on each seed of each learning problem of --db; run nothing")
+    parser.add_argument("--catalogue", action="store_true",
+                        help="run every registered optimizer at its defaults (and Adam) on the design set into --db, "
+                             "and on the held-out set into --held-out-db: the runs behind --headline")
+    parser.add_argument("--held-out-db", type=Path, default=Path("out/ablation-heldout.sqlite"))
     parser.add_argument("--headline", nargs=2, type=Path, metavar=("DESIGN_DB", "HELD_OUT_DB"), default=None,
                         help="print the README's table from a design-set store and a held-out store")
     args = parser.parse_args(argv)
+    if args.catalogue:
+        from tuneless.bench.suite import canonical_spec
+
+        specs = [canonical_spec(m) for m in _catalogue()]
+        for problems, db in ((DESIGN_PROBLEMS, args.db), (HELD_OUT_PROBLEMS, args.held_out_db)):
+            db.parent.mkdir(parents=True, exist_ok=True)
+            run_sweep(_available(problems), specs, args.seeds, db, args.workers)
+        return 0
     if args.spread:
         print(spread(args.db))
         return 0
