@@ -77,17 +77,27 @@ def test_momo_star_lowers_its_estimate_when_the_loss_is_below_it() -> None:
 
 @pytest.mark.parametrize("cls", [Polyak, SPS, SPSMax, Momo, MomoStar])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_loss_skips_the_step(cls, bad) -> None:
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_non_finite_loss_skips_the_step(cls, bad, skip_nonfinite) -> None:
+    """Skipping (the default): the published step size keeps the last step's value and the skip
+    is counted; opted out: the step size is 0 (published as 0). Either way nothing moves."""
     x = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    opt = cls([x])
+    opt = cls([x], skip_nonfinite=skip_nonfinite)
     for loss_value in (None, bad):
         opt.zero_grad()
         loss = (x**4).sum()
         loss.backward()
         before = x.detach().clone()
+        published = opt.param_groups[0].get("effective_lr")
         opt.step(loss=loss if loss_value is None else torch.tensor(loss_value, dtype=torch.float64))
     assert torch.equal(x.detach(), before), "a non-finite loss must not move the parameters"
-    assert float(opt.param_groups[0]["effective_lr"]) == 0.0
+    if skip_nonfinite:
+        assert float(published) > 0.0
+        assert torch.equal(opt.param_groups[0]["effective_lr"], published)
+        assert opt.skipped_steps() == [1]
+    else:
+        assert float(opt.param_groups[0]["effective_lr"]) == 0.0
+        assert opt.skipped_steps() == [0]
     # training continues normally afterwards
     opt.zero_grad()
     loss = (x**4).sum()

@@ -24,11 +24,14 @@ Edge cases, identical in every class of this module and tested:
 * zero gradient: the step size is 0 (no division by zero, no NaN);
 * loss below f* (or below the current estimate): the positive part makes the step 0; MoMo's
   estimate is then lowered (its reset rule);
-* non-finite loss or gradient norm: the step size is 0 (published as 0) and MoMo's running
-  averages are left as they were, so a bad minibatch loss does not stop training. A non-finite
-  *gradient* still reaches the parameters (0 times inf is NaN, and masking it would cost a pass
-  over every gradient at every step): skip such steps before calling ``step``, as
-  ``torch.amp.GradScaler`` does.
+* non-finite loss or gradient (``skip_nonfinite=True``, the default): the step is skipped, as
+  everywhere in tuneless: the parameters, MoMo's averages, its step counter, its lower-bound
+  estimate and the published step size are left exactly as they were, and the group's
+  ``skipped_steps`` counter grows by one (see :class:`~tuneless.optim.base.TunelessOptimizer`);
+  a step skipped at the very start leaves the next step a first step. With
+  ``skip_nonfinite=False`` a non-finite loss still gives a step size of 0 (published as 0) and
+  leaves MoMo's averages as they were, while a non-finite *gradient* reaches the parameters, as
+  in torch.optim.
 
 Data-parallel training: the loss every class here uses is the mean of the ranks' losses
 (``TunelessOptimizer.step`` averages it with :func:`tuneless.distributed.average_loss`, with
@@ -47,7 +50,7 @@ from torch import Tensor
 
 from .. import _validate as v
 from ._batched import add_scaled_, total_dot_loop, total_dots, total_sum_of_squares, total_sum_of_squares_loop
-from .base import TunelessOptimizer, finite_or_zero, local_tensor, lr_in
+from .base import STEP_SIZE_KEY, TunelessOptimizer, finite_or_zero, gate, local_tensor, lr_in
 
 __all__ = ["Polyak", "SPS", "SPSMax", "Momo", "MomoStar"]
 
@@ -71,6 +74,17 @@ class _PolyakBase(TunelessOptimizer):
         assert loss is not None
         dtype, device = self._stat_dtype(), self._stat_device()
         per_group = [self._params_with_grad(g) for g in self.param_groups]
+        # A step that is not finite: the vectorized groups compute with zeros (one call over
+        # every group: the copies live in buffers keyed by position), the per-parameter loop
+        # zeroes each gradient as it uses it; the step size is gated to 0 and the published
+        # one keeps its value.
+        finite = self._step_finite()
+        if finite is not None:
+            vectorized = [i for i, group in enumerate(self.param_groups) if self._use_foreach(group) and per_group[i][1]]
+            zeroed = iter(self._finite_grads([g for i in vectorized for g in per_group[i][1]]))
+            for i in vectorized:
+                params, grads = per_group[i]
+                per_group[i] = (params, [next(zeroed) for _ in grads])
         partial = torch.zeros((), dtype=dtype, device=device)
         for group, (_, grads) in zip(self.param_groups, per_group):
             reduce = total_sum_of_squares if self._use_foreach(group) else total_sum_of_squares_loop
@@ -78,20 +92,29 @@ class _PolyakBase(TunelessOptimizer):
         sq_grad_norm = self._global_sum(partial.reshape(1))[0]
         for group, (params, grads) in zip(self.param_groups, per_group):
             step = group["lr"] * polyak_step_size(loss, group["f_star"], sq_grad_norm, group["c"], group["max_step"])
-            self._publish_step_size(group, step)
+            if finite is not None:
+                self._publish_step_size(group, gate(finite, step, group.get(STEP_SIZE_KEY, 0.0)))
+                step = gate(finite, step, 0.0)
+            else:
+                self._publish_step_size(group, step)
             if not params:
                 continue
             if self._use_foreach(group):
                 _multi_tensor_sgd_step(params, grads, step)
             else:
-                _single_tensor_sgd_step(params, grads, step)
+                _single_tensor_sgd_step(params, grads, step, finite)
 
 
-def _single_tensor_sgd_step(params: list[Tensor], grads: list[Tensor], step: Tensor) -> None:
-    """x <- x - step * g, one tensor at a time (the readable truth)."""
+def _single_tensor_sgd_step(params: list[Tensor], grads: list[Tensor], step: Tensor,
+                            finite: Tensor | None = None) -> None:
+    """x <- x - step * g, one tensor at a time (the readable truth); ``g`` is taken as 0 where
+    ``finite`` is False (then ``step`` is 0 too, and x - 0 * 0 is x)."""
     for p, g in zip(params, grads):
         x = local_tensor(p)
-        x.sub_(g.to(x.dtype) * step.to(x.dtype))
+        g = g.to(x.dtype)
+        if finite is not None:
+            g = torch.where(finite, g, 0.0)
+        x.sub_(g * step.to(x.dtype))
 
 
 def _multi_tensor_sgd_step(params: list[Tensor], grads: list[Tensor], step: Tensor) -> None:
@@ -120,11 +143,12 @@ def _multi_tensor_ema_(avgs: list[Tensor], values: list[Tensor], keep: Tensor) -
     add_scaled_(avgs, values, (1 - keep).to(avgs[0].dtype))
 
 
-def _check_common(owner: str, lr: Any, f_star: Any, max_step: Any) -> Any:
-    """Check lr, f_star and max_step; returns lr (a one-element tensor as a 0-d view)."""
+def _check_common(owner: str, lr: Any, f_star: Any, max_step: Any, skip_nonfinite: Any) -> Any:
+    """Check lr, f_star, max_step and skip_nonfinite; returns lr (a one-element tensor as a 0-d view)."""
     lr = v.check_lr(owner, lr, recommended=1.0)
     v.check_range(owner, "f_star", f_star, recommended=0.0)
     v.check_optional_range(owner, "max_step", max_step, 0.0, None, inclusive="()")
+    v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
     return lr
 
 
@@ -144,6 +168,10 @@ class Polyak(_PolyakBase):
             non-negative losses that can be driven to 0, e.g. interpolating models).
         max_step: optional cap on the step size (default None, no cap).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients, or loss, are not all finite leaves the parameters
+            and the state as they were (default True; see
+            :class:`~tuneless.optim.base.TunelessOptimizer`); False lets the NaN through, as
+            torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -164,9 +192,10 @@ class Polyak(_PolyakBase):
     registry_name = "polyak"
 
     def __init__(self, params: Any, lr: float = 1.0, *, f_star: float = 0.0, max_step: float | None = None,
-                 foreach: bool | None = None) -> None:
-        lr = _check_common("Polyak", lr, f_star, max_step)
-        super().__init__(params, dict(lr=lr, f_star=float(f_star), c=1.0, max_step=max_step, foreach=foreach))
+                 foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
+        lr = _check_common("Polyak", lr, f_star, max_step, skip_nonfinite)
+        super().__init__(params, dict(lr=lr, f_star=float(f_star), c=1.0, max_step=max_step, foreach=foreach,
+                                      skip_nonfinite=skip_nonfinite))
 
 
 class SPS(_PolyakBase):
@@ -185,6 +214,10 @@ class SPS(_PolyakBase):
         f_star: the minibatch losses' optimal value (default 0.0).
         max_step: the upper bound :math:`\gamma_b` (default None: SPS; a number: SPS_max).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients, or loss, are not all finite leaves the parameters
+            and the state as they were (default True; see
+            :class:`~tuneless.optim.base.TunelessOptimizer`); False lets the NaN through, as
+            torch.optim does.
 
     References:
         Loizou, Vaswani, Laradji, Lacoste-Julien, AISTATS 2021, arXiv:2002.10542.
@@ -193,11 +226,12 @@ class SPS(_PolyakBase):
     registry_name = "sps"
 
     def __init__(self, params: Any, lr: float = 1.0, *, c: float = 0.5, f_star: float = 0.0,
-                 max_step: float | None = None, foreach: bool | None = None) -> None:
+                 max_step: float | None = None, foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
-        lr = _check_common(owner, lr, f_star, max_step)
+        lr = _check_common(owner, lr, f_star, max_step, skip_nonfinite)
         v.check_range(owner, "c", c, 0.0, None, inclusive="()", recommended=0.5)
-        super().__init__(params, dict(lr=lr, f_star=float(f_star), c=float(c), max_step=max_step, foreach=foreach))
+        super().__init__(params, dict(lr=lr, f_star=float(f_star), c=float(c), max_step=max_step, foreach=foreach,
+                                      skip_nonfinite=skip_nonfinite))
 
 
 class SPSMax(SPS):
@@ -211,10 +245,11 @@ class SPSMax(SPS):
     learning_rate_free = False  # the bound gamma_b is a tuned quantity
 
     def __init__(self, params: Any, lr: float = 1.0, *, c: float = 0.5, f_star: float = 0.0,
-                 max_step: float = 10.0, foreach: bool | None = None) -> None:
+                 max_step: float = 10.0, foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
         if max_step is None:
             v.fail("SPSMax", "max_step", max_step, "0 < max_step (use SPS for no bound)", 10.0)
-        super().__init__(params, lr, c=c, f_star=f_star, max_step=max_step, foreach=foreach)
+        super().__init__(params, lr, c=c, f_star=f_star, max_step=max_step, foreach=foreach,
+                         skip_nonfinite=skip_nonfinite)
 
 
 class Momo(TunelessOptimizer):
@@ -249,6 +284,10 @@ class Momo(TunelessOptimizer):
         estimate_lower_bound: learn f* online (MoMo*, default False).
         weight_decay: decoupled-proximal weight decay λ (default 0.0).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients, or loss, are not all finite leaves the parameters
+            and the state as they were (default True; see
+            :class:`~tuneless.optim.base.TunelessOptimizer`); False lets the NaN through, as
+            torch.optim does.
 
     References:
         Schaipp, Ohana, Eickenberg, Defazio, Gower, "MoMo: Momentum Models for Adaptive
@@ -262,16 +301,18 @@ class Momo(TunelessOptimizer):
 
     def __init__(self, params: Any, lr: float = 1.0, *, beta: float = 0.9, lower_bound: float = 0.0,
                  estimate_lower_bound: bool = False, weight_decay: float = 0.0,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "beta", beta, 0.0, 1.0, inclusive="[)", recommended=0.9)
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
         v.check_bool(owner, "estimate_lower_bound", estimate_lower_bound)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         super().__init__(params, dict(lr=lr, beta=float(beta), lower_bound=float(lower_bound),
                                       estimate_lower_bound=estimate_lower_bound,
-                                      weight_decay=float(weight_decay), foreach=foreach))
+                                      weight_decay=float(weight_decay), foreach=foreach,
+                                      skip_nonfinite=skip_nonfinite))
 
     def _init_state(self) -> None:
         for group in self.param_groups:
@@ -282,6 +323,14 @@ class Momo(TunelessOptimizer):
                 group["grad_dot_x_avg"] = self._scalar(0.0)  # \bar\gamma_k
                 group["f_star_estimate"] = self._scalar(group["lower_bound"])  # \ell_k
                 group["momo_step"] = 0
+            # The steps taken, a 0-d int64 tensor on the parameters' device: a skipped step does
+            # not count, and whether a step is the first is decided there (no host read). A
+            # Python int (a checkpoint from before, a test) is taken over as it is.
+            step, device = group["momo_step"], self._stat_device()
+            if not isinstance(step, Tensor):
+                group["momo_step"] = torch.full((), int(step), dtype=torch.int64, device=device)
+            elif step.device != device:  # a checkpoint loaded on another device
+                group["momo_step"] = step.to(device)
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
@@ -290,23 +339,35 @@ class Momo(TunelessOptimizer):
         per_group = [self._params_with_grad(g) for g in self.param_groups]
         first = self.param_groups[0]["momo_step"] == 0
         ok_loss = torch.isfinite(loss)
+        # A step that is not finite (``finite`` False): computed from zero gradients with the
+        # weight of the past at 1 (the averages d_k keep their values); the scalar averages,
+        # the bound, the counter and the published step size keep theirs (gated), the step
+        # size applied is 0 and the weight-decay division is by 1.
+        finite = self._step_finite()
+        ok = ok_loss if finite is None else ok_loss & finite
         one = torch.ones((), dtype=dtype, device=device)
+        zero = torch.zeros((), dtype=dtype, device=device)
         # 1. Update the gradient averages d_k and gather <g, x>, <d, x> and ||d||^2.
         stats = torch.zeros(3, dtype=dtype, device=device)
         keeps = []
         for group, (params, grads) in zip(self.param_groups, per_group):
             # Weight of the past: beta, 0 at the first step (averages start at the first
             # values), 1 when the loss is not finite (the step is skipped).
-            keep = torch.where(ok_loss, torch.full((), 0.0 if first else group["beta"], dtype=dtype, device=device), one)
+            keep = torch.where(ok, torch.where(first, zero, torch.full((), group["beta"], dtype=dtype, device=device)), one)
             keeps.append(keep)
             xs = [local_tensor(p) for p in params]
             ds = [local_tensor(self._grad_avg(p)) for p in params]
             if self._use_foreach(group):
+                # zeros on a step that is not finite; the buffers are reused by the next group,
+                # whose gradients are taken only once this group's are used
+                grads = self._finite_grads(grads)
                 g_dot_x = total_dots((grads, xs), ((0, 1),), dtype, device, self._scratch())
                 _multi_tensor_ema_(ds, grads, keep)
                 stats = stats + torch.cat([g_dot_x, total_dots((ds, xs), ((0, 1), (0, 0)), dtype, device,
                                                                self._scratch())])
             else:
+                if finite is not None:
+                    grads = [torch.where(finite, g, 0.0) for g in grads]
                 g_dot_x = total_dot_loop(grads, xs, dtype, device)
                 _single_tensor_ema_(ds, grads, keep)
                 stats = stats + torch.stack([g_dot_x, total_dot_loop(ds, xs, dtype, device),
@@ -315,12 +376,12 @@ class Momo(TunelessOptimizer):
         # 2. Scalar averages, the model value h_k, the step size and the bound; then the step.
         safe_loss = torch.where(ok_loss, loss, torch.zeros_like(loss))
         for group, keep, (params, _) in zip(self.param_groups, keeps, per_group):
-            group["loss_avg"] = keep * group["loss_avg"] + (1 - keep) * safe_loss
-            group["grad_dot_x_avg"] = keep * group["grad_dot_x_avg"] + (1 - keep) * g_dot_x
+            old_loss_avg, old_gx_avg, old_ell = group["loss_avg"], group["grad_dot_x_avg"], group["f_star_estimate"]
+            loss_avg = keep * old_loss_avg + (1 - keep) * safe_loss
+            gx_avg = keep * old_gx_avg + (1 - keep) * g_dot_x
             lr, wd, lb0 = lr_in(group["lr"], dtype), group["weight_decay"], group["lower_bound"]
             scale = 1.0 + lr * wd
-            loss_avg, gx_avg = group["loss_avg"], group["grad_dot_x_avg"]
-            ell = group["f_star_estimate"]
+            ell = old_ell
             if group["estimate_lower_bound"]:
                 cap = scale * loss_avg + d_dot_x - scale * gx_avg
                 ell = torch.where(cap < scale * ell, torch.clamp(cap / (2 * scale), min=lb0), ell)
@@ -332,9 +393,17 @@ class Momo(TunelessOptimizer):
                 h = loss_avg + d_dot_x - gx_avg  # the model's value at x_k
                 new_ell = torch.clamp(h - 0.5 * tau * d_sq, min=lb0)
                 ell = torch.where(ok_loss & torch.isfinite(new_ell), new_ell, ell)
-            group["f_star_estimate"] = ell
-            group["momo_step"] += 1
-            self._publish_step_size(group, tau)
+            group["loss_avg"] = gate(finite, loss_avg, old_loss_avg)
+            group["grad_dot_x_avg"] = gate(finite, gx_avg, old_gx_avg)
+            group["f_star_estimate"] = gate(finite, ell, old_ell)
+            group["momo_step"] = group["momo_step"] + (1 if finite is None else finite)
+            self._publish_step_size(group, gate(finite, tau, group.get(STEP_SIZE_KEY, 0.0)))
+            if finite is not None:
+                tau = gate(finite, tau, 0.0)
+                if wd > 0:  # divide by exactly 1 on a skipped step (a 0-d divisor in the statistics
+                    # dtype: on the CPU the quotients are those of the number, checked bit for bit)
+                    scale = gate(finite, scale if isinstance(scale, Tensor) else
+                                 torch.full((), scale, dtype=dtype, device=device), 1.0)
             avgs = [local_tensor(self.state[p]["grad_avg"]) for p in params]
             xs = [local_tensor(p) for p in params]
             if self._use_foreach(group):
@@ -374,6 +443,6 @@ class MomoStar(Momo):
     registry_name = "momo_star"
 
     def __init__(self, params: Any, lr: float = 1.0, *, beta: float = 0.9, lower_bound: float = 0.0,
-                 weight_decay: float = 0.0, foreach: bool | None = None) -> None:
+                 weight_decay: float = 0.0, foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
         super().__init__(params, lr, beta=beta, lower_bound=lower_bound, estimate_lower_bound=True,
-                         weight_decay=weight_decay, foreach=foreach)
+                         weight_decay=weight_decay, foreach=foreach, skip_nonfinite=skip_nonfinite)
