@@ -180,8 +180,6 @@ AGED_FAILURES: dict[str, str] = {
                            numbers="G ~1.2e8 grew by 8.0 instead of 11.65"),
     "LDoG": _F32_SUM.format(where="dog.py: group['grad_sq_sum'] per tensor",
                             numbers="grew by [0.25, 0.00195, 8.0] instead of [0.372, 0.00247, 11.28]"),
-    "COCOB": _F32_SUM.format(where="cocob.py: state['abs_grad_sum'] and 'neg_grad_sum' (per coordinate, parameter dtype)",
-                             numbers="L ~3.8e6 grew by [0.0625, 0.0, 0.0156] instead of [0.0842, 0.0006, 0.0144]"),
 }
 
 

@@ -237,6 +237,26 @@ class TunelessOptimizer(torch.optim.Optimizer):
             fail(type(self).__name__, "skip_nonfinite", value, "True or False")
         self.defaults["skip_nonfinite"] = value
 
+    #: per-parameter state kept in float64 whatever the parameter's dtype (sums that grow for as
+    #: long as training runs). torch's ``load_state_dict`` casts state to the parameter's dtype;
+    #: :meth:`load_state_dict` puts these back from the checkpoint's own float64 values.
+    _float64_state: ClassVar[tuple[str, ...]] = ()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping the float64 state of :attr:`_float64_state` in float64
+        (torch would round it to the parameter's dtype: a resumed run would then differ)."""
+        keys = type(self)._float64_state
+        kept: list[tuple[Tensor, str, Tensor]] = []
+        if keys:
+            saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+            params = [p for group in self.param_groups for p in group["params"]]
+            for i, p in zip(saved_ids, params):
+                entry = state_dict["state"].get(i, {})
+                kept += [(p, k, entry[k]) for k in keys if isinstance(entry.get(k), Tensor)]
+        super().load_state_dict(state_dict)
+        for p, key, value in kept:
+            self.state[p][key] = value.to(device=p.device, dtype=torch.float64, copy=True)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, refusing complex parameters first (see :attr:`supports_complex`)."""
         params = param_group["params"]

@@ -92,12 +92,15 @@ class COCOB(TunelessOptimizer):
     .. note:: The published step size (``group["effective_lr"]``) is the group's ``lr``: the
        method has no global step size, each coordinate bets its own fraction.
 
-    .. warning:: Memory: five buffers per parameter (the reference keeps five too). Betting
+    .. warning:: Memory: five buffers per parameter (the reference keeps five too), the two
+       growing sums in float64 (so that they keep their increments over very long runs): 28
+       bytes per float32 parameter. Betting
        assumes bounded gradients; a single huge gradient raises :math:`L` for good and makes
        that coordinate cautious afterwards (gradient clipping helps with spikes).
     """
 
     registry_name = "cocob"
+    _float64_state = ("neg_grad_sum", "abs_grad_sum")
 
     def __init__(self, params: Any, lr: float = 1.0, *, alpha: float = 100.0, eps: float = 1e-8,
                  weight_decay: float = 0.0, foreach: bool | None = None, fused: bool = False,
@@ -117,10 +120,12 @@ class COCOB(TunelessOptimizer):
     def _state_of(self, p: Tensor, eps: float) -> dict[str, Tensor]:
         state = self.state[p]
         if "bet" not in state:
-            # Sum of the negative gradients, theta_t.
-            state["neg_grad_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # Sum of the absolute values of the gradients, G_t.
-            state["abs_grad_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # Sum of the negative gradients, theta_t, and of their absolute values, G_t: float64,
+            # whatever the parameters' dtype. They grow for as long as training runs; in float32
+            # an increment is lost once the sum is ~10^7 times larger (about 10^7 steps), in
+            # bfloat16 after ~256 steps (docs/robustness.md, "Long runs").
+            state["neg_grad_sum"] = torch.zeros_like(p, dtype=torch.float64, memory_format=torch.preserve_format)
+            state["abs_grad_sum"] = torch.zeros_like(p, dtype=torch.float64, memory_format=torch.preserve_format)
             # Largest absolute gradient seen so far, L_t (starts at eps).
             state["max_abs_grad"] = torch.full_like(p, eps, memory_format=torch.preserve_format)
             # Reward (wealth won by the bets so far), R_t >= 0.
@@ -182,27 +187,27 @@ def _multi_tensor_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: 
                 g = torch._foreach_add(g, x, alpha=weight_decay)
             else:
                 g = torch._foreach_add(g, torch._foreach_mul(x, gate(finite, lr.new_tensor(weight_decay, dtype=dt), 0.0)))
-        # Reward of the bet just played, then x <- x - lr * b_t (b's buffer becomes free).
+        # The reward of the bet just played; the two sums (float64); the largest gradient.
         torch._foreach_addcmul_(R, g, b, value=-1.0)
         torch._foreach_clamp_min_(R, 0.0)
-        add_scaled_(x, b, -step)
         torch._foreach_sub_(theta, g)
-        den = torch._foreach_abs(g)
-        torch._foreach_maximum_(L, den)
-        torch._foreach_add_(G, den)
-        # den <- L * max(G + L, alpha * L), with b as scratch for alpha * L
-        torch._foreach_copy_(den, G)
-        torch._foreach_add_(den, L)
-        torch._foreach_copy_(b, L)
-        torch._foreach_mul_(b, alpha)
-        torch._foreach_maximum_(den, b)
+        scratch = torch._foreach_abs(g)
+        torch._foreach_maximum_(L, scratch)
+        torch._foreach_add_(G, scratch)
+        # den <- L * max(G + L, alpha * L), in float64 (G is), with the scratch as alpha * L
+        den = torch._foreach_add(G, L)
+        torch._foreach_copy_(scratch, L)
+        torch._foreach_mul_(scratch, alpha)
+        torch._foreach_maximum_(den, scratch)
         torch._foreach_mul_(den, L)
-        # b <- theta * (L + R) / den, the new bet; then x <- x + lr * b_{t+1}
-        torch._foreach_copy_(b, L)
-        torch._foreach_add_(b, R)
-        torch._foreach_mul_(b, theta)
-        torch._foreach_div_(b, den)
-        add_scaled_(x, b, step)
+        # the new bet theta * (L + R) / den (float64, like the kernel's); x <- x + lr * (b_{t+1} - b_t)
+        torch._foreach_copy_(scratch, L)
+        torch._foreach_add_(scratch, R)
+        new_bet = torch._foreach_mul(theta, scratch)
+        torch._foreach_div_(new_bet, den)
+        change = torch._foreach_sub(new_bet, b)
+        add_scaled_(x, change, step)
+        torch._foreach_copy_(b, new_bet)
 
 
 def _cocob_kernel(x: Tensor, g: Tensor, theta: Tensor, G: Tensor, L: Tensor, R: Tensor, b: Tensor, lr: Tensor,
@@ -212,8 +217,8 @@ def _cocob_kernel(x: Tensor, g: Tensor, theta: Tensor, G: Tensor, L: Tensor, R: 
     padding's values, 0/0 included, are discarded).
 
     ``finite`` False (a step whose gradients are not all finite): the gradient is taken as 0,
-    and a zero gradient changes nothing here (the sums keep their values, so the new bet is
-    the old one and x moves by exactly 0)."""
+    so the sums keep their values and the new bet is the old one, and the lr is taken as 0, so
+    x does not move (the float64 bet differs from the stored one by its rounding)."""
     g = g.to(x.dtype)
     if weight_decay != 0:
         g = g + weight_decay * x
@@ -224,7 +229,7 @@ def _cocob_kernel(x: Tensor, g: Tensor, theta: Tensor, G: Tensor, L: Tensor, R: 
     R.copy_(torch.clamp(R - g * b, min=0.0))  # the reward of the bet b_t just played
     theta.sub_(g)
     new_bet = theta * (L + R) / (L * torch.maximum(G + L, alpha * L))
-    x.add_((new_bet - b) * lr)
+    x.add_((new_bet - b) * torch.where(finite, lr, 0.0))
     b.copy_(new_bet)
     return ()
 
