@@ -122,6 +122,7 @@ _STEPPING = "_tuneless_stepping"
 #: :meth:`TunelessOptimizer._skipping_nonfinite`).
 _STEP_FINITE = "_tuneless_step_finite"
 _FINITE_LENT = "_tuneless_finite_lent"
+_FINITE_NEXT = "_tuneless_finite_next"
 
 
 def _takes_observed_loss(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -456,6 +457,8 @@ class TunelessOptimizer(torch.optim.Optimizer):
             return
         if finite is None:
             finite = outer if outer is not None else self._finite_flag(loss)
+        if outer is None or lent:
+            self.__dict__[_FINITE_NEXT] = 0  # the copies of _finite_grads, numbered from 0 each step
         self.__dict__[_STEP_FINITE] = finite
         try:
             yield finite
@@ -534,7 +537,11 @@ class TunelessOptimizer(torch.optim.Optimizer):
         finite = self._step_finite()
         if finite is None:
             return grads
-        return zeros_unless(finite, grads, self.__dict__.setdefault("_tuneless_finite_buffers", {}))
+        # numbered across the calls of one step, so that copies taken for several groups (or
+        # twice) never share a buffer, and each step reuses the previous step's buffers
+        first = self.__dict__.get(_FINITE_NEXT, 0)
+        self.__dict__[_FINITE_NEXT] = first + len(grads)
+        return zeros_unless(finite, grads, self.__dict__.setdefault("_tuneless_finite_buffers", {}), first=first)
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - abstract
         """Apply one update; ``loss`` is a 0-d tensor (statistics dtype) or None."""
@@ -663,15 +670,16 @@ def gate(finite: Tensor | None, new: Tensor, old: Any) -> Tensor:
     return torch.where(finite, new, old)
 
 
-def zeros_unless(finite: Tensor, tensors: Sequence[Tensor], buffers: dict[Any, Tensor] | None = None) -> list[Tensor]:
+def zeros_unless(finite: Tensor, tensors: Sequence[Tensor], buffers: dict[Any, Tensor] | None = None,
+                 first: int = 0) -> list[Tensor]:
     """``tensors`` where the step is finite, else tensors of zeros: copies, ``torch.where``.
 
     A step computed from all-zero gradients cannot pick up a NaN, and is easy to make an exact
     no-op (see :meth:`TunelessOptimizer._finite_grads`). ``buffers`` (a dict kept by the caller)
-    holds the copies from step to step, keyed by position, shape, dtype and device, so that a
-    warm step allocates nothing."""
+    holds the copies from step to step, keyed by position (counted from ``first``), shape,
+    dtype and device, so that a warm step allocates nothing."""
     out = []
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(tensors, start=first):
         if buffers is None:
             out.append(torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device)))
             continue
