@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test env
+.PHONY: demo test env long-runs
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,7 @@ demo: $(STAMP)
 ## test: make the environment with the test extras and run the whole test suite
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+## long-runs: one real run of 10^5 steps per optimizer family (tests/test_long_runs.py; CI runs it after the suite)
+long-runs: $(STAMP)
+	TUNELESS_LONG_RUN_STEPS=100000 $(VENV)/bin/python -m pytest -q tests/test_long_runs.py -k long_run
