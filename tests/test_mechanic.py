@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tuneless
-from tuneless import LossRequiredError, Mechanic, Polyak
+from tuneless import COCOB, LossRequiredError, Mechanic, Polyak
 
 
 def make_params():
@@ -210,9 +210,10 @@ class SkipsNonFinite(torch.optim.SGD):
 
 
 def test_non_finite_statistics_do_not_poison_the_scale() -> None:
-    """A step whose gradient is infinite: the base skips it, and Mechanic's tuner takes h = 0."""
+    """A step whose gradient is infinite, with Mechanic's own skip off: the base skips it, and
+    Mechanic's tuner takes h = 0."""
     ps = make_params()
-    opt = Mechanic(SkipsNonFinite(ps, lr=1.0))
+    opt = Mechanic(SkipsNonFinite(ps, lr=1.0), skip_nonfinite=False)
     start = {p: p.detach().clone() for p in ps}
     for _ in range(5):
         step(opt, ps)
@@ -338,3 +339,125 @@ def test_loads_a_checkpoint_that_still_stores_x_ref() -> None:
             step(fresh, ps)
         finals.append([p.detach().clone() for p in ps])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+# ----------------------------------------------------------------------------- the non-finite skip
+
+SKIP_BASES = {
+    "SGD-momentum": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9),
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
+    "COCOB": lambda ps: COCOB(ps),
+    "Polyak": lambda ps: Polyak(ps, f_star=0.0, max_step=1.0),
+}
+
+
+def _run_ending_with(make, bad: str | None, steps: int = 4):
+    """``steps`` clean steps, then one more: with ``bad`` ('nan', 'inf_loss') injected, or none."""
+    ps = make_params()
+    opt = make(ps)
+    for _ in range(steps):
+        _step_with_loss(opt, ps)
+    if bad is not None:
+        opt.zero_grad()
+        loss = loss_of(ps)
+        loss.backward()
+        if bad == "nan":
+            ps[1].grad[2] = float("nan")
+        else:
+            loss = loss.detach() + float("inf")
+        opt.step(loss=loss)
+    return ps, opt
+
+
+def _step_with_loss(opt, ps):
+    opt.zero_grad()
+    loss = loss_of(ps)
+    loss.backward()
+    opt.step(loss=loss)
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["foreach", "per-parameter"])
+@pytest.mark.parametrize("base", list(SKIP_BASES))
+def test_a_skipped_step_leaves_everything_as_it_was_the_published_step_size_included(base, foreach) -> None:
+    """The bad step is the last one, so that what it published is compared too (later steps
+    overwrite it): on the base's shared groups a gated tuneless base keeps Mechanic's product
+    S x its step size, which Mechanic must not scale again."""
+    def make(ps):
+        return Mechanic(SKIP_BASES[base](ps), foreach=foreach)
+
+    ref_ps, ref = _run_ending_with(make, None)
+    cases = ["nan", "inf_loss"] if base == "Polyak" else ["nan"]
+    for case in cases:
+        ps, opt = _run_ending_with(make, case)
+        assert all(torch.equal(a, b) for a, b in zip(ref_ps, ps)), case
+        assert opt.skipped_steps() == [1]
+        mine, theirs = opt.state_dict(), ref.state_dict()
+        assert mine["state"].keys() == theirs["state"].keys()
+        for key, entry in theirs["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(mine["state"][key][name], value), (case, key, name)
+        for name, value in theirs["param_groups"][0].items():
+            if name != "skipped_steps":
+                same = torch.equal(mine["param_groups"][0][name], value) if isinstance(value, torch.Tensor) \
+                    else mine["param_groups"][0][name] == value
+                assert same, (case, name, mine["param_groups"][0][name], value)
+
+
+def test_a_skipped_step_puts_back_a_frozen_group_of_a_torch_base() -> None:
+    """A group frozen by lr = 0 is not Mechanic's to move, but torch's SGD writes 0 x NaN into it:
+    it is put back from the snapshot (the tuned parameters, from Mechanic's copy of x_t)."""
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.0}], lr=1.0, momentum=0.9))
+    for _ in range(3):
+        step(opt, ps)
+    held = [p.detach().clone() for p in ps]
+    saved = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    loss_of(ps).backward()
+    ps[2].grad[0] = float("nan")
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, held))
+    after = opt.state_dict()
+    for key, entry in saved["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), (key, name)
+    assert opt.skipped_steps() == [1, 1]
+
+
+def test_the_wrappers_setting_decides_for_a_tuneless_base() -> None:
+    # the base opted out, Mechanic did not: the step is skipped, base included
+    ps = make_params()
+    opt = Mechanic(COCOB(ps, skip_nonfinite=False))
+    for _ in range(3):
+        step(opt, ps)
+    held = [p.detach().clone() for p in ps]
+    opt.zero_grad()
+    loss_of(ps).backward()
+    ps[0].grad[1, 1] = float("nan")
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, held)) and opt.skipped_steps() == [1]
+    assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values())
+    assert all(torch.isfinite(t).all() for s in opt.base_optimizer.state.values() for t in s.values())
+    # Mechanic opted out, the base did not: the NaN goes through (as torch.optim), nothing is counted
+    ps = make_params()
+    opt = Mechanic(COCOB(ps), skip_nonfinite=False)
+    step(opt, ps)
+    opt.zero_grad()
+    loss_of(ps).backward()
+    ps[0].grad[1, 1] = float("nan")
+    opt.step()
+    assert not torch.isfinite(ps[0]).all()
+    assert "skipped_steps" not in opt.param_groups[0]
+    assert opt.base_optimizer.skip_nonfinite is True  # its own setting is left as it was
+
+
+def test_skip_nonfinite_is_one_setting_for_every_group() -> None:
+    ps = make_params()
+    opt = Mechanic(torch.optim.SGD(ps[:2], lr=1.0))
+    with pytest.raises(ValueError, match="skip_nonfinite=False"):
+        opt.add_param_group({"params": [ps[2]], "skip_nonfinite": False})
+    opt.add_param_group({"params": [ps[2]], "skip_nonfinite": True})
+    assert all("skip_nonfinite" not in g for g in opt.param_groups)
+    assert opt.skip_nonfinite is True and opt.state_dict()["param_groups"][1].get("skip_nonfinite") is None
+    with pytest.raises(tuneless.InvalidArgumentError, match="skip_nonfinite"):
+        Mechanic(torch.optim.SGD(make_params(), lr=1.0), skip_nonfinite=1)

@@ -44,7 +44,9 @@ What differs from the reference, deliberately:
   in the state and reused (the default on a CPU, where allocating it costs page faults each
   step; it is not saved in ``state_dict``): see ``reuse_buffer``. Peak during a step: two
   buffers over the base's (the reference: four, as it also copies the gradients and makes a
-  temporary; measured in ``tests/test_parity_mechanic.py``). The
+  temporary; measured in ``tests/test_parity_mechanic.py``), and, with the non-finite skip
+  over a torch base, a copy of that base's state (not of the parameters: the copy of
+  :math:`x_t` serves to put them back). The
   price: the parameters accumulate one rounding per step, as under any optimizer, instead of
   being recomputed from a fixed :math:`x_{ref}`.
 * **No host synchronization** in a step (the reference reads the scale with Python's ``max``
@@ -65,7 +67,20 @@ What differs from the reference, deliberately:
   parameters between two steps (loading weights, say) moves the reference point with them
   instead of being read as part of the next base update.
 * A non-finite :math:`h_t` (a NaN or infinite gradient) is taken as 0 by the tuner, so that
-  one bad batch does not poison :math:`S` for good.
+  one bad batch does not poison :math:`S` for good (with ``skip_nonfinite=False``; by default
+  such a step is skipped altogether).
+* **A non-finite step is skipped** (``skip_nonfinite=True``, the default, as in every tuneless
+  class): when a gradient, or the loss of a loss-based base, is NaN or infinite, the step leaves
+  the parameters, :math:`\Delta`, the tuner's scalars, its counter, the published step size and
+  the base optimizer's state exactly as they were (one device flag, no host sync). A tuneless
+  base steps under Mechanic's flag and gates itself; a base that tuneless does not own
+  (``torch.optim.*``) steps as usual, then its state is put back from a copy taken before its
+  step (:class:`~tuneless.optim.base.OptimizerSnapshot`: a copy of the base's state tensors
+  and a select per step, only while ``skip_nonfinite`` is on), and Mechanic's update writes
+  :math:`x_t` back from the copy it takes anyway (so the parameters are not copied twice).
+  Mechanic's setting decides for a tuneless base too, whatever the base's own. Not undone: a
+  torch base's state created by a skipped *first* step (``torch.optim.Adam``'s moments made
+  from the NaN gradient), which ``OptimizerSnapshot`` keeps.
 
 Kept from the reference although the paper differs (so that parity holds): :math:`\epsilon`
 is added to the norm :math:`\|x_t\|` of the ``s_decay`` term, and the running maximum of
@@ -83,7 +98,8 @@ from .. import _validate as v
 from ._batched import (Scratch, cpu_paths, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
                        flat_sum_of_squares, total_dot_loop, total_dots, total_sum_of_squares_loop)
 from ._fused import FusedKernel
-from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor, lr_moves
+from .base import (SKIPPED_STEPS_KEY, STEP_SIZE_KEY, OptimizerSnapshot, TunelessOptimizer, gate, local_tensor,
+                   lr_moves)
 
 __all__ = ["Mechanic", "DEFAULT_BASE"]
 
@@ -154,6 +170,12 @@ class Mechanic(TunelessOptimizer):
             False; see :mod:`tuneless.optim._fused`: compiles at the first step); ignores
             ``foreach``. The base optimizer keeps its own setting (e.g. ``torch.optim.Adam(...,
             fused=True)``).
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does. Mechanic's setting decides for the
+            base optimizer too: a tuneless base skips (or not) with Mechanic, whatever its own
+            ``skip_nonfinite``; a torch base's state is put back from a copy taken before its
+            step (memory and time: a copy of its state per step).
 
     Example:
         >>> import torch, tuneless
@@ -185,7 +207,8 @@ class Mechanic(TunelessOptimizer):
 
     def __init__(self, params: Any, base: str | None = None, *, s_decay: float = 0.01,
                  betas: tuple[float, ...] = _DEFAULT_BETAS, s_init: float = 1e-8, eps: float = 1e-8,
-                 reuse_buffer: bool | None = None, foreach: bool | None = None, fused: bool = False) -> None:
+                 reuse_buffer: bool | None = None, foreach: bool | None = None, fused: bool = False,
+                 skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         v.check_range(owner, "s_decay", s_decay, 0.0, None, inclusive="[)", recommended=0.01)
         betas = _check_beta_list(owner, betas)
@@ -196,6 +219,7 @@ class Mechanic(TunelessOptimizer):
         v.check_bool(owner, "fused", fused)
         if reuse_buffer is not None:
             v.check_bool(owner, "reuse_buffer", reuse_buffer)
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         if isinstance(params, torch.optim.Optimizer):
             if base is not None:
                 v.fail(owner, "base", base, "None when an optimizer is given (that optimizer is the base)")
@@ -217,7 +241,7 @@ class Mechanic(TunelessOptimizer):
         self.requires_loss = bool(getattr(base_optimizer, "requires_loss", False))
         defaults = dict(foreach=foreach, mechanic_fused=fused, mechanic_reuse_buffer=reuse_buffer,
                         mechanic_s_decay=float(s_decay), mechanic_betas=betas, mechanic_s_init=float(s_init),
-                        mechanic_eps=float(eps))
+                        mechanic_eps=float(eps), skip_nonfinite=skip_nonfinite)
         super().__init__(base_optimizer.param_groups, defaults)
         # From here on the groups are the base's own list: whatever changes them (a scheduler,
         # add_param_group, zero_grad) changes them for both.
@@ -234,9 +258,16 @@ class Mechanic(TunelessOptimizer):
         params = param_group["params"]
         param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
         self._refuse_complex(param_group["params"])
+        own = param_group.pop("skip_nonfinite", None)
+        if own is not None and own != self.skip_nonfinite:
+            raise ValueError(
+                f"{type(self).__name__}: a param group sets skip_nonfinite={own!r}, the optimizer "
+                f"{self.skip_nonfinite!r}; allowed: one setting for the whole optimizer "
+                f"(one decision per step over every group), given to the constructor")
         self.base_optimizer.add_param_group(param_group)
         for key, value in self.defaults.items():
-            self.param_groups[-1].setdefault(key, value)
+            if key != "skip_nonfinite":  # one setting for the optimizer, kept in defaults only
+                self.param_groups[-1].setdefault(key, value)
         if _S in self.param_groups[0]:
             for key in (_S, _M, _V, _R, _STEP):
                 self.param_groups[-1][key] = self.param_groups[0][key]
@@ -312,28 +343,57 @@ class Mechanic(TunelessOptimizer):
                 loss = closure()
         with torch.no_grad():
             self._check_gradients()
-            tuned = self._prepare()
-            # Before the base step: the statistics at x_t, the new scale, a copy of x_t.
-            pending = self._measure(tuned)
-            # The base runs in the caller's grad mode (as the reference does, for
-            # differentiable optimizers); both context managers restore the mode on any exit.
-            # If it raises, nothing of Mechanic's has changed.
-            with torch.set_grad_enabled(grad_mode):
-                self._base_step(closure, loss)
-            self._apply(pending)
+            # The loss enters the flag only for a loss-based base (as in TunelessOptimizer.step).
+            # It is this rank's loss: the base averages it over the data-parallel ranks in its own
+            # step (one collective, which Mechanic does not repeat). Under sharding the flag's
+            # all-reduce makes the decision common; under DDP a non-finite loss reaches every
+            # rank's decision through its gradients, which DDP averages (a loss that is not finite
+            # while its own gradients are would be seen by its rank only).
+            flag_loss = (self._as_loss_tensor(loss) if loss is not None and self.requires_loss and self.skip_nonfinite
+                         else None)
+            with self._skipping_nonfinite(flag_loss) as finite:
+                tuned = self._prepare()
+                # Before the base step: the statistics at x_t, the new scale, a copy of x_t.
+                pending = self._measure(tuned, finite)
+                published = [group.get(STEP_SIZE_KEY) for group in self.param_groups]
+                # The base runs in the caller's grad mode (as the reference does, for
+                # differentiable optimizers); both context managers restore the mode on any exit.
+                # If it raises, nothing of Mechanic's has changed.
+                with torch.set_grad_enabled(grad_mode):
+                    self._base_step(closure, loss, finite, pending)
+                self._apply(pending, finite, published)
         return loss
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - step() is overridden
         raise NotImplementedError("Mechanic.step runs the base optimizer itself")
 
-    def _base_step(self, closure: Callable[[], Any] | None, loss: Any) -> None:
+    def _base_step(self, closure: Callable[[], Any] | None, loss: Any, finite: Tensor | None,
+                   pending: _Pending | None) -> None:
+        """The base optimizer's step, undone when ``finite`` is False: a tuneless base steps under
+        Mechanic's flag (and gates itself); a torch base steps, then its state is put back from a
+        snapshot (the tuned parameters, of which Mechanic holds the copy x_t, are put back by
+        :meth:`_apply`). With ``finite`` None (Mechanic's ``skip_nonfinite=False``) a tuneless
+        base does not skip either: Mechanic's setting decides for both."""
         base = self.base_optimizer
         if isinstance(base, TunelessOptimizer):
-            base.step(loss=loss)
-        elif closure is not None:
+            if finite is not None:
+                with self._lending_finite(base):
+                    base.step(loss=loss)
+                return
+            own = base.defaults.get("skip_nonfinite", True)
+            base.defaults["skip_nonfinite"] = False
+            try:
+                base.step(loss=loss)
+            finally:
+                base.defaults["skip_nonfinite"] = own
+            return
+        snapshot = None if finite is None else _BaseSnapshot(base, pending.tuned if pending is not None else [])
+        if closure is not None:
             base.step(_first_call_returns(loss, closure))
         else:
             base.step()
+        if snapshot is not None:
+            snapshot.restore_unless(finite)
 
     def _prepare(self) -> list[Tensor] | None:
         """The parameters tuned at this step, or None when every group is frozen (the same on
@@ -384,10 +444,15 @@ class Mechanic(TunelessOptimizer):
                 out.append(torch.empty_like(local_tensor(p)))  # freed with the step
         return out
 
-    def _measure(self, tuned: list[Tensor] | None) -> _Pending | None:
+    def _measure(self, tuned: list[Tensor] | None, finite: Tensor | None) -> _Pending | None:
         """Before the base step: h_t's statistics at x_t (one reduction, entered even by a rank
         with no gradient at all), the tuner's next state, and a copy of x_t (the base's update
-        is read against it). Nothing else is stored yet."""
+        is read against it). Nothing else is stored yet.
+
+        A step that is not finite (``finite`` False): the tuner's next state is its current one,
+        and both scales of the update are 0, so that x = x_t - 0 Delta + 0 Delta = x_t and
+        Delta += u_t = 0 (the base did not move: it was skipped or put back). The statistics are
+        read from the gradients as they are: whatever they hold is discarded by the selects."""
         if tuned is None:  # nothing is tuned on any rank: no statistics, the scale stays, nothing moves
             return None
         dtype, device = self._stat_dtype(), self._stat_device()
@@ -422,18 +487,27 @@ class Mechanic(TunelessOptimizer):
             moving = torch.stack([lr_moves(lr, s) for lr in tensor_lrs]).amax() > 0
             old = (first[_S], first[_M], first[_V], first[_R])
             s, m, sum_sq, reward = (torch.where(moving, new, prev) for new, prev in zip((s, m, sum_sq, reward), old))
-        return _Pending(tuned, deltas, starts, (s, m, sum_sq, reward), scale, torch.clamp(s.sum(), min=0.0))
+        new_scale = torch.clamp(s.sum(), min=0.0)
+        if finite is not None:  # a step that is not finite: the tuner keeps its state, nothing moves
+            old = (first[_S], first[_M], first[_V], first[_R])
+            s, m, sum_sq, reward = (torch.where(finite, new, prev) for new, prev in zip((s, m, sum_sq, reward), old))
+            return _Pending(tuned, deltas, starts, (s, m, sum_sq, reward), gate(finite, scale, 0.0),
+                            gate(finite, new_scale, 0.0))
+        return _Pending(tuned, deltas, starts, (s, m, sum_sq, reward), scale, new_scale)
 
-    def _apply(self, pending: _Pending | None) -> None:
+    def _apply(self, pending: _Pending | None, finite: Tensor | None, published: list[Any]) -> None:
         """After the base step: the tuner's state stored, Delta += u_t and x = x_ref + S_{t+1} Delta
         for the tuned parameters (the frozen ones stay where they are: their implied reference
-        point x - S Delta absorbs the change of scale)."""
+        point x - S Delta absorbs the change of scale). On a step that is not finite the counter
+        and the published step sizes keep their values (``published``: those before the step)."""
         first = self.param_groups[0]
         if pending is None:
-            self._publish(first[_S].sum())
+            self._publish(first[_S].sum(), finite, published)
             return
         s, m, sum_sq, reward = pending.tuner
-        step = first[_STEP] + 1
+        # The counter: a Python int with skip_nonfinite=False, else a 0-d tensor that counts the
+        # finite steps (no host read).
+        step = first[_STEP] + 1 if finite is None else first[_STEP] + finite.to(torch.int64)
         for group in self.param_groups:
             group[_S], group[_M], group[_V], group[_R], group[_STEP] = s, m, sum_sq, reward, step
         xs = [local_tensor(p) for p in pending.tuned]  # again: where the base left them
@@ -441,8 +515,13 @@ class Mechanic(TunelessOptimizer):
             fn = _fused_mechanic
         else:
             fn = _multi_tensor_mechanic if self._use_foreach(first) else _single_tensor_mechanic
-        fn(xs, pending.starts, pending.deltas, pending.scale, pending.new_scale)
-        self._publish(pending.new_scale)
+        undo = finite  # zero u_t on a step that is not finite
+        if fn is _multi_tensor_mechanic and isinstance(self.base_optimizer, TunelessOptimizer):
+            undo = None  # a tuneless base skipped the step itself: u_t is exactly 0, no pass to zero it
+        elif fn is _fused_mechanic and finite is None:
+            undo = torch.ones((), dtype=torch.bool, device=pending.scale.device)
+        fn(xs, pending.starts, pending.deltas, pending.scale, pending.new_scale, undo)
+        self._publish(pending.new_scale, finite, published)
 
     def _betas_tensor(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The betas as a tensor on the device, made once (a copy from the host would synchronize)."""
@@ -452,12 +531,17 @@ class Mechanic(TunelessOptimizer):
             self._betas_cache = cached
         return cached
 
-    def _publish(self, scale: Tensor) -> None:
-        """effective_lr = S x the base's step size (its published one, or its lr)."""
+    def _publish(self, scale: Tensor, finite: Tensor | None, published: list[Any]) -> None:
+        """effective_lr = S x the base's step size (its published one, or its lr); on a step that
+        is not finite, the value published before the step (the groups are the base's: a gated
+        tuneless base kept Mechanic's product there, which must not be scaled twice)."""
         tuneless_base = isinstance(self.base_optimizer, TunelessOptimizer)
-        for group in self.param_groups:
+        for group, before in zip(self.param_groups, published):
             base_size = group[STEP_SIZE_KEY] if tuneless_base and STEP_SIZE_KEY in group else group.get("lr", 1.0)
-            self._publish_step_size(group, scale * base_size)
+            value = scale * base_size
+            if finite is not None and isinstance(before, Tensor):
+                value = torch.where(finite, value, before)
+            self._publish_step_size(group, value)
 
 
 class _Pending(NamedTuple):
@@ -482,11 +566,16 @@ def _single_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[T
 
 
 def _single_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                            new_scale: Tensor) -> None:
-    """One tensor at a time (the readable truth): x holds x_t + u_t (the base's proposal)."""
+                            new_scale: Tensor, finite: Tensor | None) -> None:
+    """One tensor at a time (the readable truth): x holds x_t + u_t (the base's proposal).
+
+    A step that is not finite (``finite`` False) comes with both scales 0: u_t is taken as 0
+    (a torch base's proposal may hold the NaN), so Delta stays and x = x_t - 0 Delta + 0 Delta."""
     for x, start, delta in zip(xs, starts, deltas):
         s_old, s_new = scale.to(x.dtype), new_scale.to(x.dtype)
         u = x - start                    # the base's update u_t
+        if finite is not None:
+            u = torch.where(finite, u, 0.0)
         x_ref = start - s_old * delta    # x_t = x_ref + S_t Delta_t
         delta.add_(u)                    # Delta_{t+1} = Delta_t + u_t
         x.copy_(x_ref + s_new * delta)   # x_{t+1} = x_ref + S_{t+1} Delta_{t+1}
@@ -515,12 +604,18 @@ def _multi_tensor_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Te
 
 
 def _multi_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                           new_scale: Tensor) -> None:
+                           new_scale: Tensor, finite: Tensor | None) -> None:
     """The same over all tensors at once, in place (x holds u_t and the copy of x_t becomes x_ref
-    for a moment); on the CPU block by block, so that the five passes reuse the cache."""
+    for a moment); on the CPU block by block, so that the five passes reuse the cache. ``finite``
+    (given over a torch base, whose proposal may hold the NaN): u_t is zeroed where it is False
+    (one more pass; a tuneless base's u_t is already 0 on such a step)."""
+    skipped = None if finite is None else ~finite
     for x, start, delta in cache_blocks(xs, starts, deltas):
         dt = x[0].dtype
         torch._foreach_sub_(x, start)
+        if skipped is not None:
+            for u in x:
+                u.masked_fill_(skipped, 0.0)
         add_scaled_(start, delta, (-scale).to(dt))
         torch._foreach_add_(delta, x)
         torch._foreach_copy_(x, start)
@@ -537,10 +632,12 @@ def _statistics_kernel(delta: Tensor, g: Tensor, x: Tensor, sum_dtype: torch.dty
     return (d * gw).sum(), (d * xw).sum(), (xw * xw).sum(), (gw * gw).sum()
 
 
-def _update_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor) -> tuple[()]:
-    """One tensor of :func:`_single_tensor_mechanic`, compiled: u_t = x - x_t, x_ref = x_t - S_t Delta_t,
-    Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding stays 0)."""
-    u = x - start
+def _update_kernel(x: Tensor, start: Tensor, delta: Tensor, scale: Tensor, new_scale: Tensor,
+                   finite: Tensor) -> tuple[()]:
+    """One tensor of :func:`_single_tensor_mechanic`, compiled: u_t = x - x_t (0 where ``finite``
+    is False), x_ref = x_t - S_t Delta_t, Delta += u_t, x = x_ref + S_{t+1} Delta (zero padding
+    stays 0)."""
+    u = torch.where(finite, x - start, 0.0)
     x_ref = start - scale * delta
     delta.add_(u)
     x.copy_(x_ref + new_scale * delta)
@@ -563,12 +660,43 @@ def _fused_statistics(deltas: list[Tensor], gs: list[Tensor], xs: list[Tensor], 
 
 
 def _fused_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[Tensor], scale: Tensor,
-                    new_scale: Tensor) -> None:
+                    new_scale: Tensor, finite: Tensor) -> None:
     """:func:`_single_tensor_mechanic` as one compiled pass (``fused=True``)."""
     if xs:
         cd = coefficient_dtype(xs[0])
-        _UPDATE_KERNEL([xs, starts, deltas], (scale.to(cd), new_scale.to(cd)), sum_dtype=scale.dtype,
+        _UPDATE_KERNEL([xs, starts, deltas], (scale.to(cd), new_scale.to(cd), finite), sum_dtype=scale.dtype,
                        device=scale.device)
+
+
+class _BaseSnapshot(OptimizerSnapshot):
+    """:class:`~tuneless.optim.base.OptimizerSnapshot` of a base that tuneless does not own, less
+    what Mechanic puts back itself or the base does not touch: the parameters tuned at this step
+    (``held``: their copy x_t is taken anyway, and on a step that is not finite the update writes
+    x_t back), the parameters without a gradient (torch.optim's optimizers skip them) and
+    Mechanic's own param-group entries. So the skip costs a copy of the base's state, and of the
+    parameters of frozen groups (lr = 0: torch's SGD writes 0 x NaN into them), not of every
+    parameter."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, held: list[Tensor]) -> None:
+        held_ids = {id(p) for p in held}
+        self.entries = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in held_ids:
+                    self.entries.append((None, None, local_tensor(p), local_tensor(p).detach().clone()))
+                for key, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, Tensor):
+                        self.entries.append((optimizer.state[p], key, value, value.detach().clone()))
+            for key, value in group.items():
+                if key != "params" and isinstance(value, Tensor) and not _mechanics_own(key):
+                    self.entries.append((group, key, value, value.detach().clone()))
+        self.states = {p: set(optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]}
+        self.optimizer = optimizer
+
+
+def _mechanics_own(key: Any) -> bool:
+    """Whether a param-group key is Mechanic's (the tuner, the published step size, the counter)."""
+    return isinstance(key, str) and (key.startswith(_PREFIX) or key in (STEP_SIZE_KEY, SKIPPED_STEPS_KEY))
 
 
 def _first_call_returns(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
