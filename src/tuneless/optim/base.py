@@ -718,17 +718,32 @@ class OptimizerSnapshot:
     @torch.no_grad()
     def restore_unless(self, finite: Tensor) -> None:
         """Where ``finite`` is False, put every copied tensor back (in place when the step
-        updated it in place, else by reassigning the entry). State created by the step (a first
-        step) is kept: its values are a function of the parameters, which are put back."""
+        updated it in place, else by reassigning the entry).
+
+        State the step created (a first step) holds values computed from the non-finite
+        gradients: on a step that is not finite its floating-point tensors are set to 0, which is
+        what torch's Adam, AdamW, Adagrad, RMSprop and SGD (without dampening) hold before their
+        first update, so their next step is again a first step; a state whose start is not 0
+        (NAdam's ``mu_product``, SGD with dampening) is not exactly restored (documented).
+        State tensors kept on the CPU while the flag is on another device (torch's
+        non-capturable step counters on CUDA) cannot be selected without a sync: untested."""
         for container, key, before, saved in self.entries:
             if container is None:
-                before.copy_(torch.where(finite, before, saved))
+                torch.where(finite, before, saved, out=before)
                 continue
             now = container.get(key)
             if now is before:
-                before.copy_(torch.where(finite, before, saved))
+                torch.where(finite, before, saved, out=before)
             elif isinstance(now, Tensor):
                 container[key] = torch.where(finite, now, saved.to(now.dtype))
+        for p, before_keys in self.states.items():
+            state = self.optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in state.items():
+                if key not in before_keys and isinstance(value, Tensor) and (value.is_floating_point() or key == "step"):
+                    zero = torch.zeros((), dtype=value.dtype, device=value.device)
+                    torch.where(finite.to(value.device), value, zero, out=value)
 
 
 def finite_or_zero(step: Tensor, *values: Tensor) -> Tensor:
