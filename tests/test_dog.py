@@ -96,6 +96,38 @@ def test_a_parameter_that_gets_a_gradient_later_starts_from_there(cls) -> None:
     torch.testing.assert_close(late.detach() - state, torch.tensor([2.0, -1.0], dtype=F64), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("first_bad", [0, 5], ids=["first-step", "joining-late"])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("cls", ALL)
+def test_a_tensor_first_stepped_at_a_skipped_step_starts_as_if_at_the_next(cls, foreach, first_bad) -> None:
+    """A NaN step that is the first one for a tensor (the very first step, or a parameter that
+    gets its first gradient then) creates its state but must change nothing: the run equals the
+    one that never called that step. The case that needs care: that tensor's r_eps (from x_0)
+    must still reach r̄, since at the next step it is no longer new."""
+    def run(skip: bool):
+        model = Quad()
+        late = torch.nn.Parameter(torch.tensor([2.0, -1.0], dtype=F64))
+        opt = cls([{"params": model.params[:2] + [late]}, {"params": [model.v]}], foreach=foreach)
+        for step in range(10):
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss() + (((late - 0.5) ** 2).sum() if step >= first_bad else 0.0)
+            loss.backward()
+            if step == first_bad:
+                if skip:
+                    continue
+                (late.grad if late.grad is not None else model.w.grad)[0] = float("nan")
+            opt.step()
+        return model.params + [late], opt
+
+    (ref, ref_opt), (ps, opt) = run(True), run(False)
+    for a, b in zip(ref, ps):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    for a, b in zip(ref_opt.param_groups, opt.param_groups):
+        for key in cls._GROUP_TENSOR_KEYS + ("effective_lr",):
+            assert torch.equal(a[key], b[key]), (key, a[key], b[key])
+    assert opt.skipped_steps() == [1, 1]
+
+
 # ----------------------------------------------------------------------------- the state: plain torch
 
 

@@ -270,3 +270,66 @@ def test_registry_and_flags() -> None:
     assert not SGDHD.learning_rate_free and not AdamHD.learning_rate_free
     assert "sgd_hd" not in tuneless.learning_rate_free()
     assert math.isclose(AdamHD(Problem.params()).param_groups[0]["hypergrad_lr"], 1e-7)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("cls, kwargs", [(SGDHD, dict(momentum=0.9, nesterov=True)), (AdamHD, dict())])
+def test_a_skipped_step_keeps_the_lr_of_the_last_step_taken(cls, kwargs, tensor_lr) -> None:
+    """The hypergradient is taken through the lr of the last step taken: when a scheduler
+    changes the lr at every step, a step skipped for a NaN gradient must not record its own lr
+    (nor count, nor move the rate): the run equals the one that never called that step."""
+    problem = Problem()
+
+    def run(skip: bool):
+        ps = Problem.params()
+        lr0 = torch.tensor(1.0, dtype=torch.float64) if tensor_lr else 1.0
+        opt = cls([{"params": ps[:2], "lr": lr0}, {"params": ps[2:]}], init_lr=0.02, hypergrad_lr=1e-3, **kwargs)
+        for step in range(8):
+            lr = 1.0 - 0.1 * step
+            if tensor_lr:
+                opt.param_groups[0]["lr"].fill_(lr)
+            else:
+                opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            problem.loss(ps).backward()
+            if step == 4:
+                if skip:
+                    continue
+                ps[0].grad[0, 0] = float("nan")
+            opt.step()
+        return ps, opt
+
+    (ref, ref_opt), (ps, opt) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(ref, ps))
+    for a, b in zip(ref_opt.param_groups, opt.param_groups):
+        for key in ("learned_lr", "hd_step", "hd_prev_lr", "effective_lr"):
+            assert torch.equal(a[key], b[key]), (key, a[key], b[key])
+    assert opt.skipped_steps() == [1, 1] and int(opt.param_groups[0]["hd_step"]) == 7
+
+
+def test_a_checkpoint_with_a_number_step_count_resumes() -> None:
+    """Checkpoints of earlier versions hold ``hd_step`` as an int and ``hd_prev_lr`` as a float:
+    loaded, they continue exactly as the run that was not interrupted."""
+    problem = Problem()
+    full, part = Problem.params(), Problem.params()
+    opt_full, opt_part = (AdamHD([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], init_lr=0.01, hypergrad_lr=1e-3)
+                          for ps in (full, part))
+    for step in range(6):
+        for ps, opt in ((full, opt_full), (part, opt_part)):
+            if step >= 3 and opt is opt_part:
+                continue
+            opt.zero_grad()
+            problem.loss(ps).backward()
+            opt.step()
+    saved = opt_part.state_dict()
+    for group in saved["param_groups"]:  # the earlier format
+        group["hd_step"], group["hd_prev_lr"] = int(group["hd_step"]), float(group["hd_prev_lr"])
+    resumed = AdamHD([{"params": part[:2]}, {"params": part[2:], "lr": 0.5}], init_lr=0.01, hypergrad_lr=1e-3)
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        resumed.zero_grad()
+        problem.loss(part).backward()
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(full, part))
+    assert all(torch.equal(a["learned_lr"], b["learned_lr"]) for a, b in zip(opt_full.param_groups, resumed.param_groups))
+    assert [int(g["hd_step"]) for g in resumed.param_groups] == [6, 6]

@@ -70,6 +70,12 @@ Deliberate differences from the references (each documented in the class and tes
   gradient was zero, and it gives later-added parameters a zero step).
 * ``DoWG.step()`` accepts a closure and ``loss=`` like every tuneless optimizer (the
   reference's ``step()`` takes no argument).
+* A step whose gradients are not all finite is skipped (``skip_nonfinite=True``, the default):
+  it computes with zero gradients, keeps the distance, the gradient sums and the step sizes as
+  they were and moves nothing (the references let the NaN into the weights). One exception, which
+  changes no later step: a tensor stepped for the first time at a skipped step has its
+  :math:`r_\epsilon` (a function of :math:`x_0` alone) taken into :math:`\bar r` then, since its
+  state (the displacement) now exists and the next step will not see it as new.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from .base import TunelessOptimizer, local_tensor
+from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor
 
 __all__ = ["DoG", "LDoG", "DoWG"]
 
@@ -275,6 +281,16 @@ class _DistanceBase(TunelessOptimizer):
                 plan.state_disps.append(disp if type(disp) in _PLAIN else local_tensor(disp))
         return plan
 
+    def _finite_plans(self, plans: list[_GroupPlan]) -> None:
+        """On a checked step, the plans' gradients become :meth:`_finite_grads`'s copies (zeros
+        when the step is not finite), made in one call over every group (the copies' buffers are
+        kept by position, so one call per group would share them between groups)."""
+        if self._step_finite() is None:
+            return
+        zeroed = iter(self._finite_grads([g for plan in plans for g in plan.grads]))
+        for plan in plans:
+            plan.grads = [next(zeroed) for _ in plan.grads]
+
     def _statistics(self, group: dict[str, Any], plan: _GroupPlan, dtype: torch.dtype,
                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         compute = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
@@ -368,6 +384,9 @@ class DoG(_DistanceBase):
         init_eta: if given, the first step size (times lr), replacing ``reps_rel``: the distance
             then starts at 0, and until the group has moved its step size stays ``init_eta``.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -399,15 +418,17 @@ class DoG(_DistanceBase):
     _GROUP_TENSOR_KEYS = ("rbar", "grad_sq_sum", "eta")
 
     def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float = 1e-6, weight_decay: float = 0.0,
-                 eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None) -> None:
+                 eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None,
+                 skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = _check_common(owner, lr, weight_decay)
         v.check_range(owner, "reps_rel", reps_rel, 0.0, None, inclusive="()", recommended=1e-6)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="[)", recommended=1e-8)
         v.check_optional_range(owner, "init_eta", init_eta, 0.0, None, inclusive="()")
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         super().__init__(params, dict(lr=lr, reps_rel=float(reps_rel), weight_decay=float(weight_decay),
                                       eps=float(eps), init_eta=None if init_eta is None else float(init_eta),
-                                      foreach=foreach))
+                                      foreach=foreach, skip_nonfinite=skip_nonfinite))
 
     def _update(self, loss: Tensor | None) -> None:
         dtype, device = self._stat_dtype(), self._stat_device()
@@ -416,9 +437,10 @@ class DoG(_DistanceBase):
         #    the first time): over the group (DoG, 3 numbers) or per tensor (L-DoG, 3 per tensor).
         #    The layout depends only on the param groups, never on which gradients exist, so that
         #    every process of a sharded run reduces the same vector (tuneless.distributed).
-        plans, partials = [], []
-        for group in self.param_groups:
-            plan = self._plan(group)
+        plans = [self._plan(group) for group in self.param_groups]
+        self._finite_plans(plans)
+        partials = []
+        for group, plan in zip(self.param_groups, plans):
             grad_sq, dist_sq, init_sq = self._statistics(group, plan, dtype, device)
             if self._layer_wise:
                 partials.append(torch.cat([_scatter(grad_sq, plan.positions, plan.n, zero),
@@ -426,7 +448,6 @@ class DoG(_DistanceBase):
                                            _scatter(init_sq, plan.new_positions, plan.n, zero)]))
             else:
                 partials.append(torch.stack([grad_sq.sum(), dist_sq.sum(), init_sq.sum()]))
-            plans.append(plan)
         # 2. All the step's sums over parameters, in one reduction (sharded training adds up here).
         totals = self._global_sum(torch.cat(partials)).split([t.numel() for t in partials])
         # 3. Per group: distance, gradient sum, step size; then the SGD step. The state of a group
@@ -438,30 +459,49 @@ class DoG(_DistanceBase):
 
     def _step_sizes(self, group: dict[str, Any], plan: _GroupPlan, grad_sq: Tensor, dist_sq: Tensor,
                     init_sq: Tensor) -> Tensor:
-        """Update the group's r̄ and G; return lr·η (0-d for DoG, one per group tensor for L-DoG)."""
+        """Update the group's r̄ and G; return lr·η (0-d for DoG, one per group tensor for L-DoG),
+        the step to apply (0 on a step that is not finite)."""
         if "rbar" not in group:
             # the largest distance so far (0 until r_eps is set) and the gradient sum G, in the
             # statistics dtype: 0-d (DoG) or one entry per tensor of the group (L-DoG)
             group["rbar"] = torch.zeros_like(grad_sq)
             group["grad_sq_sum"] = torch.full_like(grad_sq, group["eps"])
         init_eta = group["init_eta"]
-        rbar = torch.maximum(group["rbar"], torch.sqrt(dist_sq))
+        old_rbar, old_sum = group["rbar"], group["grad_sq_sum"]
+        rbar = torch.maximum(old_rbar, torch.sqrt(dist_sq))
+        r_eps = None
         if init_eta is None:
             # r_eps = reps_rel (1 + ||x_0||) for tensors stepped for the first time; for the
             # others init_sq is 0 and reps_rel is below their r̄ already
-            rbar = torch.maximum(rbar, group["reps_rel"] * (1.0 + torch.sqrt(init_sq)))
-        grad_sum = group["grad_sq_sum"] + grad_sq
+            r_eps = group["reps_rel"] * (1.0 + torch.sqrt(init_sq))
+            rbar = torch.maximum(rbar, r_eps)
+        grad_sum = old_sum + grad_sq
         eta = _safe_rsqrt_times(rbar, grad_sum)
         if init_eta is not None:  # until it has moved, a group (tensor) takes init_eta
             eta = torch.where(rbar > 0, eta, torch.full_like(eta, init_eta))
         steps = group["lr"] * eta
+        if steps.dim() == 0:
+            published = steps
+        else:  # L-DoG: ||update|| / ||g||, the step size of the SGD step that moves as far
+            published = _safe_rsqrt_times(torch.sqrt((steps * steps * grad_sq).sum()), grad_sq.sum())
+        finite = self._step_finite()
+        if finite is not None:
+            # Not finite: G, eta and the published step size keep their values (0 before the
+            # first step), the step is 0. r̄ keeps its value too, except where a tensor was stepped
+            # for the first time (init_sq > 0: x_0 is known, and the next step will not see the
+            # tensor as new): there it takes r_eps, which the next step would take anyway.
+            kept_rbar = old_rbar if r_eps is None else torch.where(init_sq > 0, torch.maximum(old_rbar, r_eps),
+                                                                   old_rbar)
+            rbar, grad_sum = gate(finite, rbar, kept_rbar), gate(finite, grad_sum, old_sum)
+            old_eta, old_published = group.get("eta"), group.get(STEP_SIZE_KEY)
+            published = gate(finite, published, 0.0 if old_published is None else old_published)
+            eta_kept = gate(finite, steps, 0.0 if old_eta is None else old_eta)
+            group["rbar"], group["grad_sq_sum"], group["eta"] = rbar, grad_sum, eta_kept
+            self._publish_step_size(group, published)
+            return gate(finite, steps, 0.0)
         # new tensors each step (never in place): a state_dict taken earlier keeps its values
         group["rbar"], group["grad_sq_sum"], group["eta"] = rbar, grad_sum, steps
-        if steps.dim() == 0:
-            self._publish_step_size(group, steps)
-        else:  # L-DoG: ||update|| / ||g||, the step size of the SGD step that moves as far
-            self._publish_step_size(group, _safe_rsqrt_times(torch.sqrt((steps * steps * grad_sq).sum()),
-                                                             grad_sq.sum()))
+        self._publish_step_size(group, published)
         return steps
 
 
@@ -493,9 +533,10 @@ class LDoG(DoG):
     _layer_wise = True
 
     def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float = 1e-6, weight_decay: float = 0.0,
-                 eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None) -> None:
+                 eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None,
+                 skip_nonfinite: bool = True) -> None:
         super().__init__(params, lr=lr, reps_rel=reps_rel, weight_decay=weight_decay, eps=eps,
-                         init_eta=init_eta, foreach=foreach)
+                         init_eta=init_eta, foreach=foreach, skip_nonfinite=skip_nonfinite)
 
 
 # ----------------------------------------------------------------------------- DoWG
@@ -526,6 +567,9 @@ class DoWG(_DistanceBase):
         weight_decay: coupled L2 penalty :math:`\lambda` added to the gradient (default 0.0; the
             reference has none).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     References:
         Khaled, Mishchenko, Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free Gradient
@@ -543,15 +587,18 @@ class DoWG(_DistanceBase):
     _GROUP_TENSOR_KEYS = ("rbar_sq", "v")
 
     def __init__(self, params: Any, *, lr: float = 1.0, eps: float = 1e-4, weight_decay: float = 0.0,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = _check_common(owner, lr, weight_decay)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-4)
-        super().__init__(params, dict(lr=lr, eps=float(eps), weight_decay=float(weight_decay), foreach=foreach))
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
+        super().__init__(params, dict(lr=lr, eps=float(eps), weight_decay=float(weight_decay), foreach=foreach,
+                                      skip_nonfinite=skip_nonfinite))
 
     def _update(self, loss: Tensor | None) -> None:
         dtype, device = self._stat_dtype(), self._stat_device()
         plans = [self._plan(group) for group in self.param_groups]
+        self._finite_plans(plans)
         # 1. ||g||^2 and ||x - x_0||^2 over all groups, in one reduction (always the same two
         #    numbers, whichever gradients exist: see tuneless.distributed).
         partials = []
@@ -568,12 +615,22 @@ class DoWG(_DistanceBase):
             v_sum = torch.zeros((), dtype=dtype, device=device)
         else:
             rbar_sq, v_sum = state_group["rbar_sq"], state_group["v"]
+        old_rbar_sq, old_v = rbar_sq, v_sum
         rbar_sq = torch.maximum(rbar_sq, dist_sq)
         v_sum = v_sum + rbar_sq * grad_sq
         root_v = torch.sqrt(v_sum)
+        # Not finite: r̄², v and the published step size keep their values (eps, 0 and 0 before
+        # the first step), the step is 0.
+        finite = self._step_finite()
+        rbar_sq_kept, v_kept = gate(finite, rbar_sq, old_rbar_sq), gate(finite, v_sum, old_v)
         # 3. Each group's step: lr * r̄² / (sqrt(v) + eps).
         for group, plan in zip(self.param_groups, plans):
-            group["rbar_sq"], group["v"] = rbar_sq, v_sum
+            old_published = group.get(STEP_SIZE_KEY)
+            group["rbar_sq"], group["v"] = rbar_sq_kept, v_kept
             step = group["lr"] * (rbar_sq / (root_v + group["eps"]))
-            self._publish_step_size(group, step)
+            if finite is not None:
+                self._publish_step_size(group, gate(finite, step, 0.0 if old_published is None else old_published))
+                step = gate(finite, step, 0.0)
+            else:
+                self._publish_step_size(group, step)
             self._apply_steps(group, plan, step)
