@@ -27,7 +27,7 @@ from ..errors import InvalidArgumentError
 from ._batched import (Scratch, _sum_stacked, add_scaled_, coefficient, coefficient_dtype, cpu_paths, total_abs_sum,
                        total_dot)
 from ._fused import FusedKernel
-from .base import TunelessOptimizer, local_tensor, lr_in, lr_is_zero
+from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor, lr_in, lr_is_zero
 
 __all__ = ["Prodigy"]
 
@@ -94,6 +94,9 @@ class Prodigy(TunelessOptimizer):
             vectorized chain (default False): about 2x faster on a CPU, at the cost of compiling
             them at the first step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
             Groups with ``slice_p > 1`` keep the vectorized path.
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -133,7 +136,8 @@ class Prodigy(TunelessOptimizer):
       gradient), the same algorithm in units that need no scalar read from the device and
       do not underflow when :math:`d_k^2 g^2` would. The state keys are therefore
       ``grad_avg`` / ``grad_sq_avg`` rather than the reference's ``exp_avg`` / ``exp_avg_sq``.
-    * **Zero host syncs** per step (the reference reads 2 scalars per tensor), and sharded
+    * **Zero host syncs** per step (the reference reads 2 scalars per tensor; the step counter
+      ``k`` is a 0-d tensor on the device too, which a skipped step does not advance), and sharded
       parameters (FSDP2 DTensors) are handled by the base class; there is no
       ``fsdp_in_use`` argument. Under FSDP2 the estimate uses the same coordinates as in one
       process, and with ``slice_p > 1`` each shard keeps only its own sliced coordinates: the
@@ -166,9 +170,10 @@ class Prodigy(TunelessOptimizer):
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
                  decouple: bool = True, use_bias_correction: bool = False, safeguard_warmup: bool = False,
                  d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf, slice_p: int = 1,
-                 foreach: bool | None = None, fused: bool = False) -> None:
+                 foreach: bool | None = None, fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         v.check_optional_range(owner, "beta3", beta3, 0.0, 1.0, inclusive="[)")
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas),
                         beta3=math.sqrt(betas[1]) if beta3 is None else float(beta3),
@@ -178,7 +183,7 @@ class Prodigy(TunelessOptimizer):
                         fused=fused)
         _check_hyperparameters(owner, defaults)
         defaults["slice_p"] = int(slice_p)
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its values are checked, and the shared ones must match group 0's."""
@@ -259,8 +264,9 @@ class Prodigy(TunelessOptimizer):
             s, x0 = s.reshape(-1)[:n], x0.reshape(-1)[:n]
         return g, x, s, x0
 
-    def _shared_scalars(self) -> tuple[dict[str, Tensor], int]:
-        """d and the other shared scalars (0-d tensors on the parameters' device), and k."""
+    def _shared_scalars(self) -> tuple[dict[str, Tensor], Tensor]:
+        """d and the other shared scalars (0-d tensors on the parameters' device), and the step
+        counter k (a 0-d int64 tensor there: a skipped step does not count, without a host read)."""
         dtype, device = self._stat_dtype(), self._stat_device()
         first = self.param_groups[0]
         if "d" not in first:
@@ -273,37 +279,64 @@ class Prodigy(TunelessOptimizer):
                 out[key] = value.to(device=device, dtype=dtype)
             else:
                 out[key] = torch.tensor(float(value), dtype=dtype, device=device)
-        return out, int(first["k"])
+        k = first["k"]  # a number: the first step, or a checkpoint of an earlier version
+        k = k.to(device=device, dtype=torch.int64) if isinstance(k, Tensor) else torch.tensor(
+            int(k), dtype=torch.int64, device=device)
+        return out, k
 
     # ------------------------------------------------------------------ the step
 
     def _update(self, loss: Tensor | None) -> None:
         dtype, device = self._stat_dtype(), self._stat_device()
         scalars, k = self._shared_scalars()
+        # A step that is not finite (finite False) computes with zero gradients (zeroed copies, or
+        # inside the fused kernel) and keeps everything as it was: the decays of the moments and
+        # of s are 1, the step size 0, d and the other shared scalars their old values, k does not
+        # count it. None: the step is not checked (skip_nonfinite=False), the operations as ever.
+        finite = self._step_finite()
         first = self.param_groups[0]
         beta1, beta2 = first["betas"]
         beta3, d0 = first["beta3"], first["d0"]
-        bias_correction = (math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1))
-                           if first["use_bias_correction"] else 1.0)
+        bias_correction: float | Tensor = 1.0
+        if first["use_bias_correction"]:  # k is on the device: so is the bias correction (float64 where it can be)
+            steps = (k + 1).to(torch.float32 if device.type == "mps" else torch.float64)
+            bias_correction = (1 - beta2 ** steps).sqrt() / (1 - beta1 ** steps)
         d = scalars["d"]
         # The moment buffers are stored divided by the d of their last update: re-express them in d.
         moment_ratio = scalars["moment_scale"] / d
         m_coef, v_coef = beta1 * moment_ratio, beta2 * moment_ratio * moment_ratio
         d_ratio = d / d0  # the reference's d/d0 factor, which keeps r and s away from underflow
+        s_decay: float | Tensor = beta3
+        if finite is not None:
+            moment_ratio, m_coef, v_coef = (gate(finite, c, 1.0) for c in (moment_ratio, m_coef, v_coef))
+            s_decay = gate(finite, torch.full((), beta3, dtype=dtype, device=device), 1.0)
 
-        partials, work = [], []
+        # The gradients of each group (plus the coupled weight decay); on a step that is not
+        # finite, zeros for the paths that are not fused, made in one call over all the groups
+        # (the copies' buffers are kept by position).
+        gathered = []
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
+            if params and group["weight_decay"] != 0 and not group["decouple"]:  # p.grad is left as it is
+                grads = _coupled_gradients(grads, [local_tensor(p) for p in params], group["weight_decay"],
+                                           self._use_foreach(group))
+            gathered.append((params, grads))
+        if finite is not None:
+            plain = [i for i, group in enumerate(self.param_groups) if not self._fused(group)]
+            zeroed = iter(self._finite_grads([g for i in plain for g in gathered[i][1]]))
+            for i in plain:
+                gathered[i] = (gathered[i][0], [next(zeroed) for _ in gathered[i][1]])
+
+        partials, work = [], []
+        for group, (params, grads) in zip(self.param_groups, gathered):
             self._rescale_idle_moments(group, moment_ratio)
             lr = lr_in(group["lr"], dtype)  # a tensor lr in the statistics' dtype: rounded as a number is
-            step_size = d * (lr * bias_correction)  # eta_k for this group
+            step_size = d * _lr_times(lr, bias_correction, dtype)  # eta_k for this group
             if not params:
                 work.append((group, None, step_size, None))
                 continue
             states = [self._init_state(p, group) for p in params]
             xs = [local_tensor(p) for p in params]
-            if group["weight_decay"] != 0 and not group["decouple"]:  # p.grad is left as it is
-                grads = _coupled_gradients(grads, xs, group["weight_decay"], self._use_foreach(group))
             buffers = _Buffers(
                 xs, grads,
                 [local_tensor(st["grad_avg"]) for st in states] if beta1 > 0 else None,
@@ -313,9 +346,10 @@ class Prodigy(TunelessOptimizer):
             s_weight = d_ratio * (d if group["safeguard_warmup"] else step_size)
             first_pass = _multi_tensor_prodigy_estimate if self._use_foreach(group) else _single_tensor_prodigy_estimate
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
-            if self._fused(group):
-                first_pass, extra = _fused_prodigy_estimate, {}
-            dot, l1 = first_pass(buffers, beta3=beta3, m_coef=m_coef, one_minus_beta1=1 - beta1, v_coef=v_coef,
+            decay_of_s = s_decay
+            if self._fused(group):  # read only: its sums, not finite on such a step, go into gated scalars
+                first_pass, extra, decay_of_s = _fused_prodigy_estimate, {}, beta3
+            dot, l1 = first_pass(buffers, beta3=decay_of_s, m_coef=m_coef, one_minus_beta1=1 - beta1, v_coef=v_coef,
                                  one_minus_beta2=1 - beta2, s_weight=s_weight, with_numerator=not lr_is_zero(lr),
                                  dtype=dtype, device=device, **extra)
             partials.append(torch.stack([(d_ratio * step_size) * dot, l1]))
@@ -332,16 +366,27 @@ class Prodigy(TunelessOptimizer):
         d_raised = torch.where(d == d0, torch.maximum(d, d_hat), d)  # the first rise is not capped
         d_max = torch.maximum(scalars["d_max"], d_hat)
         d_next = torch.minimum(d_max, d_raised * first["growth_rate"])
+        new = dict(d=d_next, d_max=d_max, d_numerator=r, d_hat=d_hat, moment_scale=d)
+        if finite is not None:
+            new = {key: gate(finite, value, scalars[key]) for key, value in new.items()}
+        d_next = new["d"]
 
         growth = d_next / d  # d_{k+1} / d_k, for the eps term and the beta1 = 0 step
+        finite_flag = finite if finite is not None else torch.ones((), dtype=torch.bool, device=device)
         for group, buffers, step_size, s_weight in work:
-            self._publish_step_size(group, step_size)
+            if finite is None:
+                self._publish_step_size(group, step_size)
+            else:
+                old = group.get(STEP_SIZE_KEY)
+                old = old.to(step_size) if isinstance(old, Tensor) else 0.0  # nothing applied yet: 0
+                self._publish_step_size(group, gate(finite, step_size, old))
+                step_size = gate(finite, step_size, 0.0)  # x moves by exactly 0
             decay = group["weight_decay"] if group["decouple"] else 0.0
             if buffers is not None and self._fused(group):  # s, the moments, then the step (lr = 0: no step)
                 _fused_prodigy_step(buffers, s_weight=s_weight, beta3=beta3, step_size=step_size,
                                     growth=growth, eps=group["eps"], decay=decay, m_coef=m_coef,
                                     one_minus_beta1=1 - beta1, v_coef=v_coef, one_minus_beta2=1 - beta2,
-                                    move=not lr_is_zero(group["lr"]))
+                                    finite=finite_flag, move=not lr_is_zero(group["lr"]))
                 continue
             if lr_is_zero(group["lr"]) or buffers is None:
                 continue  # lr = 0: the group does not move (a tensor lr: a step of size 0)
@@ -349,10 +394,9 @@ class Prodigy(TunelessOptimizer):
             extra = dict(scratch=self._scratch()) if self._use_foreach(group) else {}
             second_pass(buffers, step_size=step_size, growth=growth, eps=group["eps"], decay=decay, **extra)
 
-        new = dict(d=d_next, d_max=d_max, d_numerator=r, d_hat=d_hat, moment_scale=d)
+        new["k"] = k + (1 if finite is None else finite)  # a skipped step does not count
         for group in self.param_groups:
             group.update(new)
-            group["k"] = k + 1
 
     @staticmethod
     def _fused(group: dict[str, Any]) -> bool:
@@ -396,6 +440,17 @@ def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _lr_times(lr: Any, bias_correction: float | Tensor, dtype: torch.dtype) -> Any:
+    """``lr * bias_correction``, rounded as with numbers: a number (both numbers), else a 0-d
+    tensor in ``dtype`` (a float64 bias correction times a number lr, then rounded: what
+    ``d * (lr * c)`` does with a float c; a tensor lr times the correction rounded to its dtype)."""
+    if not isinstance(bias_correction, Tensor):
+        return lr * bias_correction
+    if isinstance(lr, Tensor):
+        return lr * bias_correction.to(lr.dtype)
+    return (lr * bias_correction).to(dtype)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -555,7 +610,7 @@ def _coupled_gradients(grads: list[Tensor], xs: list[Tensor], wd: float, foreach
 # ----------------------------------------------------------------------------- per parameter (the truth)
 
 
-def _single_tensor_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_minus_beta1: float,
+def _single_tensor_prodigy_estimate(b: _Buffers, *, beta3: float | Tensor, m_coef: Tensor, one_minus_beta1: float,
                                     v_coef: Tensor, one_minus_beta2: float, s_weight: Tensor,
                                     with_numerator: bool, dtype: torch.dtype,
                                     device: torch.device) -> tuple[Tensor, Tensor]:
@@ -563,7 +618,8 @@ def _single_tensor_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor
 
     The moments are stored divided by d: with ``m_coef`` = beta1 d_prev/d and ``v_coef`` =
     beta2 (d_prev/d)^2, m/d <- m_coef m/d + (1 - beta1) g and v/d^2 <- v_coef v/d^2 + (1 - beta2) g^2.
-    On the estimate's coordinates, s <- beta3 s + s_weight g.
+    On the estimate's coordinates, s <- beta3 s + s_weight g. (``beta3`` is a 0-d tensor on a
+    checked step: 1 when the step is not finite, where the gradients are zeros.)
     """
     dots, l1s = [], []
     for i, (g, u) in enumerate(zip(b.g, b.u)):
@@ -575,7 +631,8 @@ def _single_tensor_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor
         if b.m is not None:
             b.m[i].mul_(coefficient(m_coef, u)).add_(g, alpha=one_minus_beta1)
         u.mul_(coefficient(v_coef, u)).addcmul_(g, g, value=one_minus_beta2)
-        s.mul_(beta3).addcmul_(g_est, coefficient(s_weight, s))
+        s_decay = beta3 if not isinstance(beta3, Tensor) else coefficient(beta3, s)
+        s.mul_(s_decay).addcmul_(g_est, coefficient(s_weight, s))
         l1s.append(s.abs().sum())
     return _sum_stacked(dots, dtype, device), _sum_stacked(l1s, dtype, device)
 
@@ -601,7 +658,7 @@ def _single_tensor_prodigy_step(b: _Buffers, *, step_size: Tensor, growth: Tenso
 # ----------------------------------------------------------------------------- vectorized
 
 
-def _multi_tensor_prodigy_estimate(buffers: _Buffers, *, beta3: float, m_coef: Tensor, one_minus_beta1: float,
+def _multi_tensor_prodigy_estimate(buffers: _Buffers, *, beta3: float | Tensor, m_coef: Tensor, one_minus_beta1: float,
                                    v_coef: Tensor, one_minus_beta2: float, s_weight: Tensor,
                                    with_numerator: bool, dtype: torch.dtype, device: torch.device,
                                    scratch: Scratch) -> tuple[Tensor, Tensor]:
@@ -618,7 +675,7 @@ def _multi_tensor_prodigy_estimate(buffers: _Buffers, *, beta3: float, m_coef: T
         torch._foreach_mul_(b.u, coefficient(v_coef, like))
         torch._foreach_addcmul_(b.u, b.g, b.g, value=one_minus_beta2)
         s_est = list(b.s_est)
-        torch._foreach_mul_(s_est, beta3)
+        torch._foreach_mul_(s_est, beta3 if not isinstance(beta3, Tensor) else coefficient(beta3, like))
         add_scaled_(s_est, b.g_est, coefficient(s_weight, like))
         if flat is None:
             l1s.append(total_abs_sum(s_est, dtype, device))
@@ -710,13 +767,17 @@ def _prodigy_step_kernel(*args: Any) -> tuple[()]:
     depend on the new d) and :func:`_single_tensor_prodigy_step` for one tensor, compiled, in one
     pass: the tensors are x, g, s, [m], v (m without ``beta1 = 0``; the step then goes along g).
     s gets the same value the estimate kernel summed. With ``move`` False (a group with
-    lr = 0) x does not change. All-zero tensors stay 0."""
+    lr = 0) x does not change. All-zero tensors stay 0.
+
+    ``finite`` False (a step whose gradients are not all finite): the gradient is taken as 0 and s
+    keeps its value; the caller gives m_coef = v_coef = 1 and step_size = 0, so that nothing changes."""
     (*tensors, s_weight, beta3, m_coef, one_minus_beta1, v_coef, one_minus_beta2, step_size, growth, eps, decay,
-     has_m, move) = args
+     finite, has_m, move) = args
     x, g, s = tensors[0], tensors[1], tensors[2]
     m = tensors[3] if has_m else None
     u = tensors[3 + has_m]
-    s.mul_(beta3).addcmul_(g, s_weight)
+    g = torch.where(finite, g, 0.0)
+    s.copy_(torch.where(finite, torch.addcmul(s * beta3, g, s_weight), s))
     if m is not None:
         m.mul_(m_coef).add_(g, alpha=one_minus_beta1)
     u.mul_(v_coef).addcmul_(g, g, value=one_minus_beta2)
@@ -762,7 +823,7 @@ def _fused_prodigy_estimate(b: _Buffers, *, beta3: float, m_coef: Tensor, one_mi
 
 def _fused_prodigy_step(b: _Buffers, *, s_weight: Tensor, beta3: float, step_size: Tensor, growth: Tensor, eps: float,
                         decay: float, m_coef: Tensor, one_minus_beta1: float, v_coef: Tensor, one_minus_beta2: float,
-                        move: bool) -> None:
+                        finite: Tensor, move: bool) -> None:
     """s, the moments and the step as one compiled kernel per group of tensors (``fused=True``)."""
     if not b.x:
         return
@@ -770,5 +831,5 @@ def _fused_prodigy_step(b: _Buffers, *, s_weight: Tensor, beta3: float, step_siz
     has_m = b.m is not None
     lists = [b.x, b.g, list(b.s_est), b.m, b.u] if has_m else [b.x, b.g, list(b.s_est), b.u]
     _STEP_KERNELS[has_m](lists, (s_weight.to(cd), beta3, m_coef.to(cd), one_minus_beta1, v_coef.to(cd),
-                                 one_minus_beta2, step_size.to(cd), growth.to(cd), eps, decay, has_m, move),
+                                 one_minus_beta2, step_size.to(cd), growth.to(cd), eps, decay, finite, has_m, move),
                          sum_dtype=step_size.dtype, device=step_size.device)
