@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -227,6 +228,103 @@ def test_bfloat16_parameters_train(foreach) -> None:
     for state in opt.state.values():
         assert all(v.dtype == torch.bfloat16 for v in state.values())
     assert opt.param_groups[0]["d"].dtype == torch.float32
+
+
+def _bf16_quadratic(seed=0):
+    """bfloat16 weights in [0.5, 1.5) (none near 0, where tiny updates are representable)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter((0.5 + torch.rand(shape, generator=g)).to(torch.bfloat16)) for shape in ((8, 4), (6,))]
+    targets = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in params]
+
+    def loss():
+        return sum(((p.float() - t.float()) ** 2).sum() for p, t in zip(params, targets))
+
+    return params, loss
+
+
+@pytest.mark.parametrize("dtypes, expected", [
+    ((torch.float32,), 1e-6),
+    ((torch.float64,), 1e-6),
+    ((torch.float32, torch.float64), 1e-6),
+    ((torch.bfloat16,), 1e-3),
+    ((torch.float16,), 1e-3),
+    ((torch.float32, torch.bfloat16), 1e-3),  # any 16-bit parameter of the optimizer
+])
+def test_default_d0_follows_the_parameters_dtype(dtypes, expected) -> None:
+    params = [torch.nn.Parameter(torch.ones(3, dtype=dt)) for dt in dtypes]
+    opt = Prodigy([{"params": [p]} for p in params])  # also across groups
+    assert [group["d0"] for group in opt.param_groups] == [expected] * len(params)
+    assert all(type(group["d0"]) is float for group in opt.param_groups)
+    assert opt.defaults["d0"] is None
+    for group in opt.param_groups:
+        assert float(group["d"] if "d" in group else expected) == expected
+    # a number is used as given, whatever the dtype
+    assert Prodigy(params, d0=1e-5).param_groups[0]["d0"] == 1e-5
+    assert Prodigy(params, d0=1e-6).param_groups[0]["d0"] == 1e-6
+
+
+def test_d0_given_in_one_group_is_everyones_and_later_groups_take_group_0s() -> None:
+    a, b, c = (torch.nn.Parameter(torch.ones(3, dtype=dt)) for dt in (torch.float32, torch.bfloat16, torch.float32))
+    opt = Prodigy([{"params": [a]}, {"params": [b], "d0": 1e-4}])  # the other group's None takes it
+    assert [group["d0"] for group in opt.param_groups] == [1e-4, 1e-4]
+    opt = Prodigy([a])  # float32: 1e-6; a bfloat16 group added later does not change the shared start
+    opt.add_param_group({"params": [b]})
+    assert [group["d0"] for group in opt.param_groups] == [1e-6, 1e-6]
+    with pytest.raises(InvalidArgumentError, match=r"d0 = 0.001 in param group 2 differs from 0.0001 in group 1"):
+        Prodigy([{"params": [a]}, {"params": [b], "d0": 1e-4}, {"params": [c], "d0": 1e-3}])
+    with pytest.raises(InvalidArgumentError, match=r"d0 = 0.001 in param group 1 differs from 1e-06 in group 0"):
+        opt = Prodigy([a])
+        opt.add_param_group({"params": [b], "d0": 1e-3})
+    with pytest.raises(InvalidArgumentError, match=r"^Prodigy: d0 = 0.0 is invalid; allowed: 0 < d0"):
+        Prodigy([b], d0=0.0)
+    with pytest.raises(InvalidArgumentError, match=r"^Prodigy: d0 = -1.0 is invalid"):
+        Prodigy([{"params": [a]}, {"params": [b], "d0": -1.0}])
+
+
+def test_bfloat16_first_steps_round_away_with_d0_1e6_and_move_with_the_default() -> None:
+    """With d0 = 1e-6 every update (~3e-6) is below bfloat16's spacing (2^-8 relative to the
+    weight): x stays at x0, the numerator <g, x0 - x> stays 0 and d never grows. The default
+    for bfloat16 parameters (1e-3) moves them from the first step."""
+    params, loss_fn = _bf16_quadratic()
+    start = [p.detach().clone() for p in params]
+    opt = Prodigy(params, d0=1e-6)
+    first = float(loss_fn().detach())
+    for _ in range(20):
+        _step(opt, loss_fn)
+    assert all(torch.equal(p, s) for p, s in zip(params, start))
+    assert float(opt.param_groups[0]["d"]) == pytest.approx(1e-6) and float(loss_fn().detach()) == first
+
+    params, loss_fn = _bf16_quadratic()
+    opt = Prodigy(params)
+    assert opt.param_groups[0]["d0"] == 1e-3
+    for _ in range(20):
+        _step(opt, loss_fn)
+    assert float(opt.param_groups[0]["d"]) > 1e-2, "d should have grown"
+    assert float(loss_fn().detach()) < 0.5 * first
+
+
+def test_the_chosen_d0_round_trips_through_state_dict() -> None:
+    """The checkpoint's d0 (a number in the param groups) is the one a resumed run uses, whatever
+    the new optimizer chose: the resumed run equals the uninterrupted one."""
+    params, loss_fn = _bf16_quadratic()
+    opt = Prodigy(params)
+    for _ in range(3):
+        _step(opt, loss_fn)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["d0"] == 1e-3
+    start = [p.detach().clone() for p in params]
+    for _ in range(3):
+        _step(opt, loss_fn)
+    expected = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    resumed = Prodigy(params, d0=1e-6)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["d0"] == 1e-3
+    for _ in range(3):
+        _step(resumed, loss_fn)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
 
 
 def test_mixed_dtypes_in_one_group_foreach_matches_loop() -> None:

@@ -4,10 +4,11 @@ Paper: K. Mishchenko and A. Defazio, "Prodigy: An Expeditiously Adaptive Paramet
 Learner", ICML 2024, arXiv:2306.06101 (the Adam version of the method).
 
 Reference implementation matched: ``prodigyopt`` 1.1.2 (``prodigyopt.Prodigy``, the authors'
-package): same arguments and defaults, same update, parameter for parameter to a relative
-1e-10 over hundreds of steps in float64 (``tests/test_parity_prodigy.py``) wherever the
-reference accepts the inputs. Where tuneless differs on purpose, the class docstring says so
-and ``tests/test_prodigy.py`` covers the difference.
+package): same arguments and defaults (but ``d0`` with 16-bit parameters), same update,
+parameter for parameter to a relative 1e-10 over hundreds of steps in float64
+(``tests/test_parity_prodigy.py``) wherever the reference accepts the inputs. Where tuneless
+differs on purpose, the class docstring says so and ``tests/test_prodigy.py`` covers the
+difference.
 
 No host synchronization happens in a step: d and the other shared scalars are 0-d tensors on
 the parameters' device, and the two global sums of a step (the numerator and
@@ -80,8 +81,18 @@ class Prodigy(TunelessOptimizer):
         use_bias_correction: Adam's bias correction in the step size (default False).
         safeguard_warmup: leave the lr out of the denominator's sum :math:`s`, which keeps a
             warm-up (small lr) from inflating d (default False; recommended with lr warm-up).
-        d0: initial estimate of d (default 1e-6; raise it, e.g. to 1e-5 or 1e-4, when d is
-            slow to grow).
+        d0: initial estimate of d (default None: 1e-6, the paper's and the reference's value,
+            when every parameter is 32- or 64-bit, and 1e-3 when any parameter of the
+            optimizer is 16-bit, bfloat16 or float16). The first updates are about d0 per
+            coordinate and d grows only from the distance they travel: they must be
+            representable in the parameters' dtype. In bfloat16 (a spacing of :math:`2^{-8}` to
+            :math:`2^{-7}` relative to the weight: 0.008 for a weight in [1, 2)) an update of 1e-6 rounds
+            away, x never leaves :math:`x_0`, the numerator stays 0 and d never grows (the loss
+            stays exactly where it was); 1e-3 moves the weights from the first step. The
+            choice is made once, at construction, from the parameters given then, and stored
+            as a number in every param group (``group["d0"]``, saved by ``state_dict``); a group
+            added later takes group 0's value. A number is used as given (raise it, e.g. to
+            1e-5 or 1e-4, when d is slow to grow).
         d_coef: multiplier of the estimate (default 1.0): the preferred way to adjust the
             method; 0.5 to 2.0 usually work.
         growth_rate: cap on the factor by which d may grow in a step, after its first rise
@@ -124,6 +135,9 @@ class Prodigy(TunelessOptimizer):
       the shared estimate (betas, beta3, d0, d_coef, growth_rate, use_bias_correction,
       safeguard_warmup) must be the same in every group (an error otherwise, where the
       reference silently reads group 0's).
+    * **d0 for 16-bit parameters**: by default (``d0=None``) 1e-3 when any parameter is bfloat16 or
+      float16, where the reference's 1e-6 leaves them exactly where they were (every first update
+      rounds away, so d never grows); 1e-6, as in the reference, otherwise.
     * ``p.grad`` is never modified (the reference adds the coupled weight decay into it).
     * **No early return**: the reference returns before the step (and before its
       all-reduce, unless it detected FSDP) when :math:`\|s\|_1 = 0`; here every step reaches
@@ -169,7 +183,7 @@ class Prodigy(TunelessOptimizer):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
                  decouple: bool = True, use_bias_correction: bool = False, safeguard_warmup: bool = False,
-                 d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf, slice_p: int = 1,
+                 d0: float | None = None, d_coef: float = 1.0, growth_rate: float = math.inf, slice_p: int = 1,
                  foreach: bool | None = None, fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
@@ -184,6 +198,16 @@ class Prodigy(TunelessOptimizer):
         _check_hyperparameters(owner, defaults)
         defaults["slice_p"] = int(slice_p)
         super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        # d0 = None (in the defaults or in a group): chosen now from the parameters' dtypes. The
+        # groups then hold a number; the defaults keep None, so that a group added later takes
+        # group 0's value (see add_param_group).
+        given = [(i, g["d0"]) for i, g in enumerate(self.param_groups) if g["d0"] is not None]
+        for i, value in given:
+            if value != given[0][1]:
+                _shared_mismatch(owner, "d0", value, i, *given[0])
+        d0 = given[0][1] if given else _default_d0(p for g in self.param_groups for p in g["params"])
+        for group in self.param_groups:
+            group["d0"] = d0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its values are checked, and the shared ones must match group 0's."""
@@ -197,12 +221,13 @@ class Prodigy(TunelessOptimizer):
             group["beta3"] = math.sqrt(group["betas"][1])
         _check_hyperparameters(owner, group)
         first = self.param_groups[0]
+        if group["d0"] is None and first["d0"] is not None:
+            group["d0"] = first["d0"]  # a group added after the construction: the d0 chosen then
         for key in _SHARED:
+            if key == "d0" and None in (group[key], first[key]):
+                continue  # under construction: checked (and chosen) once every group is in
             if group[key] != first[key]:
-                raise InvalidArgumentError(
-                    f"{owner}: {key} = {group[key]!r} in param group {len(self.param_groups) - 1} differs from "
-                    f"{first[key]!r} in group 0; the estimate of d is shared, so {key} must be the same in every group"
-                )
+                _shared_mismatch(owner, key, group[key], len(self.param_groups) - 1, 0, first[key])
         group["slice_p"] = int(group["slice_p"])
 
     # ------------------------------------------------------------------ state
@@ -430,13 +455,30 @@ def _check_hyperparameters(owner: str, h: dict[str, Any]) -> None:
     v.check_bool(owner, "decouple", h["decouple"])
     v.check_bool(owner, "use_bias_correction", h["use_bias_correction"])
     v.check_bool(owner, "safeguard_warmup", h["safeguard_warmup"])
-    v.check_range(owner, "d0", h["d0"], 0.0, None, inclusive="()", recommended=1e-6)
+    v.check_optional_range(owner, "d0", h["d0"], 0.0, None, inclusive="()", recommended=1e-6)
     v.check_range(owner, "d_coef", h["d_coef"], 0.0, None, inclusive="()", recommended=1.0)
     rate = h["growth_rate"]
     if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate >= 1):  # NaN fails too
         v.fail(owner, "growth_rate", rate, "1 <= growth_rate (inf: no limit)", math.inf)
     v.check_range(owner, "slice_p", h["slice_p"], 1, None, inclusive="[)", recommended=1, integer=True)
     v.check_bool(owner, "fused", h.get("fused", False))
+
+
+def _shared_mismatch(owner: str, key: str, value: Any, index: int, first_index: int, first: Any) -> None:
+    raise InvalidArgumentError(
+        f"{owner}: {key} = {value!r} in param group {index} differs from {first!r} in group {first_index}; the "
+        f"estimate of d is shared, so {key} must be the same in every group")
+
+
+#: d0 = None: the paper's start, and the one for 16-bit parameters, whose first updates (~d0 per
+#: coordinate) must not round away (bfloat16's spacing is 2^-8 relative to the weight).
+_D0_DEFAULT, _D0_LOW_PRECISION = 1e-6, 1e-3
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _default_d0(params: Any) -> float:
+    """d0 for ``d0=None``: 1e-3 when any parameter is 16-bit (bfloat16/float16), else 1e-6."""
+    return _D0_LOW_PRECISION if any(p.dtype in _LOW_PRECISION for p in params) else _D0_DEFAULT
 
 
 # ----------------------------------------------------------------------------- helpers
