@@ -300,11 +300,13 @@ def test_weight_decay_leaves_the_gradient_alone(cls, foreach) -> None:
 
 @pytest.mark.parametrize("cls", ALL)
 def test_bfloat16_trains_like_float64(cls) -> None:
-    """The first DoG steps are ~1e-6 of the weights, far below a bfloat16 ulp (~4e-3): the weights
-    do not move at first, but the displacement does, so the step size grows until they do. (A
-    distance re-read from bfloat16 weights would stay 0 and DoG would never move.)"""
+    """With ``reps_rel=1e-6`` (given: the bfloat16 default is 1e-3) the first DoG steps are ~1e-6
+    of the weights, far below a bfloat16 ulp (~4e-3): the weights do not move at first, but the
+    displacement does, so the step size grows until they do. (A distance re-read from bfloat16
+    weights would stay 0 and DoG would never move.)"""
+    kwargs = {} if cls is DoWG else {"reps_rel": 1e-6}
     model = Quad(torch.bfloat16)
-    opt = cls(model.params)
+    opt = cls(model.params, **kwargs)
     w0 = model.w.detach().clone()
     opt.zero_grad()
     model.loss().backward()
@@ -314,13 +316,133 @@ def test_bfloat16_trains_like_float64(cls) -> None:
         assert opt.state[model.w]["displacement"].abs().sum() > 0  # ...but counted
     end = train(opt, model, 99)
     reference = Quad(F64)
-    end64 = train(cls(reference.params), reference, 100)
+    end64 = train(cls(reference.params, **kwargs), reference, 100)
     assert end < 0.05 * Quad(F64).loss().item()
     assert end == pytest.approx(end64, rel=0.1, abs=2e-3), (end, end64)
     for p in model.params:
         assert p.dtype == torch.bfloat16 and opt.state[p]["displacement"].dtype == torch.bfloat16
     key = "rbar_sq" if cls is DoWG else "rbar"
     assert opt.param_groups[0][key].dtype == torch.float32
+
+
+def _first_rbar(cls, groups, **kwargs) -> list[torch.Tensor]:
+    """r̄ of each group after one step from x_0 with gradients of ones (r̄ = r_eps then)."""
+    params = [p for group in groups for p in group["params"]]
+    opt = cls(groups, **kwargs)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(group["reps_rel"] == kwargs.get("reps_rel") for group in opt.param_groups)  # None is kept
+    return [group["rbar"].double() for group in opt.param_groups]
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_reps_rel_default_follows_the_parameters_dtype(cls) -> None:
+    """reps_rel=None: 1e-6 (the reference's) for 32- and 64-bit parameters, 1e-3 for a group with
+    a 16-bit parameter, where 1e-6 of the weights rounds away; a number is used as given."""
+    def param(dtype, values=(3.0, -4.0)):  # ||x_0|| = 5: r_eps = reps_rel * 6
+        return torch.nn.Parameter(torch.tensor(values, dtype=dtype))
+
+    def expect(reps_rel, dtype, n=1):
+        return torch.full((n,) if cls is LDoG else (), reps_rel * 6.0, dtype=dtype).double()
+
+    for dtype, reps_rel in [(F64, 1e-6), (torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)]:
+        stat = F64 if dtype == F64 else torch.float32
+        rbar, = _first_rbar(cls, [{"params": [param(dtype)]}])
+        assert torch.equal(rbar, expect(reps_rel, stat)), (dtype, rbar)
+        rbar, = _first_rbar(cls, [{"params": [param(dtype)]}], reps_rel=1e-6)  # as given, at any precision
+        assert torch.equal(rbar, expect(1e-6, stat)), (dtype, rbar)
+    # the group decides: a 16-bit parameter makes it 1e-3 for the whole group; other groups keep 1e-6
+    mixed, plain = _first_rbar(cls, [{"params": [param(torch.float32), param(torch.bfloat16)]},
+                                     {"params": [param(torch.float32)]}])
+    if cls is DoG:  # ||x_0|| over the group: sqrt(50)
+        assert float(mixed) == pytest.approx(1e-3 * (1.0 + 50 ** 0.5), rel=1e-6)
+    else:
+        assert torch.equal(mixed, expect(1e-3, torch.float32, 2))
+    assert torch.equal(plain, expect(1e-6, torch.float32))
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+@pytest.mark.parametrize("dtype, reps_rel", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
+def test_the_default_reps_rel_runs_as_the_number(cls, dtype, reps_rel) -> None:
+    runs = []
+    for kwargs in ({}, {"reps_rel": reps_rel}):
+        model = Quad(dtype)
+        train(cls(model.params, **kwargs), model, 10)
+        runs.append([p.detach().clone() for p in model.params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_reps_rel_none_is_allowed_and_bad_values_are_refused() -> None:
+    model = Quad()
+    assert DoG(model.params).defaults["reps_rel"] is None
+    assert LDoG(model.params, reps_rel=1e-4).defaults["reps_rel"] == 1e-4
+    for bad in (0.0, -1e-6, float("nan"), float("inf"), "1e-6", True):
+        with pytest.raises(tuneless.InvalidArgumentError,
+                           match=r"^DoG: reps_rel = .* is invalid; allowed: 0 < reps_rel"):
+            DoG(model.params, reps_rel=bad)
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_growing_sums_are_float64(cls, dtype) -> None:
+    """G (DoG, L-DoG) and v (DoWG) grow with every step: float64 whatever the parameters' dtype;
+    r̄ and the step sizes stay in the statistics dtype (float32 here)."""
+    model = Quad(dtype)
+    opt = cls(model.params)
+    train(opt, model, 3)
+    group = opt.param_groups[0]
+    sum_key, rbar_key = ("v", "rbar_sq") if cls is DoWG else ("grad_sq_sum", "rbar")
+    assert group[sum_key].dtype == F64
+    assert group[rbar_key].dtype == torch.float32 and group["effective_lr"].dtype == torch.float32
+    if cls is not DoWG:
+        assert group["eta"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_an_aged_sum_still_takes_its_increments(cls) -> None:
+    """float32 parameters: after the sums are scaled as by 10^7 steps, one more step adds what
+    the formula says (float32 sums rounded the increment to a multiple of their ulp, ~the
+    increment itself). tests/test_long_runs.py checks DoG and L-DoG over the contract rows."""
+    model = Quad(torch.float32)
+    opt = cls(model.params)
+    train(opt, model, 3)
+    group = opt.param_groups[0]
+    key = "v" if cls is DoWG else "grad_sq_sum"
+    aged = group[key] * (10**7 / 3)
+    for g in opt.param_groups:  # DoWG: one shared v
+        g[key] = aged
+    opt.zero_grad()
+    model.loss().backward()
+    grads = [p.grad.double() for p in model.params]
+    opt.step()
+    if cls is DoG:
+        expected = sum((g * g).sum() for g in grads)
+    elif cls is LDoG:
+        expected = torch.stack([(g * g).sum() for g in grads])
+    else:  # v_t = v_{t-1} + r̄_t² ||g_t||²
+        expected = group["rbar_sq"].double() * sum((g * g).sum() for g in grads)
+    torch.testing.assert_close(group[key] - aged, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_a_float32_sum_from_an_older_checkpoint_is_taken_over(cls) -> None:
+    """Checkpoints written before the sums were float64 hold them in float32: the run resumes
+    and the sum is float64 from the next step on."""
+    key = "v" if cls is DoWG else "grad_sq_sum"
+    full, part = Quad(torch.float32), Quad(torch.float32)
+    train(cls(full.params), full, 6)
+    opt = cls(part.params)
+    train(opt, part, 3)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        group[key] = group[key].float()
+    resumed = cls(part.params)
+    resumed.load_state_dict(sd)
+    train(resumed, part, 3)
+    assert all(group[key].dtype == F64 for group in resumed.param_groups)
+    for a, b in zip(full.params, part.params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", ALL)

@@ -10,8 +10,8 @@ Papers and references matched:
 * M. Ivgi, O. Hinder, Y. Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step
   Size Schedule", ICML 2023, arXiv:2302.12022: DoG and its layer-wise variant L-DoG.
   Reference implementation matched: ``dog-optimizer`` 1.0.3 (import ``dog``; ``DoG``,
-  ``LDoG``), same defaults (``reps_rel=1e-6``, ``eps=1e-8``, ``init_eta=None``, coupled
-  weight decay).
+  ``LDoG``), same defaults (``reps_rel=1e-6`` for 32- and 64-bit parameters, ``eps=1e-8``,
+  ``init_eta=None``, coupled weight decay).
 * A. Khaled, K. Mishchenko, C. Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free
   Gradient Descent Method", NeurIPS 2023, arXiv:2305.16284: DoWG (distance over weighted
   gradients). Reference implementation matched: ``dowgopt`` 0.13 (import ``dowg``; ``DoWG``),
@@ -56,7 +56,19 @@ Deliberate differences from the references (each documented in the class and tes
   Against the references in float64 the parameters agree to ~1e-11 relative rather than
   ~1e-15: their distance includes the weights' rounding, about 1e-10 of the tiny first distances.
 * Global scalars are kept in the statistics dtype (float32 for bfloat16 parameters), so
-  bfloat16 works; state per parameter stays in the parameter's dtype.
+  bfloat16 works; state per parameter stays in the parameter's dtype. The sums that grow with
+  every step, DoG's and L-DoG's ``grad_sq_sum`` (G) and DoWG's ``v``, are kept in float64
+  whatever the parameters' dtype (float32 on MPS, which has none): 0-d or one entry per tensor,
+  so free. In float32, after ~10^7 steps G is ~10^7 times its increment and its spacing is as
+  large as the increment, which was then rounded to a multiple of it (``tests/test_long_runs.py``:
+  G ~1.2e8 grew by 8.0 instead of 11.65).
+  The step size computed from them is cast to the statistics dtype. (The references keep them
+  in the parameters' dtype, DoWG's in the default dtype.)
+* ``reps_rel=None`` (the default) is 1e-6, the reference's value, when the group's parameters
+  are 32- or 64-bit, and 1e-3 when any of them is 16-bit (bfloat16, float16): a first step of
+  1e-6 of the weights is below their spacing (2^-8 relative in bfloat16), so the weights do not
+  move, and the distance grows only as the rounded-away steps accumulate in the displacement:
+  no measurable progress in the first tens of steps. With 1e-3 the first step is representable.
 * No host synchronization in a step (the DoG reference asserts ``G > 0`` and uses a 0-d
   tensor as ``alpha``, which synchronizes once per tensor); a division by ``G = 0`` (only
   possible with ``eps=0`` and a zero gradient) gives a zero step instead of NaN.
@@ -344,6 +356,27 @@ def _check_common(owner: str, lr: Any, weight_decay: Any) -> Any:
     return lr
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the sums that grow with every step: float64 (float32 on MPS, which has none)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+#: ``reps_rel=None``: the reference's 1e-6 for 32- and 64-bit parameters; 1e-3 when a parameter
+#: of the group is 16-bit, where a first step of 1e-6 of the weights rounds away
+_REPS_REL_DEFAULT, _REPS_REL_LOW_PRECISION = 1e-6, 1e-3
+
+
+def _reps_rel(group: dict[str, Any]) -> float:
+    """The group's ``reps_rel``: as given, or, if None, the default for its parameters' dtypes."""
+    value = group["reps_rel"]
+    if value is not None:
+        return value
+    for p in group["params"]:
+        if p.dtype.itemsize <= 2:  # bfloat16, float16 (and narrower)
+            return _REPS_REL_LOW_PRECISION
+    return _REPS_REL_DEFAULT
+
+
 def _safe_rsqrt_times(numerator: Tensor, denominator_sq: Tensor) -> Tensor:
     """numerator / sqrt(denominator_sq), and 0 where denominator_sq is 0 (no NaN, no sync)."""
     positive = denominator_sq > 0
@@ -371,14 +404,21 @@ class DoG(_DistanceBase):
     Param groups are independent (one :math:`\eta` each), as in the reference. The published step
     size (``group["effective_lr"]``) is :math:`\mathrm{lr}\cdot\eta_t`; ``group["rbar"]``,
     ``group["grad_sq_sum"]`` (G) and ``group["eta"]`` (:math:`\mathrm{lr}\cdot\eta_t`) are 0-d
-    tensors on the parameters' device.
+    tensors on the parameters' device, G in float64 (it grows with every step; float32 would
+    lose its increments after ~10^7 steps), the others in the statistics dtype.
 
     Args:
         params: parameters or param groups.
         lr: multiplier of the step size, for schedulers (default 1.0; the paper's c, which it
             recommends leaving at 1).
-        reps_rel: relative size of the first step, :math:`r_\epsilon = \mathrm{reps\_rel}(1+\|x_0\|)`
-            (default 1e-6; 1e-4 for models with batch normalization, as the paper suggests).
+        reps_rel: relative size of the first step, :math:`r_\epsilon = \mathrm{reps\_rel}(1+\|x_0\|)`.
+            None (the default) means 1e-6 (the paper's and the reference's value) when the group's
+            parameters are 32- or 64-bit, and 1e-3 when any of them is 16-bit (bfloat16, float16):
+            the first step must be representable, and 1e-6 of the weights is far below their
+            spacing in bfloat16 (2^-8 relative), so the weights would not move and the distance
+            would grow only slowly (no measurable progress in 20 steps; 1e-3 trains as float32
+            does). A number is used as given, at any precision (1e-4 for models with batch
+            normalization, as the paper suggests).
         weight_decay: coupled L2 penalty :math:`\lambda` added to the gradient (default 0.0).
         eps: added to the gradient sum G (default 1e-8).
         init_eta: if given, the first step size (times lr), replacing ``reps_rel``: the distance
@@ -417,16 +457,17 @@ class DoG(_DistanceBase):
     _layer_wise: ClassVar[bool] = False
     _GROUP_TENSOR_KEYS = ("rbar", "grad_sq_sum", "eta")
 
-    def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float = 1e-6, weight_decay: float = 0.0,
+    def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float | None = None, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None,
                  skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = _check_common(owner, lr, weight_decay)
-        v.check_range(owner, "reps_rel", reps_rel, 0.0, None, inclusive="()", recommended=1e-6)
+        v.check_optional_range(owner, "reps_rel", reps_rel, 0.0, None, inclusive="()", recommended=1e-6)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="[)", recommended=1e-8)
         v.check_optional_range(owner, "init_eta", init_eta, 0.0, None, inclusive="()")
         v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
-        super().__init__(params, dict(lr=lr, reps_rel=float(reps_rel), weight_decay=float(weight_decay),
+        super().__init__(params, dict(lr=lr, reps_rel=None if reps_rel is None else float(reps_rel),
+                                      weight_decay=float(weight_decay),
                                       eps=float(eps), init_eta=None if init_eta is None else float(init_eta),
                                       foreach=foreach, skip_nonfinite=skip_nonfinite))
 
@@ -461,22 +502,24 @@ class DoG(_DistanceBase):
                     init_sq: Tensor) -> Tensor:
         """Update the group's r̄ and G; return lr·η (0-d for DoG, one per group tensor for L-DoG),
         the step to apply (0 on a step that is not finite)."""
+        wide = _sum_dtype(grad_sq.device)
         if "rbar" not in group:
-            # the largest distance so far (0 until r_eps is set) and the gradient sum G, in the
-            # statistics dtype: 0-d (DoG) or one entry per tensor of the group (L-DoG)
+            # the largest distance so far (0 until r_eps is set), in the statistics dtype, and the
+            # gradient sum G, in float64 (it grows forever): 0-d (DoG) or one entry per tensor (L-DoG)
             group["rbar"] = torch.zeros_like(grad_sq)
-            group["grad_sq_sum"] = torch.full_like(grad_sq, group["eps"])
+            group["grad_sq_sum"] = torch.full_like(grad_sq, group["eps"], dtype=wide)
         init_eta = group["init_eta"]
-        old_rbar, old_sum = group["rbar"], group["grad_sq_sum"]
+        # (.to: a float32 G from an older checkpoint)
+        old_rbar, old_sum = group["rbar"], group["grad_sq_sum"].to(wide)
         rbar = torch.maximum(old_rbar, torch.sqrt(dist_sq))
         r_eps = None
         if init_eta is None:
             # r_eps = reps_rel (1 + ||x_0||) for tensors stepped for the first time; for the
             # others init_sq is 0 and reps_rel is below their r̄ already
-            r_eps = group["reps_rel"] * (1.0 + torch.sqrt(init_sq))
+            r_eps = _reps_rel(group) * (1.0 + torch.sqrt(init_sq))
             rbar = torch.maximum(rbar, r_eps)
-        grad_sum = old_sum + grad_sq
-        eta = _safe_rsqrt_times(rbar, grad_sum)
+        grad_sum = old_sum + grad_sq.to(wide)
+        eta = _safe_rsqrt_times(rbar.to(wide), grad_sum).to(rbar.dtype)
         if init_eta is not None:  # until it has moved, a group (tensor) takes init_eta
             eta = torch.where(rbar > 0, eta, torch.full_like(eta, init_eta))
         steps = group["lr"] * eta
@@ -516,10 +559,11 @@ class LDoG(DoG):
         x^{(l)}_{t+1} = x^{(l)}_t - \mathrm{lr}\cdot\frac{\bar r^{(l)}_t}{\sqrt{G^{(l)}_t}}\, g^{(l)}_t
 
     with :math:`r^{(l)}_\epsilon = \mathrm{reps\_rel}(1 + \|x^{(l)}_0\|)`. The arguments are
-    :class:`DoG`'s. ``group["rbar"]``, ``group["grad_sq_sum"]`` and ``group["eta"]`` are vectors
-    with one entry per tensor of the group (in ``group["params"]`` order). The published step size
-    (``group["effective_lr"]``) is the step size of the plain SGD step that would move as far,
-    :math:`\|\Delta x\| / \|g\| = \big(\sum_l (\mathrm{lr}\,\eta^{(l)})^2 \|g^{(l)}\|^2 /
+    :class:`DoG`'s (``reps_rel=None``: 1e-6, or 1e-3 for every tensor of a group that has a
+    16-bit parameter). ``group["rbar"]``, ``group["grad_sq_sum"]`` (float64) and ``group["eta"]``
+    are vectors with one entry per tensor of the group (in ``group["params"]`` order). The
+    published step size (``group["effective_lr"]``) is the step size of the plain SGD step that
+    would move as far, :math:`\|\Delta x\| / \|g\| = \big(\sum_l (\mathrm{lr}\,\eta^{(l)})^2 \|g^{(l)}\|^2 /
     \sum_l \|g^{(l)}\|^2\big)^{1/2}` (0 when the group has no gradient).
 
     References:
@@ -532,7 +576,7 @@ class LDoG(DoG):
     registry_name = "ldog"
     _layer_wise = True
 
-    def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float = 1e-6, weight_decay: float = 0.0,
+    def __init__(self, params: Any, *, lr: float = 1.0, reps_rel: float | None = None, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, foreach: bool | None = None,
                  skip_nonfinite: bool = True) -> None:
         super().__init__(params, lr=lr, reps_rel=reps_rel, weight_decay=weight_decay, eps=eps,
@@ -556,14 +600,17 @@ class DoWG(_DistanceBase):
     count less in :math:`v_t`; the method adapts to smooth and non-smooth problems alike. Each
     group's ``lr`` multiplies the shared step size, which is published as
     :math:`\mathrm{lr}\cdot\bar r_t^2/(\sqrt{v_t}+\epsilon)`; ``group["rbar_sq"]`` and
-    ``group["v"]`` (identical in every group) are 0-d tensors on the parameters' device.
+    ``group["v"]`` (identical in every group) are 0-d tensors on the parameters' device,
+    :math:`v_t` in float64 (it grows with every step), :math:`\bar r_t^2` in the statistics dtype.
 
     Args:
         params: parameters or param groups.
         lr: multiplier of the step size, for schedulers (default 1.0; the reference has none).
         eps: the initial squared distance :math:`\bar r_0^2` and the term added to
             :math:`\sqrt{v_t}` (default 1e-4, the reference's). The initial distance is absolute:
-            for weights far from unit scale, set it to about (1e-3·‖x₀‖)².
+            for weights far from unit scale, set it to about (1e-3·‖x₀‖)². Being absolute, the
+            first step (distance 1e-2) needs no low-precision default (DoG's ``reps_rel``): it is
+            representable for weights of about unit scale in bfloat16 too.
         weight_decay: coupled L2 penalty :math:`\lambda` added to the gradient (default 0.0; the
             reference has none).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
@@ -597,6 +644,7 @@ class DoWG(_DistanceBase):
 
     def _update(self, loss: Tensor | None) -> None:
         dtype, device = self._stat_dtype(), self._stat_device()
+        wide = _sum_dtype(device)
         plans = [self._plan(group) for group in self.param_groups]
         self._finite_plans(plans)
         # 1. ||g||^2 and ||x - x_0||^2 over all groups, in one reduction (always the same two
@@ -609,15 +657,17 @@ class DoWG(_DistanceBase):
         # 2. The shared distance and weighted gradient sum (identical copies in every group).
         state_group = next((g for g in self.param_groups if "rbar_sq" in g), None)
         if state_group is None:
-            # squared distance so far, starting at eps, and the weighted sum v of squared
-            # gradient norms: 0-d tensors in the statistics dtype
+            # squared distance so far, starting at eps (0-d, statistics dtype), and the weighted
+            # sum v of squared gradient norms (0-d, float64: it grows forever)
             rbar_sq = torch.full((), self.defaults["eps"], dtype=dtype, device=device)
-            v_sum = torch.zeros((), dtype=dtype, device=device)
+            v_sum = torch.zeros((), dtype=wide, device=device)
         else:
-            rbar_sq, v_sum = state_group["rbar_sq"], state_group["v"]
+            # (.to: a float32 v from an older checkpoint)
+            rbar_sq, v_sum = state_group["rbar_sq"], state_group["v"].to(wide)
         old_rbar_sq, old_v = rbar_sq, v_sum
         rbar_sq = torch.maximum(rbar_sq, dist_sq)
-        v_sum = v_sum + rbar_sq * grad_sq
+        wide_rbar_sq = rbar_sq.to(wide)
+        v_sum = v_sum + wide_rbar_sq * grad_sq.to(wide)
         root_v = torch.sqrt(v_sum)
         # Not finite: r̄², v and the published step size keep their values (eps, 0 and 0 before
         # the first step), the step is 0.
@@ -627,7 +677,7 @@ class DoWG(_DistanceBase):
         for group, plan in zip(self.param_groups, plans):
             old_published = group.get(STEP_SIZE_KEY)
             group["rbar_sq"], group["v"] = rbar_sq_kept, v_kept
-            step = group["lr"] * (rbar_sq / (root_v + group["eps"]))
+            step = group["lr"] * (wide_rbar_sq / (root_v + group["eps"])).to(dtype)
             if finite is not None:
                 self._publish_step_size(group, gate(finite, step, 0.0 if old_published is None else old_published))
                 step = gate(finite, step, 0.0)
