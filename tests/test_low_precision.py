@@ -31,8 +31,6 @@ NO_BF16_PROGRESS = {
     "sf_prodigy": "d starts at d0=1e-6: every update is below bfloat16's resolution (loss ratio 1.000; float32: 0.530)",
     "dadapt_sgd": "d starts at d0=1e-6: progress starts ~6 steps later than in float32 (loss ratio 0.987; float32: 0.974)",
     "dadapt_adagrad": "d starts at d0=1e-6 and grows slowly: no progress in 20 steps even in float32 (ratio 0.999)",
-    "dog": "the first step moves reps_rel=1e-6 relative to the weights: rounds away in bfloat16; also slow in float32 (0.997)",
-    "ldog": "the first step moves reps_rel=1e-6 relative to the weights: rounds away in bfloat16; also slow in float32 (0.997)",
 }
 
 
