@@ -538,18 +538,56 @@ def test_sgd_steps_without_any_gradient_do_not_fix_g0() -> None:
                                          (DAdaptAdam, dict(use_bias_correction=True, weight_decay=0.1)),
                                          (DAdaptAdaGrad, dict(weight_decay=0.1))])
 @pytest.mark.parametrize("foreach", FOREACH)
-def test_no_host_sync_from_the_first_step_on(cls, kwargs, foreach) -> None:
-    """The first step too (||g0||, state creation) reads nothing back from the device."""
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_no_host_sync_from_the_first_step_on(cls, kwargs, foreach, skip_nonfinite) -> None:
+    """The first step too (||g0||, state creation) reads nothing back from the device, except
+    DAdaptSGD's step that measures ||g0|| when non-finite steps are skipped: it reads whether
+    that step was finite (one read, that step only; see test_a_nonfinite_first_step_is_skipped)."""
     from tests.test_contract import SyncCounter
 
     params, loss = quadratic()
-    opt = cls(two_groups(params, 1.0, 0.5), foreach=foreach, **kwargs)
-    for _ in range(3):
+    opt = cls(two_groups(params, 1.0, 0.5), foreach=foreach, skip_nonfinite=skip_nonfinite, **kwargs)
+    for i in range(3):
         opt.zero_grad()
         loss().backward()
         with SyncCounter() as counter:
             opt.step()
-        assert counter.count == 0
+        assert counter.count == (1 if i == 0 and cls is DAdaptSGD and skip_nonfinite else 0), counter.sites
+
+
+@pytest.mark.parametrize("cls, kwargs", [(DAdaptSGD, {}), (DAdaptSGD, dict(momentum=0.9, weight_decay=0.1)),
+                                         (DAdaptAdam, dict(use_bias_correction=True, weight_decay=0.1)),
+                                         (DAdaptAdam, dict(weight_decay=0.1, decouple=True)),
+                                         (DAdaptAdaGrad, {}), (DAdaptAdaGrad, dict(momentum=0.5, weight_decay=0.1))])
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("bad_steps", [1, 2])
+def test_a_nonfinite_first_step_is_skipped(cls, kwargs, foreach, bad_steps) -> None:
+    """NaN gradients at the first steps (before any state exists): the run equals the run that
+    starts that many steps later, bit for bit (DAdaptSGD measures ||g0|| at the first finite step,
+    as a fresh run does, not at the skipped one)."""
+    runs = []
+    for skipped in (True, False):
+        params, loss = quadratic()
+        opt = cls(two_groups(params, 1.0, 0.5), foreach=foreach, **kwargs)
+        for i in range(6):
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            if i < bad_steps:
+                if skipped:
+                    continue
+                params[0].grad[0, 0] = float("nan")
+            opt.step()
+        runs.append((params, opt))
+    (ref, ref_opt), (params, opt) = runs
+    for a, b in zip(ref, params):
+        assert torch.equal(a, b)
+    assert opt.skipped_steps() == [bad_steps] * 2
+    for key in ("d", "k", "effective_lr", *(["g0_norm"] if cls is DAdaptSGD else [])):
+        for g_ref, g in zip(ref_opt.param_groups, opt.param_groups):
+            assert torch.equal(torch.as_tensor(g_ref[key]), torch.as_tensor(g[key])), key
+    for p_ref, p in zip(ref, params):
+        for key, value in ref_opt.state[p_ref].items():
+            assert torch.equal(value, opt.state[p][key]), key
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -38,10 +38,19 @@ differences common to the three classes:
   underflow with tiny gradients, an overflow, a NaN gradient) is ignored.
 * **Zero host syncs** per step (the reference reads 2 to 5 scalars per tensor with
   ``.item()``); d and the other shared scalars are 0-d tensors on the parameters' device.
-  Sharded parameters are handled by the base class: there is no ``fsdp_in_use`` argument
-  (and no ``log_every``: the learned step size is published as ``group["effective_lr"]``).
+  One exception: with ``skip_nonfinite``, DAdaptSGD's step that measures :math:`\|g_0\|` (the
+  first) reads whether it was finite, so that a skipped first step leaves :math:`\|g_0\|` to
+  the next one. Sharded parameters are handled by the base class: there is no
+  ``fsdp_in_use`` argument (and no ``log_every``: the learned step size is published as
+  ``group["effective_lr"]``).
 * Sparse gradients are refused (the reference's DAdaptAdaGrad accepts them; that path is not
   kept).
+* **A step with a gradient that is not finite is skipped** (``skip_nonfinite=True``, the
+  default): parameters, buffers, d, the sums, ``k`` and the published ``effective_lr`` stay
+  exactly as they were (the reference lets the NaN through, as ``skip_nonfinite=False`` does).
+  The step computes from zero gradients and gates, on the device, whatever a zero gradient would
+  still change (decay factors, decoupled weight decay, Adam's step, the momentum average, the
+  shared scalars).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ from ..errors import InvalidArgumentError
 from ._batched import (Scratch, cpu_paths, _sum_stacked, add_scaled_, cache_blocks, coefficient, coefficient_dtype,
                        flat_abs_sum, flat_dot, flat_sum_of_squares, total_abs_sum, total_dot, total_sum_of_squares)
 from ._fused import FusedKernel
-from .base import TunelessOptimizer, local_tensor, lr_is_zero, lr_moves
+from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor, lr_is_zero, lr_moves
 
 __all__ = ["DAdaptSGD", "DAdaptAdam", "DAdaptAdaGrad"]
 
@@ -121,11 +130,21 @@ class _DAdaptBase(TunelessOptimizer):
 
     def _store_shared(self, old: dict[str, Tensor], new: dict[str, Tensor], moved: Tensor) -> None:
         """Store ``new`` where ``moved`` (a 0-d bool tensor, the same on every rank), else keep ``old``;
-        ``k`` advances by one when ``moved``. No host sync."""
+        ``k`` advances by one when ``moved``. A step that is not finite moved nothing. No host sync."""
+        finite = self._step_finite()
+        if finite is not None:
+            moved = moved & finite.to(moved.device)
         values = {key: torch.where(moved, new.get(key, value), value) for key, value in old.items()}
         values["k"] = old["k"] + moved.to(old["k"].dtype)
         for group in self.param_groups:
             group.update(values)
+
+    def _publish(self, group: dict[str, Any], value: Tensor) -> None:
+        """Publish the group's step size; a step that is not finite keeps the one published before."""
+        finite, old = self._step_finite(), group.get(STEP_SIZE_KEY)
+        if finite is not None and isinstance(old, Tensor):
+            value = torch.where(finite.to(value.device), value, old.to(device=value.device, dtype=value.dtype))
+        self._publish_step_size(group, value)
 
     def _reduces_across_processes(self) -> bool:
         """Whether the statistics are summed over other processes (then a local "nothing here"
@@ -158,13 +177,44 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _coupled(grads: list[Tensor], xs: list[Tensor], wd: float, foreach: bool) -> list[Tensor]:
-    """g + wd x in new tensors (coupled weight decay; ``p.grad`` itself is never modified)."""
+def _coupled(grads: list[Tensor], xs: list[Tensor], wd: float, foreach: bool,
+             finite: Tensor | None = None) -> list[Tensor]:
+    """g + wd x in new tensors (coupled weight decay; ``p.grad`` itself is never modified); zeros
+    on a step that is not finite (``finite`` False: the new tensors are zeroed in place)."""
     if wd == 0 or not grads:
         return grads
     if foreach:
-        return list(torch._foreach_add(grads, xs, alpha=wd))
-    return [g.add(x, alpha=wd) for g, x in zip(grads, xs)]
+        out = list(torch._foreach_add(grads, xs, alpha=wd))
+    else:
+        out = [g.add(x, alpha=wd) for g, x in zip(grads, xs)]
+    if finite is not None:
+        zero = torch.zeros((), dtype=out[0].dtype, device=out[0].device)
+        for t in out:
+            torch.where(finite, t, zero, out=t)
+    return out
+
+
+def _gated(finite: Tensor | None, like: Tensor, value: float, skipped: float, cache: dict[Any, Tensor]) -> Any:
+    """A number of a vectorized step, for foreach ops on tensors like ``like``: the number itself
+    when the step is not checked (``finite`` None, the ops unchanged); else a 0-d tensor in
+    :func:`~tuneless.optim._batched.coefficient_dtype` of ``like`` that is ``skipped`` on a step
+    that is not finite (a decay factor 1, a step 0: an exact no-op). ``cache`` holds them for
+    the blocks of one call."""
+    if finite is None:
+        return value
+    dtype = coefficient_dtype(like)
+    key = (value, skipped, dtype, like.device)
+    out = cache.get(key)
+    if out is None:
+        full = torch.full((), value, dtype=dtype, device=like.device)
+        out = cache[key] = torch.where(finite.to(like.device), full, torch.full_like(full, skipped))
+    return out
+
+
+def _checked(finite: Tensor | None, device: torch.device) -> Tensor:
+    """The step's finiteness flag for the per-parameter functions and the kernels: True when the
+    step is not checked (``skip_nonfinite=False``: ``where(True, new, old)`` is ``new``)."""
+    return torch.ones((), dtype=torch.bool, device=device) if finite is None else finite
 
 
 def _wide_dtype(device: torch.device) -> torch.dtype:
@@ -215,6 +265,9 @@ class DAdaptSGD(_DAdaptBase):
         growth_rate: the most d may grow per step, a factor >= 1 (default inf: no limit;
             1.02 gives a kind of warm-up).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -243,7 +296,9 @@ class DAdaptSGD(_DAdaptBase):
       0 at the first step (a warm-up from 0). If the first gradient is exactly zero,
       :math:`\|g_0\| = 1` is used (the reference raises ``ZeroDivisionError``). As in the
       reference, :math:`\|g_0\|` is the norm of the loss's gradient, without the weight-decay
-      term.
+      term. The step that measures it is the one step that reads a value on the host (with
+      ``skip_nonfinite``): whether its gradients were finite; if not, nothing is measured and
+      the next step measures (and reads) again.
 
     .. warning:: d only grows. If training diverges after d has risen, lower ``lr`` or set
        ``growth_rate``. Coupled weight decay costs one gradient-sized temporary per step, since
@@ -257,9 +312,11 @@ class DAdaptSGD(_DAdaptBase):
     _HOST_VALUES = {"g0_measured": False}
 
     def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.0, weight_decay: float = 0.0,
-                 d0: float = 1e-6, growth_rate: float = math.inf, foreach: bool | None = None) -> None:
+                 d0: float = 1e-6, growth_rate: float = math.inf, foreach: bool | None = None,
+                 skip_nonfinite: bool = True) -> None:
+        v.check_bool(type(self).__name__, "skip_nonfinite", skip_nonfinite)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate,
-                        foreach=foreach)
+                        foreach=foreach, skip_nonfinite=skip_nonfinite)
         self._check_hyperparameters(type(self).__name__, defaults)
         super().__init__(params, defaults)
 
@@ -287,6 +344,7 @@ class DAdaptSGD(_DAdaptBase):
         scalars = self._shared_scalars()
         first = self.param_groups[0]
         d, g0 = scalars["d"], scalars["g0_norm"]
+        finite = self._step_finite()  # None: not checked
         per_group = [self._params_with_grad(group) for group in self.param_groups]
         active = [not lr_is_zero(group["lr"]) for group in self.param_groups]  # a tensor lr: on, see lr_is_zero
         stepped = any(on and grads for on, (_, grads) in zip(active, per_group))  # something moves here
@@ -318,20 +376,30 @@ class DAdaptSGD(_DAdaptBase):
             # counts (||g0|| = 1 if none had one). Alone, a step without gradients waits.
             g0 = g0_new  # (nothing moves with it when no rank has a gradient)
             just_measured = stepped or (any(active) and self._reduces_across_processes())
+            if just_measured and finite is not None:
+                # The one host read of a checked run (the first step may read): a step that is not
+                # finite measures nothing (it moves nothing, with zero gradients and the momentum
+                # gated), and the next step measures again. Every rank reads the same flag.
+                just_measured = bool(finite)
 
         numerator = torch.zeros((), dtype=dtype, device=device)
         s_sq = torch.zeros((), dtype=dtype, device=device)
         for group, (params, grads), on in zip(self.param_groups, per_group, active):
             step_size = d * (group["lr"] / g0)  # eta_k for this group
-            self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
+            self._publish(group, step_size if on else torch.zeros_like(step_size))
             if not on or not params:
                 continue  # lr = 0: the group is frozen
             momentum = group["momentum"]
             states = [self._init_state(p, momentum) for p in params]
             xs = [local_tensor(p) for p in params]
             foreach = self._use_foreach(group)
-            impl = _multi_tensor_dadapt_sgd if foreach else _single_tensor_dadapt_sgd
-            extra = dict(scratch=self._scratch()) if foreach else {}
+            # A step that is not finite computes from zero gradients (zeroed after the coupled decay).
+            if foreach:
+                impl, extra = _multi_tensor_dadapt_sgd, dict(scratch=self._scratch(), finite=finite)
+                if group["weight_decay"] == 0:
+                    grads = self._finite_grads(grads)
+            else:
+                impl, extra = _single_tensor_dadapt_sgd, dict(finite=_checked(finite, device))
             dot, sq = impl(xs, grads, states, step_size=step_size, weight_decay=group["weight_decay"],
                            momentum=momentum, with_stats=measured, dtype=dtype, device=device, **extra)
             numerator = numerator + step_size * dot
@@ -351,12 +419,16 @@ class DAdaptSGD(_DAdaptBase):
 
 def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                               step_size: Tensor, weight_decay: float, momentum: float, with_stats: bool,
-                              dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """One tensor at a time: s += eta g, x moves; returns sum <g, s_old> and sum ||s_new||^2."""
+                              dtype: torch.dtype, device: torch.device, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """One tensor at a time: s += eta g, x moves; returns sum <g, s_old> and sum ||s_new||^2.
+
+    ``finite`` False (a 0-d bool tensor): the gradient is taken as 0, so s and x (without
+    momentum) stay; the momentum average is kept by a select."""
     dots, sqs = [], []
     for x, g, state in zip(xs, grads, states):
         if weight_decay != 0:
             g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
+        g = torch.where(finite, g, 0.0)
         s = local_tensor(state["s"])
         eta = coefficient(step_size, s)
         if with_stats:
@@ -369,25 +441,30 @@ def _single_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: lis
         else:
             ck = 1 - momentum
             z = local_tensor(state["x0"]) - s
-            x.mul_(1 - ck).add_(z, alpha=ck)
+            x.copy_(torch.where(finite, x.mul(1 - ck).add_(z, alpha=ck), x))
     return _sum_stacked(dots, dtype, device), _sum_stacked(sqs, dtype, device)
 
 
 def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                              step_size: Tensor, weight_decay: float, momentum: float, with_stats: bool,
-                             dtype: torch.dtype, device: torch.device, scratch: Scratch) -> tuple[Tensor, Tensor]:
+                             dtype: torch.dtype, device: torch.device, scratch: Scratch,
+                             finite: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_sgd` over all tensors at once (foreach ops, batched sums).
 
     On the CPU, block by block (cache-sized), the sums through the reused scratch buffer; no
     temporary of the parameters' size, except the coupled-decay gradients (block-sized on CPU).
+
+    ``finite`` False: ``grads`` are zeros (the coupled-decay gradients are zeroed here), so s
+    and x (without momentum) stay; the momentum's weight is 0 (``lerp`` by 0, an added 0).
     """
     dot = torch.zeros((), dtype=dtype, device=device)
     sq = torch.zeros((), dtype=dtype, device=device)
     ss = [local_tensor(st["s"]) for st in states]
     x0s = [local_tensor(st["x0"]) for st in states] if momentum != 0 else None
+    gates: dict[Any, Tensor] = {}
     for xb, gb, sb, x0b in cache_blocks(xs, grads, ss, x0s):
         cpu = cpu_paths(sb[0].device)
-        gb = _coupled(gb, xb, weight_decay, True)
+        gb = _coupled(gb, xb, weight_decay, True, finite)
         eta = coefficient(step_size, sb[0])
         if with_stats:
             dot = dot + (flat_dot(gb, sb, scratch, dtype) if cpu else total_dot(gb, sb, dtype, device))
@@ -396,10 +473,14 @@ def _multi_tensor_dadapt_sgd(xs: list[Tensor], grads: list[Tensor], states: list
             sq = sq + (flat_sum_of_squares(sb, scratch, dtype) if cpu else total_sum_of_squares(sb, dtype, device))
         if momentum == 0:
             add_scaled_(xb, gb, -eta)
-        else:
+        elif finite is None:
             ck = 1 - momentum
             torch._foreach_lerp_(xb, x0b, ck)       # (1-ck) x + ck x0
             torch._foreach_add_(xb, sb, alpha=-ck)  # - ck s
+        else:  # the same, ck 0 on a step that is not finite
+            ck = _gated(finite, xb[0], 1 - momentum, 0.0, gates)
+            torch._foreach_lerp_(xb, x0b, [ck] * len(xb))
+            add_scaled_(xb, sb, -ck)
     return dot, sq
 
 
@@ -449,6 +530,9 @@ class DAdaptAdam(_DAdaptBase):
         fused: one compiled single-pass kernel per group of tensors instead of the vectorized
             chain (default False): 2-3x faster on a CPU, at the cost of compiling it at the
             first step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -486,12 +570,13 @@ class DAdaptAdam(_DAdaptBase):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
                  use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = math.inf,
-                 foreach: bool | None = None, fused: bool = False) -> None:
+                 foreach: bool | None = None, fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
                         decouple=decouple, use_bias_correction=use_bias_correction, d0=d0,
-                        growth_rate=growth_rate, foreach=foreach, fused=fused)
+                        growth_rate=growth_rate, foreach=foreach, fused=fused, skip_nonfinite=skip_nonfinite)
         self._check_hyperparameters(owner, defaults)
         super().__init__(params, defaults)
 
@@ -527,24 +612,30 @@ class DAdaptAdam(_DAdaptBase):
         bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
                            if first["use_bias_correction"] else 1.0)
         d = scalars["d"]
+        finite = self._step_finite()  # None: not checked
         numerator = torch.zeros((), dtype=dtype, device=device)
         s_l1 = torch.zeros((), dtype=dtype, device=device)
         moved_here = torch.zeros((), dtype=dtype, device=device)  # some group with lr != 0 has a gradient
         for group in self.param_groups:
             on = not lr_is_zero(group["lr"])  # a tensor lr: on (its step size is 0 when it is 0)
             step_size = d * (group["lr"] * bias_correction)  # eta_k for this group
-            self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
+            self._publish(group, step_size if on else torch.zeros_like(step_size))
             params, grads = self._params_with_grad(group)
             if not on or not params:
                 continue  # lr = 0: the group is frozen
             moved_here = torch.maximum(moved_here, lr_moves(group["lr"], moved_here))
             states = [self._init_state(p) for p in params]
             xs = [local_tensor(p) for p in params]
-            foreach = self._use_foreach(group)
-            impl = _multi_tensor_dadapt_adam if foreach else _single_tensor_dadapt_adam
-            extra = dict(scratch=self._scratch()) if foreach else {}
+            # A step that is not finite computes from zero gradients (zeroed after the coupled decay)
+            # and gates the decay factors and the step (see the implementations).
             if group["fused"]:
-                impl, extra = _fused_dadapt_adam, {}
+                impl, extra = _fused_dadapt_adam, dict(finite=_checked(finite, device))
+            elif self._use_foreach(group):
+                impl, extra = _multi_tensor_dadapt_adam, dict(scratch=self._scratch(), finite=finite)
+                if group["weight_decay"] == 0 or group["decouple"]:
+                    grads = self._finite_grads(grads)
+            else:
+                impl, extra = _single_tensor_dadapt_adam, dict(finite=_checked(finite, device))
             dot, l1 = impl(xs, grads, states, step_size=step_size, beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"], decouple=group["decouple"], dtype=dtype, device=device, **extra)
             numerator = numerator + step_size * dot
@@ -561,30 +652,34 @@ class DAdaptAdam(_DAdaptBase):
 
 def _single_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                                step_size: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                               decouple: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """One tensor at a time: the moments, s and the step; returns sum <g, s/(sqrt(v)+eps)> and sum ||s||_1."""
+                               decouple: bool, dtype: torch.dtype, device: torch.device,
+                               finite: Tensor) -> tuple[Tensor, Tensor]:
+    """One tensor at a time: the moments, s and the step; returns sum <g, s/(sqrt(v)+eps)> and sum ||s||_1.
+
+    ``finite`` False (a 0-d bool tensor): the gradient is taken as 0 and every write keeps the
+    old value (a select: with a zero gradient the moments would still decay and x still step)."""
     sqrt_beta2 = beta2 ** 0.5
     dots, l1s = [], []
     for x, g, state in zip(xs, grads, states):
         if weight_decay != 0 and not decouple:
             g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
+        g = torch.where(finite, g, 0.0)
         s, m, u = (local_tensor(state[key]) for key in ("s", "exp_avg", "exp_avg_sq"))
         eta = coefficient(step_size, s)
         dots.append((g * s.div(u.sqrt().add(eps))).sum())  # the previous s and v
-        m.mul_(beta1).add_(g * (eta * (1 - beta1)))
-        u.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        s.mul_(sqrt_beta2).add_(g * (eta * (1 - sqrt_beta2)))
+        m.copy_(torch.where(finite, m.mul(beta1).add_(g * (eta * (1 - beta1))), m))
+        u.copy_(torch.where(finite, u.mul(beta2).addcmul_(g, g, value=1 - beta2), u))
+        s.copy_(torch.where(finite, s.mul(sqrt_beta2).add_(g * (eta * (1 - sqrt_beta2))), s))
         l1s.append(s.abs().sum())
-        if weight_decay != 0 and decouple:
-            x.mul_(1 - weight_decay * eta)
-        x.addcdiv_(m, u.sqrt().add(eps), value=-1)
+        new_x = x.mul(1 - weight_decay * eta) if weight_decay != 0 and decouple else x
+        x.copy_(torch.where(finite, new_x.addcdiv(m, u.sqrt().add(eps), value=-1), x))
     return _sum_stacked(dots, dtype, device), _sum_stacked(l1s, dtype, device)
 
 
 def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                               step_size: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
                               decouple: bool, dtype: torch.dtype, device: torch.device,
-                              scratch: Scratch) -> tuple[Tensor, Tensor]:
+                              scratch: Scratch, finite: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adam` over all tensors at once (foreach ops, batched sums).
 
     One temporary at a time, the denominator, as in torch's foreach Adam: 1/(sqrt(v)+eps),
@@ -592,16 +687,23 @@ def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: lis
     again with the new v for the step. On the CPU it is the reused scratch buffer of one
     cache-sized block, and the sums are one reduction over it; elsewhere a new tensor list.
     Plus the coupled-decay gradients.
+
+    ``finite`` False: ``grads`` are zeros (the coupled-decay gradients are zeroed here), the
+    decay factors beta1, beta2, sqrt(beta2) and the decoupled decay's 1 - lambda eta are 1, and
+    the step's denominator is sqrt(v) + inf (m / inf = 0): every buffer and x stay, exactly.
     """
     sqrt_beta2 = beta2 ** 0.5
     dot = torch.zeros((), dtype=dtype, device=device)
     l1 = torch.zeros((), dtype=dtype, device=device)
     ss, ms, us = ([local_tensor(st[key]) for st in states] for key in ("s", "exp_avg", "exp_avg_sq"))
+    gates: dict[Any, Tensor] = {}
     for xb, gb, sb, mb, ub in cache_blocks(xs, grads, ss, ms, us):
         cpu = cpu_paths(ub[0].device)
         if not decouple:
-            gb = _coupled(gb, xb, weight_decay, True)
+            gb = _coupled(gb, xb, weight_decay, True, finite)
         eta = coefficient(step_size, sb[0])
+        b1, b2, sqrt_b2 = (_gated(finite, mb[0], beta, 1.0, gates) for beta in (beta1, beta2, sqrt_beta2))
+        step_eps = _gated(finite, ub[0], eps, math.inf, gates)
         # <g, s / (sqrt(v) + eps)> with the previous s and v.
         if cpu:
             flat, buf = scratch.views(ub)
@@ -617,40 +719,47 @@ def _multi_tensor_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: lis
             dot = dot + flat.sum(dtype=dtype)
         else:
             dot = dot + total_dot(gb, buf, dtype, device)
-        torch._foreach_mul_(mb, beta1)
+        torch._foreach_mul_(mb, b1)
         add_scaled_(mb, gb, eta * (1 - beta1))
-        torch._foreach_mul_(ub, beta2)
+        torch._foreach_mul_(ub, b2)
         torch._foreach_addcmul_(ub, gb, gb, value=1 - beta2)
-        torch._foreach_mul_(sb, sqrt_beta2)
+        torch._foreach_mul_(sb, sqrt_b2)
         add_scaled_(sb, gb, eta * (1 - sqrt_beta2))
         l1 = l1 + (flat_abs_sum(sb, scratch, dtype) if cpu else total_abs_sum(sb, dtype, device))
         # The step, with the new v: the same buffer now holds sqrt(v) + eps.
         torch._foreach_copy_(buf, ub)
         torch._foreach_sqrt_(buf)
-        torch._foreach_add_(buf, eps)
+        if finite is None:
+            torch._foreach_add_(buf, eps)
+        else:  # the List overload with 0-d tensors: the Tensor one reads the number on the host
+            torch._foreach_add_(buf, [step_eps] * len(buf))
         if weight_decay != 0 and decouple:
-            torch._foreach_mul_(xb, 1 - weight_decay * eta)
+            torch._foreach_mul_(xb, gate(finite, 1 - weight_decay * eta, 1.0))
         torch._foreach_addcdiv_(xb, mb, buf, value=-1)
     return dot, l1
 
 
-def _dadapt_adam_kernel(x: Tensor, g: Tensor, s: Tensor, m: Tensor, v: Tensor, step_size: Tensor, beta1: float,
-                        beta2: float, eps: float, weight_decay: float, decouple: bool,
+def _dadapt_adam_kernel(x: Tensor, g: Tensor, s: Tensor, m: Tensor, v: Tensor, step_size: Tensor, finite: Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, decouple: bool,
                         sum_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """One tensor of :func:`_single_tensor_dadapt_adam`, as the fused kernel compiles it (tensors
-    whose entries are all 0 stay 0 and add 0 to both sums: the padding is harmless)."""
+    whose entries are all 0 stay 0 and add 0 to both sums: the padding is harmless).
+
+    ``finite`` False: the gradient is taken as 0 and every write keeps the old value (a select,
+    free in the compiled kernel)."""
     sqrt_beta2 = beta2 ** 0.5
     eta = step_size.to(coefficient_dtype(x))
     if weight_decay != 0 and not decouple:
         g = g + weight_decay * x
+    g = torch.where(finite, g, 0.0)
     dot = (g * s / (v.sqrt() + eps)).sum(dtype=sum_dtype)
-    m.mul_(beta1).add_(g * (eta * (1 - beta1)))
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    s.mul_(sqrt_beta2).add_(g * (eta * (1 - sqrt_beta2)))
+    # The same in-place ops as before on new tensors (the compiled code is unchanged), then selected.
+    m.copy_(torch.where(finite, m.mul(beta1).add_(g * (eta * (1 - beta1))), m))
+    v.copy_(torch.where(finite, v.mul(beta2).addcmul_(g, g, value=1 - beta2), v))
+    s.copy_(torch.where(finite, s.mul(sqrt_beta2).add_(g * (eta * (1 - sqrt_beta2))), s))
     l1 = s.abs().sum(dtype=sum_dtype)
-    if weight_decay != 0 and decouple:
-        x.mul_(1 - weight_decay * eta)
-    x.addcdiv_(m, v.sqrt() + eps, value=-1)
+    new_x = x.mul(1 - weight_decay * eta) if weight_decay != 0 and decouple else x
+    x.copy_(torch.where(finite, new_x.addcdiv(m, v.sqrt() + eps, value=-1), x))
     return dot, l1
 
 
@@ -659,11 +768,12 @@ _DADAPT_ADAM_KERNEL = FusedKernel(_dadapt_adam_kernel, num_tensors=5, num_sums=2
 
 def _fused_dadapt_adam(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                        step_size: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                       decouple: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+                       decouple: bool, dtype: torch.dtype, device: torch.device,
+                       finite: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adam` as one compiled kernel per group of tensors (``fused=True``)."""
     ss, ms, us = ([local_tensor(st[key]) for st in states] for key in ("s", "exp_avg", "exp_avg_sq"))
     dot, l1 = _DADAPT_ADAM_KERNEL([xs, grads, ss, ms, us],
-                                  (step_size, beta1, beta2, eps, weight_decay, decouple, dtype),
+                                  (step_size, finite, beta1, beta2, eps, weight_decay, decouple, dtype),
                                   sum_dtype=dtype, device=device)
     return dot, l1
 
@@ -704,6 +814,9 @@ class DAdaptAdaGrad(_DAdaptBase):
         fused: one compiled single-pass kernel per group of tensors instead of the vectorized
             chain (default False): faster on a CPU, at the cost of compiling it at the first
             step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     References:
         A. Defazio, K. Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
@@ -731,9 +844,10 @@ class DAdaptAdaGrad(_DAdaptBase):
 
     def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  eps: float = 1e-6, d0: float = 1e-6, growth_rate: float = math.inf,
-                 foreach: bool | None = None, fused: bool = False) -> None:
+                 foreach: bool | None = None, fused: bool = False, skip_nonfinite: bool = True) -> None:
+        v.check_bool(type(self).__name__, "skip_nonfinite", skip_nonfinite)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, d0=d0,
-                        growth_rate=growth_rate, foreach=foreach, fused=fused)
+                        growth_rate=growth_rate, foreach=foreach, fused=fused, skip_nonfinite=skip_nonfinite)
         self._check_hyperparameters(type(self).__name__, defaults)
         super().__init__(params, defaults)
 
@@ -764,22 +878,28 @@ class DAdaptAdaGrad(_DAdaptBase):
         scalars = self._shared_scalars()
         first = self.param_groups[0]
         d = scalars["d"]
+        finite = self._step_finite()  # None: not checked
         # eta^2 sum g^2/a, sum s^2/a, ||s||_1, and whether something moved on this rank
         stats = torch.zeros(4, dtype=dtype, device=device)
         for group in self.param_groups:
             on = not lr_is_zero(group["lr"])  # a tensor lr: on (its step size is 0 when it is 0)
             step_size = d * group["lr"]  # eta_k for this group
-            self._publish_step_size(group, step_size if on else torch.zeros_like(step_size))
+            self._publish(group, step_size if on else torch.zeros_like(step_size))
             params, grads = self._params_with_grad(group)
             if not on or not params:
                 continue  # lr = 0: the group is frozen
             states = [self._init_state(p) for p in params]
             xs = [local_tensor(p) for p in params]
-            foreach = self._use_foreach(group)
-            impl = _multi_tensor_dadapt_adagrad if foreach else _single_tensor_dadapt_adagrad
-            extra = dict(scratch=self._scratch()) if foreach else {}
+            # A step that is not finite computes from zero gradients (zeroed after the coupled
+            # decay): alpha and s stay; x is kept by a select or a momentum weight of 0.
             if group["fused"]:
-                impl, extra = _fused_dadapt_adagrad, {}
+                impl, extra = _fused_dadapt_adagrad, dict(finite=_checked(finite, device))
+            elif self._use_foreach(group):
+                impl, extra = _multi_tensor_dadapt_adagrad, dict(scratch=self._scratch(), finite=finite)
+                if group["weight_decay"] == 0:
+                    grads = self._finite_grads(grads)
+            else:
+                impl, extra = _single_tensor_dadapt_adagrad, dict(finite=_checked(finite, device))
             g_sq, s_sq, l1 = impl(xs, grads, states, step_size=step_size, eps=group["eps"],
                                   weight_decay=group["weight_decay"], momentum=group["momentum"],
                                   dtype=dtype, device=device, **extra)
@@ -796,12 +916,17 @@ class DAdaptAdaGrad(_DAdaptBase):
 
 def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                                   step_size: Tensor, eps: float, weight_decay: float, momentum: float,
-                                  dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """One tensor at a time; returns sum g^2/a, sum s^2/a (new alpha and s) and sum ||s||_1."""
+                                  dtype: torch.dtype, device: torch.device,
+                                  finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One tensor at a time; returns sum g^2/a, sum s^2/a (new alpha and s) and sum ||s||_1.
+
+    ``finite`` False (a 0-d bool tensor): the gradient is taken as 0, so alpha and s stay, and
+    x is kept by a select (x0 - s/a is where it already is, unless it was moved from outside)."""
     g_sqs, s_sqs, l1s = [], [], []
     for x, g, state in zip(xs, grads, states):
         if weight_decay != 0:
             g = g.add(x, alpha=weight_decay)  # coupled weight decay, p.grad untouched
+        g = torch.where(finite, g, 0.0)
         alpha, s, x0 = (local_tensor(state[key]) for key in ("alpha", "s", "x0"))
         alpha.addcmul_(g, g)
         denom = alpha.sqrt().add_(eps)
@@ -811,30 +936,35 @@ def _single_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states:
         l1s.append(s.abs().sum())
         z = x0 - s.div(denom)
         if momentum == 0:
-            x.copy_(z)
+            x.copy_(torch.where(finite, z, x))
         else:
             ck = 1 - momentum
-            x.mul_(1 - ck).add_(z, alpha=ck)
+            x.copy_(torch.where(finite, x.mul(1 - ck).add_(z, alpha=ck), x))
     return _sum_stacked(g_sqs, dtype, device), _sum_stacked(s_sqs, dtype, device), _sum_stacked(l1s, dtype, device)
 
 
 def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                                  step_size: Tensor, eps: float, weight_decay: float, momentum: float,
                                  dtype: torch.dtype, device: torch.device,
-                                 scratch: Scratch) -> tuple[Tensor, Tensor, Tensor]:
+                                 scratch: Scratch, finite: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adagrad` over all tensors at once (foreach ops, batched sums).
 
     Temporaries: the denominator a (reused for s/a) and one for the sums. On the CPU they are
     the two reused scratch buffers of one cache-sized block; elsewhere new tensor lists. Plus
     the coupled-decay gradients.
+
+    ``finite`` False: ``grads`` are zeros (the coupled-decay gradients are zeroed here), so
+    alpha and s stay; x moves by ``lerp`` towards x0 with a weight ck that is 0 (without
+    momentum, ck = 1 on a finite step: x0 - s/a as before, exactly).
     """
     g_sq = torch.zeros((), dtype=dtype, device=device)
     s_sq = torch.zeros((), dtype=dtype, device=device)
     l1 = torch.zeros((), dtype=dtype, device=device)
     alphas, ss, x0s = ([local_tensor(st[key]) for st in states] for key in ("alpha", "s", "x0"))
+    gates: dict[Any, Tensor] = {}
     for xb, gb, ab, sb, x0b in cache_blocks(xs, grads, alphas, ss, x0s):
         cpu = cpu_paths(ab[0].device)
-        gb = _coupled(gb, xb, weight_decay, True)
+        gb = _coupled(gb, xb, weight_decay, True, finite)
         torch._foreach_addcmul_(ab, gb, gb)
         if cpu:
             buf = scratch.views(ab)[1]
@@ -862,22 +992,30 @@ def _multi_tensor_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: 
         else:
             s_sq = s_sq + total_dot(sb, buf, dtype, device)
             l1 = l1 + total_abs_sum(sb, dtype, device)
-        if momentum == 0:
+        if finite is None and momentum == 0:
             torch._foreach_copy_(xb, x0b)
             torch._foreach_sub_(xb, buf)                    # x = x0 - s/a
-        else:
+        elif finite is None:
             ck = 1 - momentum
             torch._foreach_lerp_(xb, x0b, ck)               # (1-ck) x + ck x0
             torch._foreach_add_(xb, buf, alpha=-ck)         # - ck s/a
+        else:  # the same (lerp by 1: x0), ck 0 on a step that is not finite
+            ck = _gated(finite, xb[0], 1 - momentum, 0.0, gates)
+            torch._foreach_lerp_(xb, x0b, [ck] * len(xb))
+            add_scaled_(xb, buf, -ck)
     return g_sq, s_sq, l1
 
 
-def _dadapt_adagrad_kernel(x: Tensor, g: Tensor, alpha: Tensor, s: Tensor, x0: Tensor, step_size: Tensor, eps: float,
-                           weight_decay: float, momentum: float, sum_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _dadapt_adagrad_kernel(x: Tensor, g: Tensor, alpha: Tensor, s: Tensor, x0: Tensor, step_size: Tensor,
+                           finite: Tensor, eps: float, weight_decay: float, momentum: float,
+                           sum_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """One tensor of :func:`_single_tensor_dadapt_adagrad`, compiled by
-    :class:`~tuneless.optim._fused.FusedKernel` (all-zero tensors add 0 to the three sums)."""
+    :class:`~tuneless.optim._fused.FusedKernel` (all-zero tensors add 0 to the three sums).
+
+    ``finite`` False: the gradient is taken as 0 (alpha and s stay) and x is kept by a select."""
     if weight_decay != 0:
         g = g + weight_decay * x
+    g = torch.where(finite, g, 0.0)
     alpha.addcmul_(g, g)
     denom = alpha.sqrt() + eps
     g_sq = (g * g / denom).sum(dtype=sum_dtype)
@@ -886,10 +1024,10 @@ def _dadapt_adagrad_kernel(x: Tensor, g: Tensor, alpha: Tensor, s: Tensor, x0: T
     l1 = s.abs().sum(dtype=sum_dtype)
     z = x0 - s / denom
     if momentum == 0:
-        x.copy_(z)
+        x.copy_(torch.where(finite, z, x))
     else:
         ck = 1 - momentum
-        x.mul_(1 - ck).add_(z, alpha=ck)
+        x.copy_(torch.where(finite, x.mul(1 - ck).add_(z, alpha=ck), x))
     return g_sq, s_sq, l1
 
 
@@ -898,10 +1036,11 @@ _DADAPT_ADAGRAD_KERNEL = FusedKernel(_dadapt_adagrad_kernel, num_tensors=5, num_
 
 def _fused_dadapt_adagrad(xs: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                           step_size: Tensor, eps: float, weight_decay: float, momentum: float,
-                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                          dtype: torch.dtype, device: torch.device, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_single_tensor_dadapt_adagrad` as one compiled kernel per group of tensors (``fused=True``)."""
     alphas, ss, x0s = ([local_tensor(st[key]) for st in states] for key in ("alpha", "s", "x0"))
     eta = step_size.to(coefficient_dtype(xs[0]))
-    g_sq, s_sq, l1 = _DADAPT_ADAGRAD_KERNEL([xs, grads, alphas, ss, x0s], (eta, eps, weight_decay, momentum, dtype),
+    g_sq, s_sq, l1 = _DADAPT_ADAGRAD_KERNEL([xs, grads, alphas, ss, x0s],
+                                            (eta, finite, eps, weight_decay, momentum, dtype),
                                             sum_dtype=dtype, device=device)
     return g_sq, s_sq, l1
