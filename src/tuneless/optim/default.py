@@ -46,6 +46,7 @@ registered and its switches are not part of the public interface.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -53,9 +54,9 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
-from .base import TunelessOptimizer, local_tensor
-from .schedule_free import ScheduleFree
+from ._batched import coefficient_dtype, total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
+from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor
+from .schedule_free import ScheduleFree, _count_on
 
 __all__ = ["Tuneless", "TunelessStep", "TunelessVariant", "TunelessScheduleFreeVariant"]
 
@@ -85,6 +86,10 @@ class TunelessStep(TunelessOptimizer):
             diverge, since the distance estimate caps the step.
         eps: Adam's :math:`\epsilon` (default 1e-8).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients or loss are not all finite leaves the parameters
+            and the state as they were (default True; see
+            :class:`~tuneless.optim.base.TunelessOptimizer`); False lets the NaN through, as
+            torch.optim does.
 
     Needs the loss at every step: ``opt.step(loss=loss)`` or a closure.
 
@@ -103,11 +108,11 @@ class TunelessStep(TunelessOptimizer):
 
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
-                 foreach: bool | None = None) -> None:
-        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, "both", "soft", "polyak")
+                 foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
+        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, "both", "soft", "polyak", skip_nonfinite)
 
     def _init(self, params: Any, lr: float, betas: Any, weight_decay: float, lower_bound: float, eps: float,
-              foreach: bool | None, step_rule: str, combine: str, start: str) -> None:
+              foreach: bool | None, step_rule: str, combine: str, start: str, skip_nonfinite: bool) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
@@ -118,9 +123,10 @@ class TunelessStep(TunelessOptimizer):
                                      ("start", start, STARTS)):
             if value not in allowed:
                 v.fail(owner, name, value, " or ".join(repr(a) for a in allowed), allowed[0])
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         super().__init__(params, dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
                                       weight_decay=float(weight_decay), lower_bound=float(lower_bound),
-                                      eps=float(eps), foreach=foreach))
+                                      eps=float(eps), foreach=foreach, skip_nonfinite=skip_nonfinite))
         self._step_rule, self._combine, self._start = step_rule, combine, start
 
     def __getstate__(self) -> dict[str, Any]:
@@ -168,13 +174,35 @@ class TunelessStep(TunelessOptimizer):
         self._init_state()
         dtype, device = self._stat_dtype(), self._stat_device()
         first = self.param_groups[0]
-        k = first["tuneless_step"] + 1
         beta1, beta2 = first["betas"]
         eps = first["eps"]
-        bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
+        finite = self._step_finite()
+        count = first["tuneless_step"]
+        # A checked step (the default) counts on the device, in finite steps only (the host cannot
+        # know whether a step counted): the bias corrections and the first step's start of d come
+        # from that counter, and the first step's rescaling of s is a multiplication by 1 on the
+        # other steps. Unchecked (skip_nonfinite=False), the counter is a host int, as it was.
+        on_device = finite is not None or isinstance(count, Tensor)
+        if on_device:
+            count = _count_on(count, device)
+            k1 = (count + 1).to(torch.float32 if device.type == "mps" else torch.float64)
+            # (the host's double arithmetic, rounded to the statistics dtype where it is used,
+            # as a Python number is)
+            bc1, bc2 = (1.0 - torch.pow(beta1, k1)).to(dtype), (1.0 - torch.pow(beta2, k1)).to(dtype)
+            starting: Any = count == 0
+            next_count: Any = count + (finite if finite is not None else 1)
+        else:
+            k = count + 1
+            bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
+            starting, next_count = k == 1, k
         per_group = [self._params_with_grad(g) for g in self.param_groups]
+        if finite is not None:  # zeros on a step that is not finite (one call: the buffers are shared)
+            flat = self._finite_grads([g for _, grads in per_group for g in grads])
+            ends = list(itertools.accumulate(len(grads) for _, grads in per_group))
+            per_group = [(params, flat[end - len(grads):end]) for (params, grads), end in zip(per_group, ends)]
         ok_loss = torch.isfinite(loss)
-        d = first["distance"]
+        keep = ok_loss if finite is None else ok_loss & finite  # the learned scalars move
+        d = d_before = first["distance"]
         weight = torch.where(d > 0, d * d, torch.ones_like(d))  # d_k^2 (1 at the first step, rescaled below)
 
         # Each group's local tensors and buffers, gathered once for both passes (m is None when
@@ -194,7 +222,7 @@ class TunelessStep(TunelessOptimizer):
                 continue
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
             sums, denoms[i] = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2,
-                                 eps=eps, weight=weight, dtype=dtype, device=device)
+                                 eps=eps, weight=weight, dtype=dtype, device=device, finite=finite)
             stats = stats + sums
         g_dot_x, g_dot_x0_minus_x, m_dot_x, m_sq, s_l1 = self._global_sum(stats).unbind(0)
 
@@ -206,13 +234,17 @@ class TunelessStep(TunelessOptimizer):
         safe_m_sq = torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq))
         sqrt_b2 = math.sqrt(beta2)
         numerator = sqrt_b2 * first["distance_numerator"] + (1 - sqrt_b2) * weight * g_dot_x0_minus_x
-        if k == 1:
+        if on_device or starting:
             # d_1 from the first Polyak step (or Prodigy's 1e-6): the sums above used weight 1,
             # so the numerator is rescaled to d_1^2 (s is rescaled the same way in step 3).
             tau1 = torch.clamp(model - first["lower_bound"], min=0.0) / safe_m_sq
             tau1 = torch.where(torch.isfinite(tau1) & (tau1 > 0), tau1, torch.full_like(tau1, TINY_D0))
             d = tau1 if self._start == "polyak" else torch.full_like(tau1, TINY_D0)
-            rescale = d * d
+            if on_device:  # the first finite step is known on the device only: 1 on the others (exact)
+                d = torch.where(starting, d, d_before)
+                rescale = torch.where(starting & keep, d * d, 1.0)
+            else:
+                rescale = d * d
             numerator = numerator * rescale
             s_l1 = s_l1 * rescale
         else:
@@ -232,14 +264,16 @@ class TunelessStep(TunelessOptimizer):
                 base = torch.where((tau > 0) & (new_d > 0), tau * new_d / (tau + new_d), torch.zeros_like(tau))
             else:
                 base = torch.minimum(tau, new_d)
-            ok = ok_loss & torch.isfinite(base) & torch.isfinite(m_sq)
-            eta = torch.where(ok, group["lr"] * base, torch.zeros_like(base))
-            self._publish_step_size(group, eta)
-            group["tuneless_step"] = k
-            group["distance"] = torch.where(ok_loss, new_d, d)
-            group["distance_numerator"] = torch.where(ok_loss, numerator, group["distance_numerator"])
-            group["loss_avg"] = torch.where(ok_loss, loss_avg, group["loss_avg"])
-            group["grad_dot_x_avg"] = torch.where(ok_loss, gx_avg, group["grad_dot_x_avg"])
+            ok = keep & torch.isfinite(base) & torch.isfinite(m_sq)
+            eta = torch.where(ok, group["lr"] * base, torch.zeros_like(base))  # the step applied (0: none)
+            published = group.get(STEP_SIZE_KEY)  # kept by a step that is not finite
+            self._publish_step_size(group, gate(finite, eta, eta.new_zeros(()) if published is None else published))
+            group["tuneless_step"] = next_count
+            # (not finite: d as it was, also at a first step; unchecked, as before: the d started)
+            group["distance"] = torch.where(keep, new_d, d if finite is None else d_before)
+            group["distance_numerator"] = torch.where(keep, numerator, group["distance_numerator"])
+            group["loss_avg"] = torch.where(keep, loss_avg, group["loss_avg"])
+            group["grad_dot_x_avg"] = torch.where(keep, gx_avg, group["grad_dot_x_avg"])
             if not xs:
                 continue
             ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]
@@ -270,8 +304,9 @@ class TunelessVariant(TunelessStep):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
                  foreach: bool | None = None, step_rule: str = "both", combine: str = "soft",
-                 start: str = "polyak") -> None:
-        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start)
+                 start: str = "polyak", skip_nonfinite: bool = True) -> None:
+        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start,
+                   skip_nonfinite)
 
 
 class Tuneless(ScheduleFree):
@@ -299,6 +334,10 @@ class Tuneless(ScheduleFree):
             non-negative loss); a wrong one slows the end of training but cannot make it
             diverge, since the distance estimate caps the step.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        skip_nonfinite: a step whose gradients or loss are not all finite leaves the parameters
+            and the state as they were (default True; see
+            :class:`~tuneless.optim.base.TunelessOptimizer`); False lets the NaN through, as
+            torch.optim does.
 
     Needs the loss at every step: ``opt.step(loss=loss)`` or a closure.
 
@@ -323,15 +362,16 @@ class Tuneless(ScheduleFree):
     MOMENTUM, AVERAGE_POWER, WEIGHT_LR_POWER, BETA2, EPS = 0.9, 8.0, 2.0, 0.999, 1e-8
 
     def __init__(self, params: Any, lr: float = 1.0, *, weight_decay: float = 0.0, lower_bound: float = 0.0,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         base = TunelessStep(params, lr=lr, betas=(0.0, self.BETA2), lower_bound=lower_bound, eps=self.EPS,
-                            foreach=foreach)
+                            foreach=foreach, skip_nonfinite=skip_nonfinite)
         super().__init__(base, momentum=self.MOMENTUM, weight_decay_at_y=float(weight_decay), r=self.AVERAGE_POWER,
-                         weight_lr_power=self.WEIGHT_LR_POWER, foreach=foreach)
+                         weight_lr_power=self.WEIGHT_LR_POWER, foreach=foreach, skip_nonfinite=skip_nonfinite)
         self.requires_loss = True
 
     @property
@@ -355,35 +395,48 @@ class TunelessScheduleFreeVariant(ScheduleFree):
         momentum: Schedule-Free's interpolation weight (default 0.9).
         r, weight_lr_power: the averaging weights (t+1)^r * gamma_max^weight_lr_power (defaults 0, 2).
         step_rule, combine, start: as :class:`TunelessVariant`.
+        skip_nonfinite: as :class:`Tuneless`.
     """
 
     registry_name = ""
 
     def __init__(self, params: Any, *, beta1: float = 0.0, momentum: float = 0.9, r: float = 0.0,
                  weight_lr_power: float = 2.0, step_rule: str = "both", combine: str = "soft",
-                 start: str = "polyak") -> None:
-        base = TunelessVariant(params, betas=(beta1, 0.999), step_rule=step_rule, combine=combine, start=start)
-        super().__init__(base, momentum=momentum, r=r, weight_lr_power=weight_lr_power)
+                 start: str = "polyak", skip_nonfinite: bool = True) -> None:
+        base = TunelessVariant(params, betas=(beta1, 0.999), step_rule=step_rule, combine=combine, start=start,
+                               skip_nonfinite=skip_nonfinite)
+        super().__init__(base, momentum=momentum, r=r, weight_lr_power=weight_lr_power, skip_nonfinite=skip_nonfinite)
 
 
 # ---------------------------------------------------------------------------- per-parameter (the truth)
 
 
+def _decays(finite: Tensor | None, like: Tensor, *factors: float) -> list[Any]:
+    """The moments' decay factors: as they are (numbers) when the step is not checked, else 0-d
+    tensors that are 1 on a step that is not finite (then, with zero gradients, m, v and s are
+    multiplied by 1 and added 0: kept bit for bit)."""
+    if finite is None:
+        return list(factors)
+    return [torch.where(finite, torch.full((), f, dtype=like.dtype, device=like.device), 1.0) for f in factors]
+
+
 def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                              device) -> tuple[Tensor, None]:
+                              device, finite=None) -> tuple[Tensor, None]:
     """Update m, v and s of each tensor; return this part's five sums (see ``TunelessStep._update``),
-    and None (the update recomputes each denominator). ``ms`` is None when beta1 = 0 (m is the gradient)."""
+    and None (the update recomputes each denominator). ``ms`` is None when beta1 = 0 (m is the gradient).
+    ``finite``: the step's flag (the gradients are zeros when it is False), or None."""
     sqrt_b2 = math.sqrt(beta2)
     sums = torch.zeros(5, dtype=dtype, device=device)
+    decay1, decay2, decay_s = _decays(finite, weight, beta1, beta2, sqrt_b2)
     for i, (x, g, v_, s, x0) in enumerate(zip(xs, grads, vs, ss, x0s)):
         g = g.to(v_.dtype)
         if ms is None:
             m = g
         else:
             m = ms[i]
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        s.mul_(sqrt_b2).add_(g * (1 - sqrt_b2) * weight.to(s.dtype))
+            m.mul_(decay1).add_(g, alpha=1 - beta1)
+        v_.mul_(decay2).addcmul_(g, g, value=1 - beta2)
+        s.mul_(decay_s).add_(g * (1 - sqrt_b2) * weight.to(s.dtype))
         m_hat = m / bc1
         denom = (v_ / bc2).sqrt_().add_(eps)
         g64, x64, m64 = g.to(dtype), x.to(dtype), m_hat.to(dtype)
@@ -413,18 +466,22 @@ def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_
 
 
 def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                             device) -> tuple[Tensor, list[Tensor]]:
+                             device, finite=None) -> tuple[Tensor, list[Tensor]]:
     """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site); also
     returns the denominators sqrt(v_hat) + eps, which the update reuses (v does not change between)."""
     sqrt_b2 = math.sqrt(beta2)
     grads = [g.to(v.dtype) for g, v in zip(grads, vs)]
+    decay2, decay_s = _decays(finite, weight, beta2, sqrt_b2)
     if ms is None:
         ms = grads
-    else:
+    elif finite is None:
         torch._foreach_lerp_(ms, grads, 1 - beta1)
-    torch._foreach_mul_(vs, beta2)
+    else:  # weight 0 on a step that is not finite: m kept
+        step1 = torch.where(finite, torch.full((), 1 - beta1, dtype=weight.dtype, device=weight.device), 0.0)
+        torch._foreach_lerp_(ms, grads, [step1.to(m.dtype if m.dtype.itemsize >= 4 else torch.float32) for m in ms])
+    torch._foreach_mul_(vs, decay2 if finite is None else decay2.to(coefficient_dtype(vs[0])))
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    torch._foreach_mul_(ss, sqrt_b2)
+    torch._foreach_mul_(ss, decay_s if finite is None else decay_s.to(coefficient_dtype(ss[0])))
     torch._foreach_addcmul_(ss, grads, [(weight * (1 - sqrt_b2)).to(s.dtype) for s in ss])
     denom = torch._foreach_div(vs, bc2)
     torch._foreach_sqrt_(denom)

@@ -37,6 +37,10 @@ Differences from the reference, each deliberate and tested (``tests/test_schedul
   ``x`` and back, so the race and the benchmark report ``x`` with no special case;
   :func:`recompute_batchnorm_statistics` recomputes BatchNorm statistics at ``x``.
 * ``p.grad`` is never modified (the reference normalizes it in place).
+* A step whose gradients (or, for a base that takes it, loss) are not all finite is skipped
+  (``skip_nonfinite=True``, the default): parameters, z, x, the weights and the counters stay
+  exactly as they were, decided on the device (the step counters are then 0-d device tensors
+  that count the finite steps). The reference lets the NaN into every iterate.
 * A step with ``lr == 0`` leaves its group exactly as it is (the reference keeps moving
   ``x`` towards ``z``, and ``y`` with it, at the weight of the largest lr seen), so that an lr
   scheduler can freeze a group; the averaging weights of such steps are not accumulated.
@@ -59,9 +63,9 @@ from torch import Tensor
 
 from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
-from ._batched import cache_blocks, coefficient_dtype, host_coefficients
+from ._batched import cache_blocks, coefficient, coefficient_dtype, host_coefficients
 from ._fused import FusedKernel
-from .base import STEP_SIZE_KEY, TunelessOptimizer, local_tensor, lr_in, lr_is_zero, lr_moves
+from .base import STEP_SIZE_KEY, OptimizerSnapshot, TunelessOptimizer, gate, local_tensor, lr_in, lr_is_zero, lr_moves
 
 __all__ = ["ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFree", "ScheduleFreeProdigy",
            "recompute_batchnorm_statistics"]
@@ -85,6 +89,33 @@ def _group_by_device_and_dtype(tensor_lists: list[list[Tensor]]) -> list[tuple[l
 def _weight_dtype(t: Tensor) -> torch.dtype:
     """The dtype in which a 0-d interpolation weight is applied to tensors like ``t``."""
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _schedule_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of a checked step's schedule on the device (counters made float, lr, weights):
+    float64, the host's double (float32 on MPS, which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _on(value: Any, like: Tensor) -> Tensor:
+    """``value`` (a number, or a 0-d tensor anywhere) as a 0-d tensor like ``like`` (its dtype and
+    device): a fill or a copy to the device, never a read on the host."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device=like.device, dtype=like.dtype)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _count_on(value: Any, device: torch.device) -> Tensor:
+    """A step counter (a host int, or a 0-d tensor from a checked step) as a 0-d int64 tensor on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=torch.int64)
+    return torch.full((), int(value), dtype=torch.int64, device=device)
+
+
+def _second_moment_decay(finite: Tensor, beta2: float, like: Tensor) -> Tensor:
+    """beta2 where the step is finite, else 1 (v * 1 + (1 - beta2) * 0 ^ 2 = v exactly): a 0-d
+    tensor in ``like``'s dtype, on its device."""
+    return torch.where(finite, _on(beta2, like), 1.0)
 
 
 # =============================================================================================
@@ -234,19 +265,27 @@ class _ScheduleFreeBase(TunelessOptimizer):
 def _single_tensor_schedule_free(
     ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *,
     lr: float, ckp1: float, beta: float, weight_decay: float, beta2: float, bias_correction2: float, eps: float,
+    finite: Tensor | None = None,
 ) -> None:
     """One Schedule-Free step, one tensor at a time (the readable truth).
 
     u = g (SGD) or g / (sqrt(v / bc2) + eps) (AdamW), plus weight_decay * y; then
     y <- lerp(y, z, c) + lr (beta (1 - c) - 1) u (which is y_{t+1} = (1-beta) z_{t+1} + beta x_{t+1}
     without forming x) and z <- z - lr u.
+
+    A checked step (``finite`` given) gets zero gradients and lr = c = 0 when it is not finite
+    (see ``_ScheduleFreeOptimizer._update``); then only v's decay would change something, and it
+    is 1: y, z and v keep their values exactly.
     """
     a = lr * (beta * (1.0 - ckp1) - 1.0)
+    decay2 = beta2 if finite is None else _second_moment_decay(finite, beta2, lr)
     for i, (y, g, z) in enumerate(zip(ys, grads, zs)):
         if exp_avg_sqs is not None:
             v_ = exp_avg_sqs[i]
-            v_.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            u = g / (v_ / bias_correction2).sqrt_().add_(eps)
+            # (tensor factors in v's dtype: a float64 one takes a slow casting loop)
+            v_.mul_(coefficient(decay2, v_) if isinstance(decay2, Tensor) else decay2).addcmul_(g, g, value=1.0 - beta2)
+            bc2 = coefficient(bias_correction2, v_) if isinstance(bias_correction2, Tensor) else bias_correction2
+            u = g / (v_ / bc2).sqrt_().add_(eps)
         else:
             u = g
         if weight_decay != 0.0:
@@ -266,13 +305,18 @@ def _schedule_free_kernel(*args: Any) -> tuple[()]:
     """One tensor of :func:`_single_tensor_schedule_free`, compiled by
     :class:`~tuneless.optim._fused.FusedKernel`: tensors y, g, z[, v] (v for AdamW), then the
     step's coefficients as 1-element tensors (c, a = lr (beta (1 - c) - 1), lr, bias
-    correction) and the constants. No sums: the padding's values are discarded."""
-    *tensors, ckp1, a, lr, bias_correction2, weight_decay, beta2, eps, adaptive = args
+    correction), whether the step is finite (a bool) and the constants. No sums: the padding's
+    values are discarded."""
+    *tensors, ckp1, a, lr, bias_correction2, finite, weight_decay, beta2, eps, adaptive = args
     y, g, z = tensors[0], tensors[1], tensors[2]
+    # A step that is not finite: the gradient is taken as 0 and v kept (c, a and lr are 0 then,
+    # so y and z keep their values: lerp(y, z, 0) = y, y + 0 u = y).
+    g = torch.where(finite, g, 0.0)
     if adaptive:
         v_ = tensors[3]
-        v_.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        u = g / ((v_ / bias_correction2).sqrt() + eps)
+        new_v = torch.addcmul(v_ * beta2, g, g, value=1.0 - beta2)
+        v_.copy_(torch.where(finite, new_v, v_))
+        u = g / ((new_v / bias_correction2).sqrt() + eps)
     else:
         u = g
     if weight_decay != 0.0:
@@ -291,6 +335,7 @@ _SF_KERNELS = {adaptive: FusedKernel(_schedule_free_kernel, num_tensors=3 + adap
 def _fused_schedule_free(
     ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *,
     lr: float, ckp1: float, beta: float, weight_decay: float, beta2: float, bias_correction2: float, eps: float,
+    finite: Tensor | None = None,
 ) -> None:
     """:func:`_single_tensor_schedule_free` as one compiled kernel per group of tensors (``fused=True``).
 
@@ -305,12 +350,15 @@ def _fused_schedule_free(
              [torch.zeros(1, dtype=cd, device=like.device).add_(c) for c in (ckp1, a, lr, bias_correction2)])
     adaptive = exp_avg_sqs is not None
     lists = [ys, grads, zs] + ([exp_avg_sqs] if adaptive else [])
-    _SF_KERNELS[adaptive](lists, (*coefs, weight_decay, beta2, eps, adaptive), sum_dtype=cd, device=like.device)
+    if finite is None:
+        finite = torch.ones((), dtype=torch.bool, device=like.device)
+    _SF_KERNELS[adaptive](lists, (*coefs, finite, weight_decay, beta2, eps, adaptive), sum_dtype=cd, device=like.device)
 
 
 def _multi_tensor_schedule_free(
     ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *,
     lr: float, ckp1: float, beta: float, weight_decay: float, beta2: float, bias_correction2: float, eps: float,
+    finite: Tensor | None = None,
 ) -> None:
     """The same step over all tensors at once, on the CPU block by block (cache-sized), so that
     the passes after the first read the block from the cache; the one temporary is AdamW's
@@ -322,9 +370,10 @@ def _multi_tensor_schedule_free(
     """
     lists = [ys, grads, zs] + ([exp_avg_sqs] if exp_avg_sqs is not None else [])
     a = lr * (beta * (1.0 - ckp1) - 1.0)
-    if isinstance(lr, Tensor):
+    if isinstance(lr, Tensor):  # (a checked step's coefficients are tensors: it comes here)
+        decay2 = None if finite is None else _second_moment_decay(finite, beta2, lr)
         _multi_tensor_schedule_free_tensor_lr(lists, lr=lr, a=a, ckp1=ckp1, weight_decay=weight_decay, beta2=beta2,
-                                              bias_correction2=bias_correction2, eps=eps)
+                                              bias_correction2=bias_correction2, eps=eps, decay2=decay2)
         return
     for y, g, z, *rest in cache_blocks(*lists):
         if exp_avg_sqs is not None:
@@ -344,10 +393,16 @@ def _multi_tensor_schedule_free(
 
 
 def _multi_tensor_second_moment_(exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float,
-                                 bias_correction2: float, eps: float) -> list[Tensor]:
-    """v <- beta2 v + (1 - beta2) g^2 in place; returns the new list sqrt(v / bias_correction2) + eps."""
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+                                 bias_correction2: float | Tensor, eps: float,
+                                 decay2: Tensor | None = None) -> list[Tensor]:
+    """v <- beta2 v + (1 - beta2) g^2 in place; returns the new list sqrt(v / bias_correction2) + eps.
+
+    ``decay2``: the factor v is multiplied by, when it is not ``beta2`` (a checked step: 1 when
+    the step is not finite, see :func:`_second_moment_decay`)."""
+    torch._foreach_mul_(exp_avg_sqs, beta2 if decay2 is None else coefficient(decay2, exp_avg_sqs[0]))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    if isinstance(bias_correction2, Tensor):  # (in the tensors' dtype: a float64 divisor takes a slow casting loop)
+        bias_correction2 = coefficient(bias_correction2, exp_avg_sqs[0])
     denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
@@ -355,15 +410,15 @@ def _multi_tensor_second_moment_(exp_avg_sqs: list[Tensor], grads: list[Tensor],
 
 
 def _multi_tensor_schedule_free_tensor_lr(lists: list[list[Tensor]], *, lr: Tensor, a: Tensor, ckp1: Tensor,
-                                          weight_decay: float, beta2: float, bias_correction2: float,
-                                          eps: float) -> None:
+                                          weight_decay: float, beta2: float, bias_correction2: float | Tensor,
+                                          eps: float, decay2: Tensor | None = None) -> None:
     """:func:`_multi_tensor_schedule_free` with a tensor lr: lr, c and a are 0-d tensors (never
     read on the host), so they enter as tensor operands, not as ``alpha=`` numbers."""
     for y, g, z, *rest in cache_blocks(*lists):
         cd = coefficient_dtype(y[0])
         n = len(y)
         if rest:
-            u = torch._foreach_div(g, _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps))
+            u = torch._foreach_div(g, _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps, decay2))
         else:
             u = list(g)
         if weight_decay != 0.0:
@@ -381,8 +436,12 @@ class _ScheduleFreeOptimizer(_ScheduleFreeBase):
 
     def _update(self, loss: Tensor | None) -> None:
         dtype, device = self._stat_dtype(), self._stat_device()
+        finite = self._step_finite()
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
+            if finite is not None or isinstance(group["k"], Tensor):
+                self._checked_update(group, params, grads, finite, dtype, device)
+                continue
             # The schedule is known on the host (no device value is read): warmup, averaging weight.
             k = group["k"]
             warmup = group["warmup_steps"]
@@ -415,6 +474,71 @@ class _ScheduleFreeOptimizer(_ScheduleFreeBase):
             fn([local_tensor(p) for p in params], grads, zs, vs,
                lr=lr, ckp1=ckp1, beta=self._momentum(group), weight_decay=group["weight_decay"],
                beta2=beta2, bias_correction2=1.0 - beta2 ** (k + 1), eps=group.get("eps", 0.0))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; with ``skip_nonfinite`` on, its schedule state is made device tensors
+        right away (see :meth:`_checked_update`), so that a fresh optimizer has the layout of a
+        checkpoint (``torch.distributed.checkpoint`` loads into the layout a fresh optimizer's
+        first step leaves, restoring the values that existed before it)."""
+        super().add_param_group(param_group)
+        if self.skip_nonfinite:
+            group = self.param_groups[-1]
+            device = local_tensor(group["params"][0]).device if group["params"] else self._stat_device()
+            sched = _schedule_dtype(device)
+            group["k"] = _count_on(group["k"], device)
+            for key in ("lr_max", "weight_sum", "scheduled_lr"):
+                if not isinstance(group[key], Tensor):
+                    group[key] = torch.full((), float(group[key]), dtype=sched, device=device)
+
+    def _checked_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                        finite: Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
+        """One group's step when it is checked for non-finite values (``finite``, a 0-d bool on
+        the device; the default): the same schedule, computed on the device, so that a step that
+        is not finite can leave it as it was without a host sync.
+
+        The counter ``k`` is then a 0-d int64 tensor that counts finite steps only; lr, its
+        running maximum, the weight sum and the bias correction are float64 0-d tensors (the
+        host's double arithmetic, done on the device). A step that is not finite computes from
+        zero gradients with lr = c = 0 and v's decay 1, so y, z and v keep their values bit for
+        bit, and keeps ``k``, ``lr_max``, ``weight_sum``, ``scheduled_lr`` and the published
+        step size as they were. (Also taken with ``finite`` None when ``k`` is already a tensor,
+        e.g. a checkpoint of a checked run loaded with ``skip_nonfinite=False``.)
+        """
+        sched = _schedule_dtype(device)
+        count = _count_on(group["k"], device)
+        k1 = (count + 1).to(sched)  # k + 1, as the host computes it in double
+        warmup = group["warmup_steps"]
+        lr = lr_in(group["lr"], sched)
+        lr = lr * (torch.where(count < warmup, k1 / warmup, 1.0) if warmup > 0 else torch.ones_like(k1))
+        group["k"] = count + (finite if finite is not None else 1)
+        group["scheduled_lr"] = gate(finite, lr, _on(group["scheduled_lr"], lr))
+        published = lr.to(dtype)
+        self._publish_step_size(group, gate(finite, published, _on(group.get(STEP_SIZE_KEY, 0.0), published)))
+        if lr_is_zero(group["lr"]):
+            return  # lr = 0 freezes the group: neither z nor the average x moves
+        lr_max_before, weight_sum_before = _on(group["lr_max"], lr), _on(group["weight_sum"], lr)
+        lr_max = torch.maximum(lr, lr_max_before)
+        weight = torch.pow(k1, group["r"]) * torch.pow(lr_max, group["weight_lr_power"])
+        if isinstance(group["lr"], Tensor):  # a tensor lr of 0: c = 0, its weight is not accumulated
+            weight = weight * lr_moves(group["lr"], weight)
+        weight_sum = weight_sum_before + weight
+        group["lr_max"] = gate(finite, lr_max, lr_max_before)
+        group["weight_sum"] = gate(finite, weight_sum, weight_sum_before)
+        ckp1 = torch.where(weight_sum != 0, weight / torch.where(weight_sum != 0, weight_sum, 1.0), 0.0)
+        if finite is not None:  # (then a = lr (beta (1 - c) - 1) = 0 too)
+            lr, ckp1 = torch.where(finite, lr, 0.0), torch.where(finite, ckp1, 0.0)
+        if not params:
+            return
+        zs, vs = self._init_state(params)
+        beta2 = group["betas"][1] if self._adaptive else 0.0
+        fn = _multi_tensor_schedule_free if self._use_foreach(group) else _single_tensor_schedule_free
+        if group.get("fused", False):
+            fn = _fused_schedule_free
+        else:
+            grads = self._finite_grads(grads)  # (the kernel zeroes them itself)
+        fn([local_tensor(p) for p in params], grads, zs, vs,
+           lr=lr, ckp1=ckp1, beta=self._momentum(group), weight_decay=group["weight_decay"],
+           beta2=beta2, bias_correction2=1.0 - torch.pow(beta2, k1), eps=group.get("eps", 0.0), finite=finite)
 
     def _init_state(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         zs, vs = [], []
@@ -479,6 +603,9 @@ class ScheduleFreeSGD(_ScheduleFreeOptimizer):
         fused: one compiled single-pass kernel per group of tensors instead of the vectorized
             chain (default False): faster on a CPU, at the cost of compiling it at the first
             step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -506,17 +633,20 @@ class ScheduleFreeSGD(_ScheduleFreeOptimizer):
 
     def __init__(self, params: Any, lr: float = 1.0, *, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
-                 foreach: bool | None = None, fused: bool = False) -> None:
+                 foreach: bool | None = None, fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "momentum", momentum, 0.0, 1.0, inclusive="()", recommended=0.9)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         _check_schedule(owner, warmup_steps, r, weight_lr_power, foreach)
         v.check_bool(owner, "fused", fused)
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         super().__init__(params, dict(
             lr=lr, momentum=float(momentum), weight_decay=float(weight_decay), warmup_steps=int(warmup_steps),
             r=float(r), weight_lr_power=float(weight_lr_power), foreach=foreach, fused=fused,
-            # schedule state, identical in form to the reference's (host numbers, no device reads)
+            skip_nonfinite=skip_nonfinite,
+            # schedule state, identical in form to the reference's (host numbers, no device reads;
+            # 0-d device tensors when skip_nonfinite is on: see _checked_update)
             k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, **{MODE_KEY: True}))
 
     def _momentum(self, group: dict[str, Any]) -> float:
@@ -553,6 +683,9 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
         fused: one compiled single-pass kernel per group of tensors instead of the vectorized
             chain (default False): faster on a CPU, at the cost of compiling it at the first
             step (see :mod:`tuneless.optim._fused`); ignores ``foreach``.
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     References:
         Defazio et al., "The Road Less Scheduled", NeurIPS 2024, arXiv:2405.15682 (matches
@@ -568,7 +701,8 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
 
     def __init__(self, params: Any, lr: float = 0.0025, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                 weight_lr_power: float = 2.0, foreach: bool | None = None, fused: bool = False) -> None:
+                 weight_lr_power: float = 2.0, foreach: bool | None = None, fused: bool = False,
+                 skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=0.0025)
         betas = _check_betas(owner, betas, recommended=(0.9, 0.999))
@@ -576,9 +710,11 @@ class ScheduleFreeAdamW(_ScheduleFreeOptimizer):
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         _check_schedule(owner, warmup_steps, r, weight_lr_power, foreach)
         v.check_bool(owner, "fused", fused)
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         super().__init__(params, dict(
             lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(weight_decay),
             warmup_steps=int(warmup_steps), r=float(r), weight_lr_power=float(weight_lr_power), foreach=foreach, fused=fused,
+            skip_nonfinite=skip_nonfinite,
             k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, **{MODE_KEY: True}))
 
     def _momentum(self, group: dict[str, Any]) -> float:
@@ -634,6 +770,12 @@ class ScheduleFree(_ScheduleFreeBase):
         fused: the wrapper's own two passes (before and after the base's step) as compiled
             single-pass kernels, one call per group of tensors (default False; see
             :mod:`tuneless.optim._fused`: compiles at the first step); ignores ``foreach``.
+        skip_nonfinite: a step whose gradients (or loss, for a base that takes it) are not all
+            finite leaves the parameters, the wrapper's state and the base's as they were
+            (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`): a tuneless base
+            steps under the wrapper's decision (its own setting is not used then), another
+            optimizer is put back from a copy of its state taken before its step (one copy of
+            the parameters and its state per step). False lets the NaN through, as torch.optim does.
 
     Example:
         >>> import torch, tuneless
@@ -663,7 +805,7 @@ class ScheduleFree(_ScheduleFreeBase):
 
     def __init__(self, base: torch.optim.Optimizer, *, momentum: float = 0.9, weight_decay_at_y: float = 0.0,
                  r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
-                 fused: bool = False) -> None:
+                 fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"{owner}: base must be a torch.optim.Optimizer instance; got {type(base).__name__}")
@@ -673,6 +815,7 @@ class ScheduleFree(_ScheduleFreeBase):
         v.check_range(owner, "weight_decay_at_y", weight_decay_at_y, 0.0, None, inclusive="[)")
         _check_schedule(owner, 0, r, weight_lr_power, foreach)
         v.check_bool(owner, "fused", fused)
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         # Set up the torch.optim.Optimizer machinery without creating param groups of our own:
         # the groups are the base's (see the param_groups property).
         for i, group in enumerate(base.param_groups):
@@ -682,7 +825,7 @@ class ScheduleFree(_ScheduleFreeBase):
         self.requires_loss = bool(getattr(base, "requires_loss", False))
         self.defaults = dict(sf_momentum=float(momentum), sf_weight_decay_at_y=float(weight_decay_at_y),
                              sf_r=float(r), sf_weight_lr_power=float(weight_lr_power), sf_foreach=foreach,
-                             sf_fused=fused)
+                             sf_fused=fused, skip_nonfinite=skip_nonfinite)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -698,7 +841,9 @@ class ScheduleFree(_ScheduleFreeBase):
     def _init_group(self, group: dict[str, Any], mode: bool) -> None:
         for key in _WRAP_KEYS:
             group.setdefault(key, self.defaults[key])
-        group.setdefault("sf_k", 0)
+        if "sf_k" not in group:  # checked steps count on the device (see _back_to_y): a tensor from the start
+            group["sf_k"] = (_count_on(0, local_tensor(group["params"][0]).device)
+                             if self.skip_nonfinite and group["params"] else 0)
         group.setdefault(MODE_KEY, mode)
 
     # ------------------------------------------------------------------ the base's groups
@@ -769,31 +914,58 @@ class ScheduleFree(_ScheduleFreeBase):
                 f"loss: call optimizer.step(loss=loss) after loss.backward(), or optimizer.step(closure)"
             )
         self._check_gradients()
-        work = [self._to_base_iterate(group) for group in self.param_groups]
+        # The loss joins the check when the base takes it (the local loss: averaging it over
+        # data-parallel ranks is the base's step, which comes after the wrapper's first pass).
+        loss_tensor = self._as_loss_tensor(loss) if loss is not None and self.requires_loss else None
+        with self._skipping_nonfinite(loss_tensor) as finite:
+            self._step_with(loss, finite)
+        return loss
+
+    def _step_with(self, loss: Any, finite: Tensor | None) -> None:
+        """The step, under the flag ``finite`` (None: not checked).
+
+        A step that is not finite leaves everything as it was: the decay at y is taken with a
+        step size of 0, the parameters keep y while the base "steps" (instead of z: the wrapper
+        keeps no copy of y, and rebuilding y from z and x is off by rounding), the base's step
+        is a no-op (a tuneless base steps under this flag; another optimizer is put back from a
+        snapshot), and the pass back keeps z and y, and the weights, counter and published step
+        size. A tuneless base's state created at a first step sees y = z (both start at the
+        parameters)."""
+        work = [self._to_base_iterate(group, finite) for group in self.param_groups]
+        snapshot = None
+        if finite is not None and not isinstance(self.base, TunelessOptimizer):
+            snapshot = OptimizerSnapshot(self.base)  # after the first pass: the point the base steps from
         try:
-            if isinstance(self.base, TunelessOptimizer):
-                self.base.step(loss=loss)
-            else:
-                self.base.step()
+            with self._lending_finite(self.base):
+                if isinstance(self.base, TunelessOptimizer):
+                    self.base.step(loss=loss)
+                else:
+                    self.base.step()
         except BaseException:
+            if snapshot is not None:
+                snapshot.restore_unless(finite)
             for group, (ys, zs, xs) in zip(self.param_groups, work):  # put y back from x and the stored z
+                beta = group["sf_momentum"]
                 if xs is zs:  # fused: z's buffers hold x, the parameters z (as the base left it)
-                    for y, x in zip(ys, xs):
-                        z = y.clone()
-                        y.copy_(torch.lerp(z, x, group["sf_momentum"]))
+                    for y, x in zip(ys, xs):  # (not finite: the parameters hold y, z's buffers z)
+                        z = y.clone() if finite is None else torch.where(finite, y, x)
+                        y.copy_(torch.lerp(z, x, beta) if finite is None else torch.where(finite, torch.lerp(y, x, beta), y))
                         x.copy_(z)
                     continue
                 for y, z, x in zip(ys, zs, xs):
-                    y.copy_(torch.lerp(z, x, group["sf_momentum"]))
+                    y.copy_(torch.lerp(z, x, beta) if finite is None else torch.where(finite, torch.lerp(z, x, beta), y))
             raise
+        if snapshot is not None:
+            snapshot.restore_unless(finite)
         for group, (ys, zs, xs) in zip(self.param_groups, work):
-            self._back_to_y(group, ys, zs, xs)
-        return loss
+            self._back_to_y(group, ys, zs, xs, finite)
 
-    def _to_base_iterate(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    def _to_base_iterate(self, group: dict[str, Any],
+                         finite: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Decay at y, then x into a transient buffer and z into the parameters; returns (y, z, x) lists.
 
         A group with lr = 0 is left as it is (empty lists): the base does not move it either.
+        A step that is not finite (``finite`` False) decays by 0 and leaves y in the parameters.
         """
         params = [] if self._frozen(group) else [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -807,44 +979,70 @@ class ScheduleFree(_ScheduleFreeBase):
         zs = [local_tensor(self.state[p][self._z_key]) for p in params]
         beta, wd = group["sf_momentum"], group["sf_weight_decay_at_y"]
         gamma = self._base_step_size(group) if wd != 0 else 0.0
+        count = group.get("sf_k")
+        if (isinstance(self.base, TunelessOptimizer) and isinstance(gamma, Tensor) and isinstance(count, Tensor)
+                and "d" not in group):
+            # A tuneless base's published step size is 0 before the first step that counted: a
+            # skipped first step may have published one (COCOB publishes its lr), a clean run has none.
+            gamma = torch.where(count.to(gamma.device) > 0, gamma, 0.0)
         fn = _multi_tensor_to_base_iterate if self._use_foreach(group) else _single_tensor_to_base_iterate
         if group.get("sf_fused", False):
             fn = _fused_to_base_iterate
-        return ys, zs, fn(ys, zs, beta, wd, gamma)
+        return ys, zs, fn(ys, zs, beta, wd, gamma, finite)
 
-    def _back_to_y(self, group: dict[str, Any], ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]) -> None:
-        """After the base step (parameters hold the new z): average x towards it, store z, put y back."""
-        k = group["sf_k"]
-        group["sf_k"] = k + 1
-        publish = not isinstance(self.base, TunelessOptimizer)  # a tuneless base publishes its own
+    def _back_to_y(self, group: dict[str, Any], ys: list[Tensor], zs: list[Tensor], xs: list[Tensor],
+                   finite: Tensor | None = None) -> None:
+        """After the base step (parameters hold the new z): average x towards it, store z, put y back.
+
+        A checked step (``finite`` given) counts ``sf_k`` on the device, in finite steps; one
+        that is not finite keeps the counter, the weights and the published step size, and the
+        parameters (y) and z as they are (x is a transient: it takes y, so that y's lerp
+        towards it gives y bit for bit)."""
         dtype, device = self._stat_dtype(), self._stat_device()
-        if self._frozen(group):
-            if publish:
-                self._publish_step_size(group, torch.zeros((), dtype=dtype, device=device))
-            return
         # Averaging weights in float64 (float32 on MPS, which has no float64), on the device.
         avg_dtype = torch.float32 if device.type == "mps" else torch.float64
+        k = group["sf_k"]
+        if finite is None and not isinstance(k, Tensor):
+            group["sf_k"] = k + 1
+            k1: Any = k + 1
+        else:  # a counter on the device (the host cannot know whether a step counted)
+            count = _count_on(k, device)
+            group["sf_k"] = count + (finite if finite is not None else 1)
+            k1 = (count + 1).to(avg_dtype)
+        publish = not isinstance(self.base, TunelessOptimizer)  # a tuneless base publishes its own
+        if self._frozen(group):
+            if publish:
+                zero = torch.zeros((), dtype=dtype, device=device)
+                self._publish_step_size(group, gate(finite, zero, _on(group.get(STEP_SIZE_KEY, 0.0), zero)))
+            return
         gamma = self._base_step_size(group)
         gamma = (gamma.detach().to(device=device, dtype=avg_dtype) if isinstance(gamma, Tensor)
                  else torch.full((), float(gamma), dtype=avg_dtype, device=device))
         if publish:
-            self._publish_step_size(group, gamma.to(dtype))
-        lr_max = group.get("sf_lr_max")
-        lr_max = gamma if lr_max is None else torch.maximum(lr_max.to(gamma), gamma)
-        weight = ((k + 1) ** group["sf_r"]) * lr_max ** group["sf_weight_lr_power"]
+            published = gamma.to(dtype)
+            self._publish_step_size(group, gate(finite, published, _on(group.get(STEP_SIZE_KEY, 0.0), published)))
+        lr_max_before = group.get("sf_lr_max")
+        lr_max = gamma if lr_max_before is None else torch.maximum(lr_max_before.to(gamma), gamma)
+        power = k1 ** group["sf_r"] if not isinstance(k1, Tensor) else torch.pow(k1, group["sf_r"])
+        weight = power * lr_max ** group["sf_weight_lr_power"]
         if isinstance(group["lr"], Tensor):  # a tensor lr of 0 freezes the group, as lr = 0 does: c = 0
             weight = weight * lr_moves(group["lr"], weight)
-        weight_sum = group.get("sf_weight_sum")
-        weight_sum = weight if weight_sum is None else weight_sum.to(weight) + weight
+        weight_sum_before = group.get("sf_weight_sum")
+        weight_sum = weight if weight_sum_before is None else weight_sum_before.to(weight) + weight
+        if finite is not None:  # (before a first step: 0, which max(0, gamma) and 0 + w leave exact)
+            lr_max = gate(finite, lr_max, 0.0 if lr_max_before is None else lr_max_before.to(lr_max))
+            weight_sum = gate(finite, weight_sum, 0.0 if weight_sum_before is None else weight_sum_before.to(weight_sum))
         group["sf_lr_max"], group["sf_weight_sum"] = lr_max, weight_sum
         positive = weight_sum > 0
         ckp1 = torch.where(positive, weight / torch.where(positive, weight_sum, torch.ones_like(weight_sum)),
                            torch.zeros_like(weight_sum))
+        if finite is not None:
+            ckp1 = torch.where(finite, ckp1, 1.0)  # x <- y: then lerp(y, x, beta) = y exactly
         if ys:
             fn = _multi_tensor_back_to_y if self._use_foreach(group) else _single_tensor_back_to_y
             if group.get("sf_fused", False):
                 fn = _fused_back_to_y
-            fn(ys, zs, xs, ckp1, group["sf_momentum"])
+            fn(ys, zs, xs, ckp1, group["sf_momentum"], finite)
 
     # ------------------------------------------------------------------ checkpoints and copies
 
@@ -892,65 +1090,92 @@ class ScheduleFree(_ScheduleFreeBase):
         return f"ScheduleFree(momentum={self.defaults['sf_momentum']}, base={self.base!r})"
 
 
+def _decay_step(gamma: Tensor | float, wd: float, finite: Tensor | None) -> Tensor | float:
+    """The decay at y's step size gamma * wd; 0 (a tensor) where the step is not finite."""
+    step = gamma * wd
+    if finite is None:
+        return step
+    if not isinstance(step, Tensor):
+        step = torch.full((), step, dtype=torch.float32 if finite.device.type == "mps" else torch.float64,
+                          device=finite.device)
+    return torch.where(finite, step, 0.0)
+
+
 def _single_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
-                                   gamma: Tensor | float) -> list[Tensor]:
-    """(parameters hold y, z stored) -> (parameters hold z, x returned), one tensor at a time."""
+                                   gamma: Tensor | float, finite: Tensor | None = None) -> list[Tensor]:
+    """(parameters hold y, z stored) -> (parameters hold z, x returned), one tensor at a time.
+
+    A step that is not finite (``finite`` False) decays by 0 and leaves y in the parameters."""
     xs = []
+    step = _decay_step(gamma, wd, finite) if wd != 0 else 0.0
     for y, z in zip(ys, zs):
         if wd != 0:
-            step = gamma * wd
-            if isinstance(step, Tensor):
-                step = step.to(_weight_dtype(y))
-            z.sub_(y * step)                 # decay of z computed at y
-            y.mul_(1 - step * (1 - beta))    # y = (1 - beta) z + beta x follows z
+            s = step.to(_weight_dtype(y)) if isinstance(step, Tensor) else step
+            z.sub_(y * s)                    # decay of z computed at y
+            y.mul_(1 - s * (1 - beta))       # y = (1 - beta) z + beta x follows z
         xs.append(torch.lerp(y, z, 1.0 - 1.0 / beta))  # x = (y - (1 - beta) z) / beta
-        y.copy_(z)                           # the base optimizer steps on z
+        y.copy_(z if finite is None else torch.where(finite, z, y))  # the base optimizer steps on z
     return xs
 
 
 def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
-                                  gamma: Tensor | float) -> list[Tensor]:
+                                  gamma: Tensor | float, finite: Tensor | None = None) -> list[Tensor]:
     """The same over all tensors at once, on the CPU block by block (cache-sized) so that the
-    passes after the first read the block from the cache (x, a transient, in the input order)."""
+    passes after the first read the block from the cache (x, a transient, in the input order).
+
+    Where ``finite`` is given, y <- z is a lerp with weight 1 (z exactly) or 0 (y kept)."""
     xs = [torch.empty_like(y) for y in ys]
+    step = _decay_step(gamma, wd, finite) if wd != 0 else 0.0
     for y, z, x in cache_blocks(ys, zs, xs):
         if wd != 0:
-            step = gamma * wd
             if isinstance(step, Tensor):
-                step = step.to(_weight_dtype(y[0]))
-                torch._foreach_addcmul_(z, y, [-step] * len(y))
-                torch._foreach_mul_(y, 1 - step * (1 - beta))
+                s = step.to(_weight_dtype(y[0]))
+                torch._foreach_addcmul_(z, y, [-s] * len(y))
+                torch._foreach_mul_(y, 1 - s * (1 - beta))
             else:
                 torch._foreach_add_(z, y, alpha=-step)
                 torch._foreach_mul_(y, 1 - step * (1 - beta))
         torch._foreach_copy_(x, y)
         torch._foreach_lerp_(x, z, 1.0 - 1.0 / beta)
-        torch._foreach_copy_(y, z)
+        if finite is None:
+            torch._foreach_copy_(y, z)
+        else:
+            torch._foreach_lerp_(y, z, [finite.to(_weight_dtype(y[0]))] * len(y))
     return xs
 
 
-def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
-    """Parameters hold the new z: x <- lerp(x, z, c); store z; parameters <- (1 - beta) z + beta x."""
+def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float,
+                             finite: Tensor | None = None) -> None:
+    """Parameters hold the new z: x <- lerp(x, z, c); store z; parameters <- (1 - beta) z + beta x.
+
+    A step that is not finite: the parameters hold y and c is 1, so x <- y and y <- lerp(y, y,
+    beta) = y; z is kept."""
     for y, z, x in zip(ys, zs, xs):
         x.lerp_(y, ckp1.to(_weight_dtype(x)))
-        z.copy_(y)
+        z.copy_(y if finite is None else torch.where(finite, y, z))
         y.lerp_(x, beta)
 
 
-def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
+def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float,
+                            finite: Tensor | None = None) -> None:
     """The same over all tensors at once, on the CPU block by block (cache-sized)."""
     for y, z, x in cache_blocks(ys, zs, xs):
         # the weight as a list of tensors: a 0-d tensor weight would take the Scalar overload (read on the host)
         torch._foreach_lerp_(x, y, [ckp1.to(_weight_dtype(x[0]))] * len(x))
-        torch._foreach_copy_(z, y)
+        if finite is None:
+            torch._foreach_copy_(z, y)
+        else:  # weight 1: y exactly; 0: z kept
+            torch._foreach_lerp_(z, y, [finite.to(_weight_dtype(z[0]))] * len(z))
         torch._foreach_lerp_(y, x, beta)
 
 
-def _to_base_iterate_kernel(y: Tensor, s: Tensor, step: Tensor, beta: float, with_decay: bool) -> tuple[()]:
+def _to_base_iterate_kernel(y: Tensor, s: Tensor, step: Tensor, finite: Tensor, beta: float,
+                            with_decay: bool) -> tuple[()]:
     """One tensor of :func:`_single_tensor_to_base_iterate`, compiled by
     :class:`~tuneless.optim._fused.FusedKernel`, with x kept in z's buffer ``s`` instead of a
     transient: the parameter gets z, ``s`` gets x (``step`` = gamma * weight decay, a 1-element
-    tensor). One pass, read y, s and write y, s; zero padding stays 0.
+    tensor). One pass, read y, s and write y, s; zero padding stays 0. A step that is not
+    finite (``step`` 0) writes nothing back: the parameter keeps y and ``s`` keeps z.
 
     (The ``+ 0.0`` keeps the copy an expression: a plain copy of an input that the same graph
     mutates afterwards came out wrong from torch 2.13's Inductor, which wrote the new value:
@@ -958,18 +1183,20 @@ def _to_base_iterate_kernel(y: Tensor, s: Tensor, step: Tensor, beta: float, wit
     z = s - y * step if with_decay else s
     y_now = y * (1 - step * (1 - beta)) if with_decay else y
     x = torch.lerp(y_now, z, 1.0 - 1.0 / beta)
-    y.copy_(z + 0.0)
-    s.copy_(x)
+    y.copy_(torch.where(finite, z + 0.0, y))
+    s.copy_(torch.where(finite, x, s))
     return ()
 
 
-def _back_to_y_kernel(y: Tensor, s: Tensor, ckp1: Tensor, beta: float) -> tuple[()]:
+def _back_to_y_kernel(y: Tensor, s: Tensor, ckp1: Tensor, finite: Tensor, beta: float) -> tuple[()]:
     """One tensor of :func:`_single_tensor_back_to_y`, compiled, after
     :func:`_to_base_iterate_kernel`: ``s`` holds x and the parameter the new z; ``s`` gets z back
-    and the parameter y. One pass, read y, s and write y, s; zero padding stays 0."""
+    and the parameter y. One pass, read y, s and write y, s; zero padding stays 0. A step that
+    is not finite (the parameter holds y, ``s`` z, c = 1): x = y, so the parameter keeps y, and
+    ``s`` keeps z."""
     y_c = y.to(ckp1.dtype)  # (16-bit tensors interpolated in ckp1's dtype, as a tensor weight requires)
     x = torch.lerp(s.to(ckp1.dtype), y_c, ckp1)
-    s.copy_(y + 0.0)
+    s.copy_(torch.where(finite, y + 0.0, s))
     y.copy_(torch.lerp(y_c, x, beta))
     return ()
 
@@ -978,23 +1205,31 @@ _TO_BASE_KERNEL = FusedKernel(_to_base_iterate_kernel, num_tensors=2, num_sums=0
 _BACK_TO_Y_KERNEL = FusedKernel(_back_to_y_kernel, num_tensors=2, num_sums=0)
 
 
+def _always(like: Tensor) -> Tensor:
+    """The flag of a step that is not checked (a kernel takes the flag either way)."""
+    return torch.ones((), dtype=torch.bool, device=like.device)
+
+
 def _fused_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
-                           gamma: Tensor | float) -> list[Tensor]:
+                           gamma: Tensor | float, finite: Tensor | None = None) -> list[Tensor]:
     """:func:`_single_tensor_to_base_iterate` as one compiled pass (``fused=True``) that swaps
     instead of copying: the parameters get z and z's buffers get x, which is returned (the same
-    list as ``zs``; no transient buffer)."""
+    list as ``zs``; no transient buffer). Not finite: nothing moves (see the kernel)."""
     if ys:
         cd = coefficient_dtype(ys[0])
-        step = gamma * wd
+        step = _decay_step(gamma, wd, finite)
         step = step.to(cd) if isinstance(step, Tensor) else host_coefficients(ys[0], step)[0]
-        _TO_BASE_KERNEL([ys, zs], (step, beta, wd != 0), sum_dtype=cd, device=ys[0].device)
+        _TO_BASE_KERNEL([ys, zs], (step, finite if finite is not None else _always(ys[0]), beta, wd != 0),
+                        sum_dtype=cd, device=ys[0].device)
     return zs
 
 
-def _fused_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float) -> None:
+def _fused_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float,
+                     finite: Tensor | None = None) -> None:
     """:func:`_single_tensor_back_to_y` as one compiled pass (``fused=True``), ``zs`` holding x."""
     cd = coefficient_dtype(ys[0])
-    _BACK_TO_Y_KERNEL([ys, zs], (ckp1.to(cd), beta), sum_dtype=cd, device=ys[0].device)
+    _BACK_TO_Y_KERNEL([ys, zs], (ckp1.to(cd), finite if finite is not None else _always(ys[0]), beta),
+                      sum_dtype=cd, device=ys[0].device)
 
 
 # =============================================================================================
@@ -1030,6 +1265,9 @@ class ScheduleFreeProdigy(ScheduleFree):
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
         fused: compiled kernels, for Prodigy's step and for the wrapper's own passes (default
             False; see :mod:`tuneless.optim._fused`: compiles at the first step).
+        skip_nonfinite: a step whose gradients are not all finite leaves the parameters and the
+            state (Prodigy's included) as they were (default True; see :class:`~tuneless.optim.base.TunelessOptimizer`);
+            False lets the NaN through, as torch.optim does.
 
     References:
         Defazio et al., "The Road Less Scheduled", NeurIPS 2024, arXiv:2405.15682 (their
@@ -1043,18 +1281,20 @@ class ScheduleFreeProdigy(ScheduleFree):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, d0: float = 1e-6, d_coef: float = 1.0,
                  r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
-                 fused: bool = False) -> None:
+                 fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_bool(owner, "fused", fused)
+        v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         betas = _check_betas(owner, betas, recommended=(0.9, 0.99))
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)")
         from .prodigy import Prodigy  # the base; imported here to keep module imports one-way
 
         base = Prodigy(params, lr=lr, betas=(0.0, float(betas[1])), eps=eps, d0=d0, d_coef=d_coef, foreach=foreach,
                        fused=fused)
+        base.skip_nonfinite = skip_nonfinite  # it steps under the wrapper's flag; off, neither checks
         super().__init__(base, momentum=float(betas[0]), weight_decay_at_y=float(weight_decay), r=r,
-                         weight_lr_power=weight_lr_power, foreach=foreach, fused=fused)
+                         weight_lr_power=weight_lr_power, foreach=foreach, fused=fused, skip_nonfinite=skip_nonfinite)
 
     def __repr__(self) -> str:
         return TunelessOptimizer.__repr__(self)
