@@ -662,10 +662,6 @@ def reference_skipping(info: OptimizerInfo) -> list[dict[str, torch.Tensor]]:
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(results, row, scenario):
     """The decision is global: a NaN on rank 1 only (its gradient shard under FSDP2, its loss under
     DDP) makes both ranks skip the step, and the run equals the one-process run without that step."""
-    from tests.test_nonfinite import NOT_YET
-
-    if ROWS[row].cls.__name__ in NOT_YET - set(os.environ.get("TUNELESS_NONFINITE_CHECK", "").split(",")):
-        pytest.xfail(f"{ROWS[row].cls.__name__}: the non-finite skip is not implemented yet")
     res = job(results, row, scenario)
     assert [r["skipped"] for r in res] == [[1, 1], [1, 1]], f"{row} under {scenario}: skipped {[r['skipped'] for r in res]}"
     expected = reference_skipping(ROWS[row])

@@ -17,7 +17,6 @@ the NaN propagates, as in torch.optim.
 from __future__ import annotations
 
 import copy
-import os
 import inspect
 from typing import Any
 
@@ -30,20 +29,6 @@ from tests.test_resume import Tiny, assert_same_state
 from tuneless.optim.base import SKIPPED_STEPS_KEY, TunelessOptimizer
 
 STEPS, BAD = 10, 4
-
-#: Classes whose steps do not skip yet (work in progress: each is removed as its family is done;
-#: the list must be empty when the work is done).
-NOT_YET = {
-           "ScheduleFreeSGD",
-           "ScheduleFreeAdamW", "ScheduleFreeProdigy", "ScheduleFree", "Tuneless"}
-
-
-def _not_yet(opt: torch.optim.Optimizer) -> None:
-    forced = set(filter(None, os.environ.get("TUNELESS_NONFINITE_CHECK", "").split(",")))
-    if type(opt).__name__ in NOT_YET - forced:
-        pytest.xfail(f"{type(opt).__name__}: the non-finite skip is not implemented yet")
-CASES = ("nan_grad", "inf_grad", "inf_loss")
-
 
 def _requires_loss(opt: torch.optim.Optimizer) -> bool:
     inner = getattr(opt, "base_optimizer", None) or getattr(opt, "base", None)
@@ -85,7 +70,6 @@ def _without_counters(state: dict[str, Any]) -> dict[str, Any]:
 
 def check_skipped(build: Any, case: str, name: str) -> None:
     reference, ref_opt = run(build, None, skip_step=True)
-    _not_yet(ref_opt)
     assert case != "inf_loss" or _requires_loss(ref_opt), f"{name} does not take the loss"
     model, opt = run(build, case)
     for i, (a, b) in enumerate(zip(reference.params, model.params)):
@@ -159,7 +143,6 @@ def test_wrappers_over_torch_optimizers_skip_a_nonfinite_step(build, case, name)
 
 @pytest.mark.parametrize("name", tuneless.available(source="tuneless"))
 def test_opting_out_propagates_the_nan_as_torch_optim_does(name) -> None:
-    _not_yet(tuneless.create(name, Tiny().params))
     model, opt = run(lambda params: tuneless.create(name, params, skip_nonfinite=False), "nan_grad")
     assert SKIPPED_STEPS_KEY not in opt.param_groups[0], f"{name}: counted skipped steps with skipping off"
     values = [p.detach() for p in model.params] + [
@@ -170,7 +153,6 @@ def test_opting_out_propagates_the_nan_as_torch_optim_does(name) -> None:
 
 @pytest.mark.parametrize("name", tuneless.available(source="tuneless"))
 def test_skip_nonfinite_must_be_a_bool(name) -> None:
-    _not_yet(tuneless.create(name, Tiny().params))
     with pytest.raises(tuneless.InvalidArgumentError, match="skip_nonfinite"):
         tuneless.create(name, Tiny().params, skip_nonfinite="yes")
 
@@ -205,7 +187,6 @@ def test_a_skipped_first_step_moves_nothing_and_the_next_step_is_a_first_step(na
     build = FIRST_STEP_BUILDS[name]
     clean = Tiny()
     ref = build(clean.groups)
-    _not_yet(ref)
     bad = Tiny()
     opt = build(bad.groups)
     for step in range(6):
