@@ -29,6 +29,8 @@ from tests.test_resume import Tiny, assert_same_state
 from tuneless.optim.base import SKIPPED_STEPS_KEY, TunelessOptimizer
 
 STEPS, BAD = 10, 4
+CASES = ("nan_grad", "inf_grad", "inf_loss")
+
 
 def _requires_loss(opt: torch.optim.Optimizer) -> bool:
     inner = getattr(opt, "base_optimizer", None) or getattr(opt, "base", None)
