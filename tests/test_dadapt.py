@@ -363,6 +363,115 @@ def test_bfloat16_parameters_train(cls, foreach) -> None:
     assert float(opt.param_groups[0]["d"]) > 1e-2
 
 
+def _bf16_quadratic(seed=0):
+    """bfloat16 weights in [0.5, 1.5) (none near 0, where tiny updates are representable)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter((0.5 + torch.rand(shape, generator=g)).to(torch.bfloat16)) for shape in ((8, 4), (6,))]
+    targets = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in params]
+
+    def loss():
+        return sum(((p.float() - t.float()) ** 2).sum() for p, t in zip(params, targets))
+
+    return params, loss
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("dtypes, expected", [
+    ((torch.float32,), 1e-6),
+    ((torch.float64,), 1e-6),
+    ((torch.float32, torch.float64), 1e-6),
+    ((torch.bfloat16,), 1e-3),
+    ((torch.float16,), 1e-3),
+    ((torch.float32, torch.bfloat16), 1e-3),  # any 16-bit parameter of the optimizer
+])
+def test_default_d0_follows_the_parameters_dtype(cls, dtypes, expected) -> None:
+    params = [torch.nn.Parameter(torch.ones(3, dtype=dt)) for dt in dtypes]
+    opt = cls([{"params": [p]} for p in params])  # also across groups
+    assert [group["d0"] for group in opt.param_groups] == [expected] * len(params)
+    assert all(type(group["d0"]) is float for group in opt.param_groups)
+    assert opt.defaults["d0"] is None
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # d starts at the d0 chosen (and grows from it)
+    d = opt.param_groups[0]["d"]
+    assert d >= torch.tensor(expected, dtype=d.dtype)
+    # a number is used as given, whatever the dtype
+    assert cls(params, d0=1e-5).param_groups[0]["d0"] == 1e-5
+    assert cls(params, d0=1e-6).param_groups[0]["d0"] == 1e-6
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_d0_given_in_one_group_is_everyones_and_later_groups_take_group_0s(cls) -> None:
+    name = cls.__name__
+    a, b, c = (torch.nn.Parameter(torch.ones(3, dtype=dt)) for dt in (torch.float32, torch.bfloat16, torch.float32))
+    opt = cls([{"params": [a]}, {"params": [b], "d0": 1e-4}])  # the other group's None takes it
+    assert [group["d0"] for group in opt.param_groups] == [1e-4, 1e-4]
+    opt = cls([a])  # float32: 1e-6; a bfloat16 group added later does not change the shared start
+    opt.add_param_group({"params": [b]})
+    assert [group["d0"] for group in opt.param_groups] == [1e-6, 1e-6]
+    with pytest.raises(InvalidArgumentError, match=r"d0 = 0.001 in param group 2 differs from 0.0001 in group 1"):
+        cls([{"params": [a]}, {"params": [b], "d0": 1e-4}, {"params": [c], "d0": 1e-3}])
+    with pytest.raises(InvalidArgumentError, match=r"d0 = 0.001 in param group 1 differs from 1e-06 in group 0"):
+        opt = cls([a])
+        opt.add_param_group({"params": [b], "d0": 1e-3})
+    with pytest.raises(InvalidArgumentError, match=rf"^{name}: d0 = 0.0 is invalid; allowed: 0 < d0"):
+        cls([b], d0=0.0)
+    with pytest.raises(InvalidArgumentError, match=rf"^{name}: d0 = -1.0 is invalid"):
+        cls([{"params": [a]}, {"params": [b], "d0": -1.0}])
+
+
+@pytest.mark.parametrize("cls, default_ratio", [(DAdaptSGD, 0.1), (DAdaptAdam, 0.7), (DAdaptAdaGrad, 0.98)])
+def test_bfloat16_first_steps_round_away_with_d0_1e6_and_move_sooner_with_the_default(cls, default_ratio) -> None:
+    """With d0 = 1e-6 the first update (<= ~3e-6 per coordinate) is below bfloat16's spacing
+    (2^-8 relative to the weight): x stays at x0. SGD and Adam then grow d from the sum of the
+    gradients and start late; AdaGrad's estimate needs x to move, so x never leaves x0 and the
+    loss is exactly unchanged. The default for bfloat16 parameters (1e-3) starts sooner."""
+    def run(d0):
+        params, loss_fn = _bf16_quadratic()
+        start = [p.detach().clone() for p in params]
+        opt = cls(params, d0=d0)
+        first, moved_at = float(loss_fn().detach()), math.inf
+        for k in range(20):
+            take_step(opt, loss_fn)
+            if moved_at == math.inf and not all(torch.equal(p, s) for p, s in zip(params, start)):
+                moved_at = k + 1
+        return opt, moved_at, float(loss_fn().detach()) / first
+
+    opt, small_moved_at, small_ratio = run(1e-6)
+    assert small_moved_at > 1
+    if cls is DAdaptAdaGrad:
+        assert small_moved_at == math.inf and small_ratio == 1.0 and float(opt.param_groups[0]["d"]) < 1e-4
+    opt, moved_at, ratio = run(None)
+    assert opt.param_groups[0]["d0"] == 1e-3
+    assert moved_at < small_moved_at and ratio < min(default_ratio, small_ratio)
+    assert float(opt.param_groups[0]["d"]) > 1e-2, "d should have grown"
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_the_chosen_d0_round_trips_through_state_dict(cls) -> None:
+    """The checkpoint's d0 (a number in the param groups) is the one a resumed run uses, whatever
+    the new optimizer chose: the resumed run equals the uninterrupted one."""
+    params, loss_fn = _bf16_quadratic()
+    opt = cls(params)
+    for _ in range(3):
+        take_step(opt, loss_fn)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["d0"] == 1e-3
+    start = [p.detach().clone() for p in params]
+    for _ in range(3):
+        take_step(opt, loss_fn)
+    expected = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    resumed = cls(params, d0=1e-6)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["d0"] == 1e-3
+    for _ in range(3):
+        take_step(resumed, loss_fn)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+
+
 # ----------------------------------------------------------------------------- state, step size, options
 
 
@@ -427,7 +536,7 @@ def test_shared_options_must_match_across_groups() -> None:
     with pytest.raises(InvalidArgumentError, match=r"betas = \(0.8, 0.999\) in param group 1 differs"):
         DAdaptAdam([{"params": params[:2]}, {"params": params[2:], "betas": (0.8, 0.999)}])
     with pytest.raises(InvalidArgumentError, match=r"d0 = 0.001 in param group 1 differs"):
-        DAdaptSGD([{"params": params[:2]}, {"params": params[2:], "d0": 1e-3}])
+        DAdaptSGD([{"params": params[:2]}, {"params": params[2:], "d0": 1e-3}], d0=1e-6)
     with pytest.raises(InvalidArgumentError, match=r"DAdaptAdaGrad: eps = -1.0 is invalid"):
         DAdaptAdaGrad([{"params": params[:2]}, {"params": params[2:], "eps": -1.0}])
     p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))

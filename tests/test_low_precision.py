@@ -29,8 +29,6 @@ WINDOW = 5
 #: learning-rate-free methods that make no measurable bfloat16 progress in 20 steps today, and why
 NO_BF16_PROGRESS = {
     "sf_prodigy": "d starts at d0=1e-6: every update is below bfloat16's resolution (loss ratio 1.000; float32: 0.530)",
-    "dadapt_sgd": "d starts at d0=1e-6: progress starts ~6 steps later than in float32 (loss ratio 0.987; float32: 0.974)",
-    "dadapt_adagrad": "d starts at d0=1e-6 and grows slowly: no progress in 20 steps even in float32 (ratio 0.999)",
 }
 
 
