@@ -28,7 +28,6 @@ WINDOW = 5
 
 #: learning-rate-free methods that make no measurable bfloat16 progress in 20 steps today, and why
 NO_BF16_PROGRESS = {
-    "sf_prodigy": "d starts at d0=1e-6: every update is below bfloat16's resolution (loss ratio 1.000; float32: 0.530)",
 }
 
 

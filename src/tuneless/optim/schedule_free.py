@@ -1257,7 +1257,8 @@ class ScheduleFreeProdigy(ScheduleFree):
         eps: Prodigy's denominator term (default 1e-8).
         weight_decay: decay computed at :math:`y`, applied with the step size :math:`d\cdot\mathrm{lr}`
             (default 0).
-        d0: Prodigy's initial estimate (default 1e-6).
+        d0: Prodigy's initial estimate (default None: Prodigy's choice, 1e-6, or 1e-3 when a
+            parameter is bfloat16 or float16, so that the first updates are representable).
         d_coef: Prodigy's multiplier of the estimate (default 1.0).
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: averaging weights proportional to (largest :math:`d\cdot\mathrm{lr}`)
@@ -1279,7 +1280,7 @@ class ScheduleFreeProdigy(ScheduleFree):
     learning_rate_free = True
 
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.99),
-                 eps: float = 1e-8, weight_decay: float = 0.0, d0: float = 1e-6, d_coef: float = 1.0,
+                 eps: float = 1e-8, weight_decay: float = 0.0, d0: float | None = None, d_coef: float = 1.0,
                  r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
                  fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
