@@ -544,3 +544,52 @@ class TestScheduleFreeProdigyWithoutLearningRate:
         assert start > 2.0 and math.isfinite(final)
         assert final < 0.1, final  # measured 0.035-0.043 over seeds
         assert accuracy > 0.97, accuracy  # measured 0.992
+
+
+# ----------------------------------------------------------------------------- late in a run
+
+
+LATE_PATHS = {"per-parameter": dict(foreach=False), "vectorized": dict(), "fused": dict(fused=True),
+              "unchecked": dict(skip_nonfinite=False)}
+
+
+@pytest.mark.parametrize("path", list(LATE_PATHS))
+def test_the_average_stays_put_where_y_updates_round_away(path: str) -> None:
+    """Late in a run c ~ 1/t makes y's update smaller than half of y's last bit: it rounds away
+    while z keeps moving by lr g, and the implicit average x = (y - (1 - beta) z) / beta then
+    drifts linearly (the 10^5-step run of ``tests/test_long_runs.py``: loss 3e-8 at step 10^4,
+    3e-6 at 10^5). Here from the state such a run reaches (step 10^4, y and z a few last bits
+    from the minimum of a realizable float32 least squares), 3000 more steps: the reference's
+    arithmetic drifts from 1e-12 to 2.7e-9; with the rounding error fed back into z the loss at
+    x stays at the float32 floor, on every path."""
+    from tests.test_long_runs import LeastSquares
+
+    def late_run(make) -> tuple[float, float]:
+        problem = LeastSquares()
+        with torch.no_grad():  # a few last bits from the minimum, as after 10^4 steps
+            problem.w.copy_(torch.tensor([1.0, -2.0 - 4.76837158203125e-07, 0.5 + 5.960464477539063e-08]))
+        start = problem.full_loss()
+        opt = make([problem.w])
+        for group in opt.param_groups:  # the schedule as after 10^4 steps at lr 0.1
+            tensor = isinstance(group["k"], torch.Tensor)
+            for key, value in (("k", 10_000), ("weight_sum", 10_000 * 0.1**2), ("lr_max", 0.1)):
+                group[key] = torch.tensor(value, dtype=group[key].dtype) if tensor else value
+        for i in range(3000):
+            opt.zero_grad(set_to_none=False)
+            problem.set_grad(i)
+            opt.step()
+        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "evaluation_point"):
+            with opt.evaluation_point():
+                return start, problem.full_loss()
+        opt.eval()
+        return start, problem.full_loss()
+
+    def reference(params):
+        opt = schedulefree.SGDScheduleFree(params, lr=0.1)
+        opt.train()
+        return opt
+
+    start, drifted = late_run(reference)
+    assert drifted > 1000 * start, "the reference no longer drifts: this test shows nothing"
+    start, ours = late_run(lambda params: ScheduleFreeSGD(params, lr=0.1, **LATE_PATHS[path]))
+    assert ours <= max(start, 1e-12), f"{path}: loss at x {start:.3e} -> {ours:.3e} in 3000 late steps"

@@ -24,6 +24,10 @@ step by step at both the training point ``y`` and the evaluation point ``x``
 
 Differences from the reference, each deliberate and tested (``tests/test_schedule_free.py``):
 
+* **y's rounding error goes into z** (SGD and AdamW): the average x is stored only through y
+  and z, and late in a run y's update rounds away while z moves on, so x drifted linearly
+  (``docs/robustness.md``, "Long runs"). Each step moves z by ``-r / (1 - beta)`` too, where
+  ``r`` is what rounding y lost: x stays exact; float64 parity is unchanged.
 * **The mode is state.** ``train_mode`` is stored in every param group, hence in
   ``state_dict()``: a checkpoint saved in either mode resumes exactly and loading restores the
   mode it was saved in (the parameters saved with it hold the matching point). The reference
@@ -270,14 +274,19 @@ def _single_tensor_schedule_free(
     """One Schedule-Free step, one tensor at a time (the readable truth).
 
     u = g (SGD) or g / (sqrt(v / bc2) + eps) (AdamW), plus weight_decay * y; then
-    y <- lerp(y, z, c) + lr (beta (1 - c) - 1) u (which is y_{t+1} = (1-beta) z_{t+1} + beta x_{t+1}
-    without forming x) and z <- z - lr u.
+    y <- y + inc with inc = c (z - y) + lr (beta (1 - c) - 1) u (which is
+    y_{t+1} = (1-beta) z_{t+1} + beta x_{t+1} without forming x) and
+    z <- z - lr u - r / (1 - beta), where r = inc - (y_{t+1} - y_t) is what rounding y to its
+    dtype lost (0 in exact arithmetic). The average x = (y - (1 - beta) z) / beta is stored
+    only through y and z; the feedback of r into z keeps it exact where y's update is too
+    small to change y, as it becomes late in a run (see the comment below).
 
     A checked step (``finite`` given) gets zero gradients and lr = c = 0 when it is not finite
     (see ``_ScheduleFreeOptimizer._update``); then only v's decay would change something, and it
     is 1: y, z and v keep their values exactly.
     """
     a = lr * (beta * (1.0 - ckp1) - 1.0)
+    feedback = 1.0 / (1.0 - beta)
     decay2 = beta2 if finite is None else _second_moment_decay(finite, beta2, lr)
     for i, (y, g, z) in enumerate(zip(ys, grads, zs)):
         if exp_avg_sqs is not None:
@@ -290,15 +299,24 @@ def _single_tensor_schedule_free(
             u = g
         if weight_decay != 0.0:
             u = u.add(y, alpha=weight_decay)  # decay computed at y (a new tensor: g is never modified)
-        if isinstance(lr, Tensor):  # a tensor lr: lr, c and a are 0-d tensors, never read on the host
-            cd = coefficient_dtype(y)
-            y.copy_(torch.lerp(y.to(cd), z.to(cd), ckp1.to(cd)))
-            y.addcmul_(u, a.to(cd))
-            z.addcmul_(u, (-lr).to(cd))
-            continue
-        y.lerp_(z, ckp1)
-        y.add_(u, alpha=a)
-        z.sub_(u, alpha=lr)
+        cd = coefficient_dtype(y)  # (16-bit y and z: the arithmetic in float32)
+        # a tensor lr: lr, c and a are 0-d tensors, never read on the host
+        c_, a_, lr_ = (t.to(cd) for t in (ckp1, a, lr)) if isinstance(lr, Tensor) else (ckp1, a, lr)
+        old = y.to(cd, copy=True)
+        u = u.to(cd)
+        inc = (z.to(cd) - old).mul_(c_).add_(u * a_)   # y's exact change
+        y.copy_(old + inc)                             # rounded to y's dtype
+        lost = inc.sub_(y.to(cd) - old)                # r: what the rounding lost
+        z.copy_(z.to(cd) - (u * lr_ + lost * feedback))
+
+
+# Why z takes y's rounding error (``docs/robustness.md``, "Long runs"). Only y and z are
+# stored; the average is implicit, x = (y - (1 - beta) z) / beta. Late in a run the averaging
+# weight c ~ 1/t is so small that y's update is below half a unit in the last place and rounds
+# away, while z keeps moving by lr g (the gradient at the stuck y is small, not 0): x then
+# drifts linearly in t, away from the minimum (float32 least squares, lr 0.1: loss 3e-8 at
+# step 10^4, 3e-6 at 10^5, as in ``schedulefree`` 1.4.1, whose arithmetic this was). Moving z
+# by -r / (1 - beta) keeps x what the recursion says whatever y's rounding did.
 
 
 def _schedule_free_kernel(*args: Any) -> tuple[()]:
@@ -307,10 +325,11 @@ def _schedule_free_kernel(*args: Any) -> tuple[()]:
     step's coefficients as 1-element tensors (c, a = lr (beta (1 - c) - 1), lr, bias
     correction), whether the step is finite (a bool) and the constants. No sums: the padding's
     values are discarded."""
-    *tensors, ckp1, a, lr, bias_correction2, finite, weight_decay, beta2, eps, adaptive = args
+    *tensors, ckp1, a, lr, bias_correction2, finite, weight_decay, beta2, eps, feedback, adaptive = args
     y, g, z = tensors[0], tensors[1], tensors[2]
+    cd = ckp1.dtype
     # A step that is not finite: the gradient is taken as 0 and v kept (c, a and lr are 0 then,
-    # so y and z keep their values: lerp(y, z, 0) = y, y + 0 u = y).
+    # so y and z keep their values: the change of y is 0, and so what its rounding lost).
     g = torch.where(finite, g, 0.0)
     if adaptive:
         v_ = tensors[3]
@@ -321,10 +340,13 @@ def _schedule_free_kernel(*args: Any) -> tuple[()]:
         u = g
     if weight_decay != 0.0:
         u = u + weight_decay * y
-    # (a tensor weight must have the dtype of what it interpolates: 16-bit y and z go through ckp1's)
-    y.copy_(torch.lerp(y.to(ckp1.dtype), z.to(ckp1.dtype), ckp1))
-    y.add_(u * a)
-    z.sub_(u * lr)
+    u = u.to(cd)
+    old = y.to(cd)
+    inc = (z.to(cd) - old) * ckp1 + u * a
+    new = (old + inc).to(y.dtype)
+    lost = inc - (new.to(cd) - old)  # r, as in the per-parameter step
+    y.copy_(new)
+    z.copy_(z.to(cd) - (u * lr + lost * feedback))
     return ()
 
 
@@ -352,7 +374,8 @@ def _fused_schedule_free(
     lists = [ys, grads, zs] + ([exp_avg_sqs] if adaptive else [])
     if finite is None:
         finite = torch.ones((), dtype=torch.bool, device=like.device)
-    _SF_KERNELS[adaptive](lists, (*coefs, finite, weight_decay, beta2, eps, adaptive), sum_dtype=cd, device=like.device)
+    _SF_KERNELS[adaptive](lists, (*coefs, finite, weight_decay, beta2, eps, 1.0 / (1.0 - beta), adaptive),
+                          sum_dtype=cd, device=like.device)
 
 
 def _multi_tensor_schedule_free(
@@ -361,35 +384,36 @@ def _multi_tensor_schedule_free(
     finite: Tensor | None = None,
 ) -> None:
     """The same step over all tensors at once, on the CPU block by block (cache-sized), so that
-    the passes after the first read the block from the cache; the one temporary is AdamW's
-    denominator (block-sized on the CPU).
+    the passes after the first read the block from the cache; the temporaries (y's change, the
+    new y, AdamW's denominator) are block-sized on the CPU.
 
-    With weight decay, the decay terms are folded in before the gradient terms:
-    z' = z - lr wd y, then y <- (1 - c + (a + c lr) wd) y + c z' (= (1 - c + a wd) y + c z), with
-    a = lr (beta (1 - c) - 1); then y += a g/den and z -= lr g/den.
+    lr, c and a are numbers or (a checked step's, a tensor lr's) 0-d tensors, never read on the host.
     """
     lists = [ys, grads, zs] + ([exp_avg_sqs] if exp_avg_sqs is not None else [])
     a = lr * (beta * (1.0 - ckp1) - 1.0)
-    if isinstance(lr, Tensor):  # (a checked step's coefficients are tensors: it comes here)
-        decay2 = None if finite is None else _second_moment_decay(finite, beta2, lr)
-        _multi_tensor_schedule_free_tensor_lr(lists, lr=lr, a=a, ckp1=ckp1, weight_decay=weight_decay, beta2=beta2,
-                                              bias_correction2=bias_correction2, eps=eps, decay2=decay2)
-        return
+    decay2 = None if finite is None or exp_avg_sqs is None else _second_moment_decay(finite, beta2, lr)
+    feedback = 1.0 / (1.0 - beta)
     for y, g, z, *rest in cache_blocks(*lists):
-        if exp_avg_sqs is not None:
-            denom = _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps)
+        if isinstance(lr, Tensor):  # 0-d tensors enter as tensor operands, not as alpha= numbers
+            cd = coefficient_dtype(y[0])
+            c_, a_, lr_ = (t.to(cd) for t in (ckp1, a, -lr))
+        else:
+            c_, a_, lr_ = ckp1, a, -lr
+        if rest:
+            u = torch._foreach_div(g, _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps, decay2))
+        else:
+            u = list(g)
         if weight_decay != 0.0:
-            torch._foreach_add_(z, y, alpha=-lr * weight_decay)
-            torch._foreach_mul_(y, 1.0 - ckp1 + (a + ckp1 * lr) * weight_decay)
-            torch._foreach_add_(y, z, alpha=ckp1)
-        else:
-            torch._foreach_lerp_(y, z, ckp1)
-        if exp_avg_sqs is not None:
-            torch._foreach_addcdiv_(y, g, denom, value=a)
-            torch._foreach_addcdiv_(z, g, denom, value=-lr)
-        else:
-            torch._foreach_add_(y, g, alpha=a)
-            torch._foreach_add_(z, g, alpha=-lr)
+            u = torch._foreach_add(u, y, alpha=weight_decay)  # decay at y (new tensors)
+        inc = torch._foreach_sub(z, y)
+        torch._foreach_mul_(inc, c_)
+        torch._foreach_add_(inc, torch._foreach_mul(u, a_))   # inc: y's exact change
+        new = torch._foreach_add(y, inc)                      # the new y, rounded
+        torch._foreach_sub_(y, new)                           # y <- old - new
+        torch._foreach_add_(inc, y)                           # inc <- r, what the rounding lost
+        torch._foreach_copy_(y, new)
+        torch._foreach_add_(z, torch._foreach_mul(u, lr_))
+        torch._foreach_add_(z, inc, alpha=-feedback)
 
 
 def _multi_tensor_second_moment_(exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float,
@@ -407,25 +431,6 @@ def _multi_tensor_second_moment_(exp_avg_sqs: list[Tensor], grads: list[Tensor],
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
     return denom
-
-
-def _multi_tensor_schedule_free_tensor_lr(lists: list[list[Tensor]], *, lr: Tensor, a: Tensor, ckp1: Tensor,
-                                          weight_decay: float, beta2: float, bias_correction2: float | Tensor,
-                                          eps: float, decay2: Tensor | None = None) -> None:
-    """:func:`_multi_tensor_schedule_free` with a tensor lr: lr, c and a are 0-d tensors (never
-    read on the host), so they enter as tensor operands, not as ``alpha=`` numbers."""
-    for y, g, z, *rest in cache_blocks(*lists):
-        cd = coefficient_dtype(y[0])
-        n = len(y)
-        if rest:
-            u = torch._foreach_div(g, _multi_tensor_second_moment_(rest[0], g, beta2, bias_correction2, eps, decay2))
-        else:
-            u = list(g)
-        if weight_decay != 0.0:
-            u = torch._foreach_add(u, y, alpha=weight_decay)  # decay at y (new tensors)
-        torch._foreach_lerp_(y, z, [ckp1.to(cd)] * n)
-        torch._foreach_addcmul_(y, u, [a.to(cd)] * n)
-        torch._foreach_addcmul_(z, u, [(-lr).to(cd)] * n)
 
 
 class _ScheduleFreeOptimizer(_ScheduleFreeBase):
