@@ -174,6 +174,43 @@ def test_the_flag_is_one_read_of_the_gradients_and_no_host_sync() -> None:
     assert opt.skipped_steps() == [0]
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["finite", "nan_grad", "inf_grad"])
+def test_fused_prodigy_decides_from_its_estimate_sums_without_a_read_of_its_own(monkeypatch, case: str) -> None:
+    """Prodigy with every group fused takes the flag from its read-only estimate kernels'
+    ||s_new||_1 (issue 16: "ride on sums every method already takes"): the scope's own read of
+    the gradients (nonfinite_count) is never called, and the step skips or not exactly as the
+    vectorized path, which does read them."""
+    import tuneless.optim._batched as batched
+
+    real = batched.nonfinite_count
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "nonfinite_count", counting)
+    finals = {}
+    for fused in (True, False):
+        calls.clear()
+        model = Tiny()
+        opt = tuneless.Prodigy(model.params, fused=fused)
+        for step in range(4):
+            opt.zero_grad()
+            model.loss(step).backward()
+            if step == 2 and case != "finite":
+                model.params[0].grad.view(-1)[0] = float("nan") if case == "nan_grad" else float("inf")
+            opt.step()
+        assert len(calls) == (0 if fused else 4), f"fused={fused}: {len(calls)} reads of the gradients"
+        assert opt.skipped_steps() == [0 if case == "finite" else 1]
+        assert all(torch.isfinite(p).all() for p in model.params)
+        finals[fused] = [p.detach().clone() for p in model.params]
+    for a, b in zip(finals[True], finals[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 FIRST_STEP_BUILDS = {
     **{name: (lambda params, name=name: tuneless.create(name, params)) for name in ("prodigy", "tuneless", "cocob", "dog")},
     # state a torch optimizer creates at a bad first step is set back to its start (zeros)

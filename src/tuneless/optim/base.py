@@ -123,6 +123,7 @@ _STEPPING = "_tuneless_stepping"
 _STEP_FINITE = "_tuneless_step_finite"
 _FINITE_LENT = "_tuneless_finite_lent"
 _FINITE_NEXT = "_tuneless_finite_next"
+_FINITE_DEFERRED = "_tuneless_finite_deferred"
 
 
 def _takes_observed_loss(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -455,20 +456,51 @@ class TunelessOptimizer(torch.optim.Optimizer):
         if outer is None and not self.skip_nonfinite:
             yield None
             return
-        if finite is None:
+        deferred = finite is None and outer is None and self._finite_from_step_sums(loss)
+        if finite is None and not deferred:
             finite = outer if outer is not None else self._finite_flag(loss)
         if outer is None or lent:
             self.__dict__[_FINITE_NEXT] = 0  # the copies of _finite_grads, numbered from 0 each step
         self.__dict__[_STEP_FINITE] = finite
+        self.__dict__[_FINITE_DEFERRED] = deferred
         try:
             yield finite
+            if deferred:
+                finite = self.__dict__.get(_STEP_FINITE)
+                if finite is None:
+                    raise RuntimeError(f"{type(self).__name__}: a step that decides finiteness from its own "
+                                       f"sums (_finite_from_step_sums) ended without _settle_finite")
         finally:
+            self.__dict__.pop(_FINITE_DEFERRED, None)
             if outer is None:
                 self.__dict__.pop(_STEP_FINITE, None)
             else:
                 self.__dict__[_STEP_FINITE] = outer
         if count and not lent:
             self._count_skipped(finite)
+
+    def _finite_from_step_sums(self, loss: Tensor | None) -> bool:
+        """Whether this step decides finiteness from sums it takes anyway (default False).
+
+        A method may say True for a step whose first pass is read only and sums a finite
+        multiple of every gradient entry (NaN and infinities survive such a sum; ``0 * inf`` is
+        NaN), all-reduced with the step's own reduction: then the scope reads no gradient of its
+        own, :meth:`_step_finite` is None until the step calls :meth:`_settle_finite` with the
+        flag made from those sums, and nothing may change before it does (the issue's "ride on
+        sums every method already takes": Prodigy's fused estimate, see ``docs/robustness.md``)."""
+        return False
+
+    def _deciding_finite(self) -> bool:
+        """True within a step whose flag the step itself makes (:meth:`_finite_from_step_sums`)
+        and has not settled yet."""
+        return bool(self.__dict__.get(_FINITE_DEFERRED)) and self.__dict__.get(_STEP_FINITE) is None
+
+    def _settle_finite(self, finite: Tensor) -> Tensor:
+        """Set the flag of a step that decides finiteness itself; returns it."""
+        if not self._deciding_finite():
+            raise RuntimeError(f"{type(self).__name__}: _settle_finite outside a step that decides finiteness itself")
+        self.__dict__[_STEP_FINITE] = finite
+        return finite
 
     @contextlib.contextmanager
     def _lending_finite(self, inner: torch.optim.Optimizer) -> Iterator[None]:

@@ -317,8 +317,10 @@ class Prodigy(TunelessOptimizer):
         # A step that is not finite (finite False) computes with zero gradients (zeroed copies, or
         # inside the fused kernel) and keeps everything as it was: the decays of the moments and
         # of s are 1, the step size 0, d and the other shared scalars their old values, k does not
-        # count it. None: the step is not checked (skip_nonfinite=False), the operations as ever.
+        # count it. None: the step is not checked (skip_nonfinite=False), the operations as ever,
+        # or (every group fused) not decided yet: then the estimate's sums decide, below.
         finite = self._step_finite()
+        deciding = self._deciding_finite()
         first = self.param_groups[0]
         beta1, beta2 = first["betas"]
         beta3, d0 = first["beta3"], first["d0"]
@@ -354,7 +356,8 @@ class Prodigy(TunelessOptimizer):
 
         partials, work = [], []
         for group, (params, grads) in zip(self.param_groups, gathered):
-            self._rescale_idle_moments(group, moment_ratio)
+            if not deciding:  # (else once the flag is made)
+                self._rescale_idle_moments(group, moment_ratio)
             lr = lr_in(group["lr"], dtype)  # a tensor lr in the statistics' dtype: rounded as a number is
             step_size = d * _lr_times(lr, bias_correction, dtype)  # eta_k for this group
             if not params:
@@ -383,6 +386,15 @@ class Prodigy(TunelessOptimizer):
         # One reduction per step, always reached (no early return: no hang when sharded).
         local = torch.stack(partials).sum(0) if partials else torch.zeros(2, dtype=dtype, device=device)
         numerator, s_l1 = self._global_sum(local).unbind(0)
+        if deciding:
+            # Every group fused: the estimate kernels read every gradient, read only, and
+            # ||s_new||_1 = sum |beta3 s + w g| (w finite, 0 * inf = NaN) is not finite exactly when
+            # some gradient entry is not (or the sum overflows float32, as the scope's own sum
+            # would); all-reduced above when sharded. No read of the gradients of its own.
+            finite = self._settle_finite(torch.isfinite(s_l1))
+            moment_ratio, m_coef, v_coef = (gate(finite, c, 1.0) for c in (moment_ratio, m_coef, v_coef))
+            for group in self.param_groups:
+                self._rescale_idle_moments(group, moment_ratio)
         r = beta3 * scalars["d_numerator"] + numerator
         positive = s_l1 > 0
         d_hat = first["d_coef"] * r / torch.where(positive, s_l1, torch.ones_like(s_l1))
@@ -422,6 +434,12 @@ class Prodigy(TunelessOptimizer):
         new["k"] = k + (1 if finite is None else finite)  # a skipped step does not count
         for group in self.param_groups:
             group.update(new)
+
+    def _finite_from_step_sums(self, loss: Tensor | None) -> bool:
+        """Every group with parameters fused: the read-only estimate kernels' sums decide (see
+        :meth:`_update`), so the check costs no read of the gradients."""
+        groups = [group for group in self.param_groups if group["params"]]
+        return bool(groups) and all(self._fused(group) for group in groups)
 
     @staticmethod
     def _fused(group: dict[str, Any]) -> bool:
