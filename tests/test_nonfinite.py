@@ -16,6 +16,7 @@ the NaN propagates, as in torch.optim.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from typing import Any
@@ -211,6 +212,41 @@ def test_fused_prodigy_decides_from_its_estimate_sums_without_a_read_of_its_own(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+
+GRAD_CASES = [
+    pytest.param((lambda params, info=info, kw=kw: info.build(params, **kw)), f"{info.name}{kw}",
+                 id=f"{info.name}-{i}")
+    for info in OPTIM_DB
+    for i, kw in enumerate(_configs(info))
+] + [pytest.param(build, name, id=name) for build, _, name in
+     ((p.values[0], None, p.values[2]) for p in WRAPPED_CASES if p.values[1] == "nan_grad")]
+
+
+@pytest.mark.parametrize("build, name", GRAD_CASES)
+def test_a_step_never_changes_the_gradients(build, name: str) -> None:
+    """On the CPU paths a finite step computes from the gradients themselves (no copy: the
+    flag is read where it lies, ``known_finite``), so nothing may write into them; nor into
+    those of a step that is not finite. Every row and path, wrappers over torch optimizers too."""
+    from tuneless.optim import _batched as batched
+
+    for context in (lambda: contextlib.nullcontext(), batched.device_paths_on_cpu):
+        model = Tiny()
+        with context():
+            opt = build(model.groups)
+            for step in range(4):
+                opt.zero_grad(set_to_none=True)
+                loss = model.loss(step)
+                loss.backward()
+                if step == 2:
+                    _inject(model, "nan_grad")
+                before = [p.grad.clone() for p in model.params if p.grad is not None]
+                opt.step(loss=loss)
+                after = [p.grad for p in model.params if p.grad is not None]
+                for a, b in zip(before, after):
+                    assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)), f"{name}: step {step} wrote into a gradient"
+                    assert torch.equal(a.isnan(), b.isnan()), f"{name}: step {step} wrote into a gradient"
+
+
 FIRST_STEP_BUILDS = {
     **{name: (lambda params, name=name: tuneless.create(name, params)) for name in ("prodigy", "tuneless", "cocob", "dog")},
     # state a torch optimizer creates at a bad first step is set back to its start (zeros)
@@ -243,3 +279,19 @@ def test_a_skipped_first_step_moves_nothing_and_the_next_step_is_a_first_step(na
         assert torch.equal(a, b), f"{name}: a NaN first step changed the run"
     assert opt.skipped_steps() == [1, 1]
     assert isinstance(opt, TunelessOptimizer)
+
+
+def test_known_finite_reads_the_flag_only_on_the_cpu_paths_and_is_the_one_exempted_read() -> None:
+    from tests.test_contract import SyncCounter
+    from tuneless.optim import _batched as batched
+    from tuneless.optim.base import known_finite
+
+    with SyncCounter() as counter:
+        assert known_finite(torch.tensor(True)) and not known_finite(torch.tensor(False)) and not known_finite(None)
+    assert (counter.count, counter.exempted) == (0, 2), counter.sites
+    with batched.device_paths_on_cpu(), SyncCounter() as counter:
+        assert not known_finite(torch.tensor(True))  # the device paths never read it
+    assert (counter.count, counter.exempted) == (0, 0)
+    with SyncCounter() as counter:
+        bool(torch.tensor(True))  # the same read anywhere else is counted
+    assert counter.count == 1

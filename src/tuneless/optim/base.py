@@ -567,8 +567,8 @@ class TunelessOptimizer(torch.optim.Optimizer):
         The copies live in buffers reused from step to step (not state): one more gradient's
         worth of memory, one read and one write of the gradients per step."""
         finite = self._step_finite()
-        if finite is None:
-            return grads
+        if finite is None or known_finite(finite):
+            return grads  # (on the CPU paths, a finite step: the gradients themselves, no copy)
         # numbered across the calls of one step, so that copies taken for several groups (or
         # twice) never share a buffer, and each step reuses the previous step's buffers
         first = self.__dict__.get(_FINITE_NEXT, 0)
@@ -700,6 +700,22 @@ def gate(finite: Tensor | None, new: Tensor, old: Any) -> Tensor:
     if not isinstance(old, Tensor):
         old = torch.full((), old, dtype=new.dtype, device=new.device)
     return torch.where(finite, new, old)
+
+
+def known_finite(finite: Tensor | None) -> bool:
+    """True when ``finite`` is a flag on the CPU paths that says the step is finite.
+
+    A CPU tensor's value is in host memory: reading it waits for no device. So on the CPU
+    paths the usual, finite step computes from the gradients themselves, with no
+    zero-or-gradient copy (:meth:`TunelessOptimizer._finite_grads`) and no snapshot of a
+    foreign base (:class:`OptimizerSnapshot`); a step that is not finite takes them as ever.
+    On a GPU (and on the device paths forced on the CPU by the tests) the flag is never read:
+    False. :class:`~tuneless._host_reads.HostReadCounter` exempts this one read by name."""
+    if finite is None:
+        return False
+    from ._batched import cpu_paths
+
+    return cpu_paths(finite.device) and bool(finite)
 
 
 def zeros_unless(finite: Tensor, tensors: Sequence[Tensor], buffers: dict[Any, Tensor] | None = None,

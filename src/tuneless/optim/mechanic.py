@@ -98,7 +98,7 @@ from .. import _validate as v
 from ._batched import (Scratch, cpu_paths, add_scaled_, cache_blocks, chunked_dots, coefficient_dtype, flat_dot,
                        flat_sum_of_squares, total_dot_loop, total_dots, total_sum_of_squares_loop)
 from ._fused import FusedKernel
-from .base import (SKIPPED_STEPS_KEY, STEP_SIZE_KEY, OptimizerSnapshot, TunelessOptimizer, gate, local_tensor,
+from .base import (SKIPPED_STEPS_KEY, STEP_SIZE_KEY, OptimizerSnapshot, TunelessOptimizer, gate, known_finite, local_tensor,
                    lr_moves)
 
 __all__ = ["Mechanic", "DEFAULT_BASE"]
@@ -387,7 +387,9 @@ class Mechanic(TunelessOptimizer):
             finally:
                 base.defaults["skip_nonfinite"] = own
             return
-        snapshot = None if finite is None else _BaseSnapshot(base, pending.tuned if pending is not None else [])
+        # (on the CPU paths a step known to be finite needs no snapshot)
+        snapshot = None if finite is None or known_finite(finite) else _BaseSnapshot(
+            base, pending.tuned if pending is not None else [])
         if closure is not None:
             base.step(_first_call_returns(loss, closure))
         else:

@@ -69,7 +69,8 @@ from .. import _validate as v
 from ..errors import LossRequiredError, WrongModeError
 from ._batched import cache_blocks, coefficient, coefficient_dtype, host_coefficients
 from ._fused import FusedKernel
-from .base import STEP_SIZE_KEY, OptimizerSnapshot, TunelessOptimizer, gate, local_tensor, lr_in, lr_is_zero, lr_moves
+from .base import (STEP_SIZE_KEY, OptimizerSnapshot, TunelessOptimizer, gate, known_finite, local_tensor, lr_in,
+                   lr_is_zero, lr_moves)
 
 __all__ = ["ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFree", "ScheduleFreeProdigy",
            "recompute_batchnorm_statistics"]
@@ -938,8 +939,10 @@ class ScheduleFree(_ScheduleFreeBase):
         parameters)."""
         work = [self._to_base_iterate(group, finite) for group in self.param_groups]
         snapshot = None
-        if finite is not None and not isinstance(self.base, TunelessOptimizer):
-            snapshot = OptimizerSnapshot(self.base)  # after the first pass: the point the base steps from
+        if finite is not None and not isinstance(self.base, TunelessOptimizer) and not known_finite(finite):
+            # after the first pass: the point the base steps from (on the CPU paths, only for a
+            # step known not to be finite)
+            snapshot = OptimizerSnapshot(self.base)
         try:
             with self._lending_finite(self.base):
                 if isinstance(self.base, TunelessOptimizer):
