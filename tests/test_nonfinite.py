@@ -176,13 +176,21 @@ def test_the_flag_is_one_read_of_the_gradients_and_no_host_sync() -> None:
 
 
 
+#: fused methods whose read-only first kernel decides finiteness, and how many of 4 steps still
+#: read the gradients for the flag (AdamHD's dot exists from its second step on)
+RIDERS = {"Prodigy": (lambda params, fused: tuneless.Prodigy(params, fused=fused), 0),
+          "AdamHD": (lambda params, fused: tuneless.AdamHD(params, fused=fused, weight_decay=0.01), 1)}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("rider", list(RIDERS))
 @pytest.mark.parametrize("case", ["finite", "nan_grad", "inf_grad"])
-def test_fused_prodigy_decides_from_its_estimate_sums_without_a_read_of_its_own(monkeypatch, case: str) -> None:
-    """Prodigy with every group fused takes the flag from its read-only estimate kernels'
-    ||s_new||_1 (issue 16: "ride on sums every method already takes"): the scope's own read of
-    the gradients (nonfinite_count) is never called, and the step skips or not exactly as the
-    vectorized path, which does read them."""
+def test_fused_steps_decide_from_their_own_sums_without_a_read_of_their_own(monkeypatch, case: str, rider: str) -> None:
+    """Prodigy (every group fused) takes the flag from its read-only estimate kernels'
+    ||s_new||_1, AdamHD from its dot kernels' <g, m / (sqrt(v) + eps)> (issue 16: "ride on sums
+    every method already takes"): the scope's own read of the gradients (nonfinite_count) is
+    not called, and the step skips or not exactly as the vectorized path, which does read them."""
+    make, fused_reads = RIDERS[rider]
     import tuneless.optim._batched as batched
 
     real = batched.nonfinite_count
@@ -197,14 +205,14 @@ def test_fused_prodigy_decides_from_its_estimate_sums_without_a_read_of_its_own(
     for fused in (True, False):
         calls.clear()
         model = Tiny()
-        opt = tuneless.Prodigy(model.params, fused=fused)
+        opt = make(model.params, fused)
         for step in range(4):
             opt.zero_grad()
             model.loss(step).backward()
             if step == 2 and case != "finite":
                 model.params[0].grad.view(-1)[0] = float("nan") if case == "nan_grad" else float("inf")
             opt.step()
-        assert len(calls) == (0 if fused else 4), f"fused={fused}: {len(calls)} reads of the gradients"
+        assert len(calls) == (fused_reads if fused else 4), f"fused={fused}: {len(calls)} reads of the gradients"
         assert opt.skipped_steps() == [0 if case == "finite" else 1]
         assert all(torch.isfinite(p).all() for p in model.params)
         finals[fused] = [p.detach().clone() for p in model.params]

@@ -69,6 +69,7 @@ class _HypergradientBase(TunelessOptimizer):
         # step is 0 and the state buffers are kept (decays 1, or their writes gated). None: the
         # step is not checked (skip_nonfinite=False).
         finite = self._step_finite()
+        deciding = self._deciding_finite()  # every group fused and stepped: h decides, below
         gathered = []
         for group in self.param_groups:
             stepped = "learned_lr" in group  # known on the host: whether the group has state
@@ -107,6 +108,11 @@ class _HypergradientBase(TunelessOptimizer):
                 partials.append(torch.zeros((), dtype=dtype, device=device))
             per_group.append((params, xs, grads, scratch))
         h = self._global_sum(torch.stack(partials))
+        if deciding:
+            # The fused dot kernels read every gradient, read only: <g, m / (sqrt(v) + eps)> is
+            # not finite exactly when some gradient entry is not (0 * inf is NaN); all-reduced
+            # above when sharded. No read of the gradients of its own.
+            finite = self._settle_finite(torch.isfinite(h).all())
         for i, (group, (params, xs, grads, scratch)) in enumerate(zip(self.param_groups, per_group)):
             # The rate and the step count are updated even where this process holds no gradient
             # of the group (h is global): every rank of a sharded run keeps the same values.
@@ -408,6 +414,13 @@ class AdamHD(_HypergradientBase):
             ms.append(local_tensor(state["exp_avg"]))
             vs.append(local_tensor(state["exp_avg_sq"]))
         return ms, vs
+
+    def _finite_from_step_sums(self, loss: Tensor | None) -> bool:
+        """Every group with parameters fused and past its first step: the fused dot kernels
+        (read only, over every gradient) decide (see ``_update``); a first step reads the
+        gradients for the flag, as the other paths do."""
+        groups = [group for group in self.param_groups if group["params"]]
+        return bool(groups) and all(group.get("fused", False) and "learned_lr" in group for group in groups)
 
     def _hypergradient(self, group, params, grads, dtype, device):
         # <g_t, d_{t-1}>, with d_{t-1} rebuilt from the moments of the previous step.
