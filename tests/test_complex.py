@@ -11,6 +11,8 @@ every other class refuses the complex parameter when it is built, or added by
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -78,3 +80,24 @@ def test_complex_parameters_are_refused_at_construction(info: OptimizerInfo) -> 
     with pytest.raises(ComplexParameterError, match=r"parameter 1 \(shape \(4,\), dtype torch.complex128\)"):
         opt.add_param_group({"params": [cplx]})
     assert len(opt.param_groups) == 1 and [p for g in opt.param_groups for p in g["params"]] == [real]
+
+
+@pytest.mark.parametrize("info", TRAINED)
+@pytest.mark.parametrize("where", ["real", "imaginary"])
+def test_a_nan_in_a_complex_gradient_is_skipped(info: OptimizerInfo, where: str) -> None:
+    """The non-finite check sees a complex gradient as its real view: a NaN in the imaginary
+    part alone is a bad step too (a complex sum cast to a real dtype would drop it)."""
+    from tuneless.optim import _batched as batched
+
+    for context in (lambda: contextlib.nullcontext(), batched.device_paths_on_cpu):
+        with context():
+            p = torch.nn.Parameter(torch.tensor([1.0 + 2.0j, -0.5 + 0.25j]))
+            opt = info.build([p])
+            p.grad = torch.tensor([0.5 - 1.0j, 0.25 + 0.5j])
+            opt.step()
+            before = p.detach().clone()
+            bad = complex(float("nan"), 0.0) if where == "real" else complex(0.0, float("nan"))
+            p.grad = torch.tensor([bad, 0.25 + 0.5j])
+            opt.step()
+            assert torch.equal(p.detach(), before), f"{info.name}: NaN in the {where} part of a gradient was not skipped"
+            assert opt.skipped_steps() == [1]

@@ -117,6 +117,9 @@ def nonfinite_count(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch
     l1 norm per dtype."""
     if len(tensors) == 0:
         return torch.zeros((), dtype=dtype, device=device)
+    # a complex tensor as its real view: a NaN in the imaginary part counts too (casting a
+    # complex sum to a real dtype would drop it)
+    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
     if cpu_paths(tensors[0].device):
         sums = [t.sum(dtype=dtype) for t in tensors]
     else:
