@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test env long-runs
 
-$(STAMP): requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -403,11 +403,93 @@ def test_write_step_sizes_to_tensorboard_and_a_wandb_like_run(tmp_path: Path) ->
 
 
 def test_timm_names_survive_timms_name_parsing() -> None:
-    """timm keeps what follows the last underscore of a name; ``register`` itself is untested
-    (timm 1.0.31 needs torchvision, which cannot be installed next to this torch)."""
+    """timm keeps what follows the last underscore of a name: every tuneless name has none."""
     from tuneless.integrations.timm import timm_name
 
     names = [timm_name(n) for n in tuneless.available(source="tuneless")]
     assert all("_" not in n and n == n.lower() and n.startswith("tl") for n in names)
     assert len(set(names)) == len(names)
     assert timm_name("sf_adamw") == "tlsfadamw"
+
+
+
+# ----------------------------------------------------------------------------- timm
+#
+# timm 1.0.31 imports torchvision when it is imported, and torchvision cannot be installed next to
+# the torch pinned here (see tests/stubs/torchvision): the timm tests run in a child process with
+# that stand-in on its path when the real torchvision does not import. timm's optimizer factory
+# and models, which these tests run, use nothing of torchvision.
+
+
+def _timm_env() -> dict[str, str]:
+    import os
+
+    assert importlib.util.find_spec("timm") is not None, "timm is a test dependency (make env installs it)"
+    env = dict(os.environ)
+    paths = [str(REPO / "src"), str(REPO)]
+    if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode != 0:
+        paths.insert(0, str(REPO / "tests" / "stubs"))
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _run_timm(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_timm_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tltuneless", "tlprodigy"])
+def test_timm_example_logs_the_learned_step_size(name: str) -> None:
+    """examples/timm_train.py as written: a timm ViT built by timm, its optimizer by timm's
+    factory from the registered name, 20 steps on the digits; the logged step size is the learned
+    one (it changes, and it is not timm's lr multiplier 1.0), and the loss goes down."""
+    out = _run_timm(f"""
+import json, runpy, sys
+sys.argv = ["timm_train.py", "--optimizer", "{name}", "--steps", "20"]
+logged = runpy.run_path("examples/timm_train.py", run_name="example")["main"](sys.argv[1:])
+print("LOGGED" + json.dumps(logged))
+""")
+    import json
+
+    logged = json.loads(out.split("LOGGED", 1)[1])
+    assert [row["step"] for row in logged] == list(range(1, 21))
+    sizes = [row["effective_lr"] for row in logged]
+    assert len(set(sizes)) > 1 and all(s != row["lr"] for s, row in zip(sizes, logged)), sizes
+    assert all(row["lr"] == 1.0 for row in logged)
+    first, last = sum(r["loss"] for r in logged[:5]) / 5, sum(r["loss"] for r in logged[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+
+
+def test_timm_register_builds_every_method_through_timms_factory() -> None:
+    """register() puts every tuneless method into timm's default registry; create_optimizer_v2
+    builds each from its name (with timm's weight decay where the method has one, refused with
+    a clear error where it has not), and the plain name ``sf_adamw`` still resolves to timm's own
+    AdamW (why the names carry the prefix and no underscore)."""
+    out = _run_timm("""
+import inspect, torch, timm, timm.optim, tuneless
+from tuneless.integrations.timm import register, timm_name
+names = register()
+assert sorted(names) == sorted(timm_name(n) for n in tuneless.available(source="tuneless")), names
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+for registry_name in tuneless.available(source="tuneless"):
+    cls = tuneless.registry.entry(registry_name).factory
+    opt = timm.optim.create_optimizer_v2(model, timm_name(registry_name), lr=1.0)
+    assert type(opt) is cls, (registry_name, type(opt))
+    decays = "weight_decay" in inspect.signature(cls.__init__).parameters
+    try:
+        opt = timm.optim.create_optimizer_v2(model, timm_name(registry_name), lr=1.0, weight_decay=0.05)
+        assert decays, registry_name + " accepted a weight decay it does not have"
+        assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05], registry_name
+    except ValueError as e:
+        assert not decays and "weight_decay" in str(e), (registry_name, e)
+    print("OK", registry_name)
+assert type(timm.optim.create_optimizer_v2(model, "sf_adamw", lr=1e-3)).__name__ == "AdamW"
+try:  # Mechanic has no lr: timm's 1.0 is dropped, another value refused with the valid arguments
+    timm.optim.create_optimizer_v2(model, "tlmechanic", lr=0.5)
+    raise SystemExit("tlmechanic took lr=0.5")
+except tuneless.errors.UnknownArgumentError as e:
+    assert "'lr'" in str(e) and "base" in str(e), e
+""")
+    assert out.count("OK ") == len(tuneless.available(source="tuneless")), out

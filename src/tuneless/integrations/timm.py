@@ -31,8 +31,13 @@ Caveats of timm's train script (``train.py``), not fixed by registering:
 * it never calls ``optimizer.train()``/``eval()``: with Schedule-Free methods evaluate and save
   under :func:`tuneless.integrations.evaluation_mode`.
 
-Untested in this repository: timm 1.0.31 imports torchvision at import time (``timm.layers``),
-and torchvision cannot be installed next to the torch it is pinned to here.
+Mechanic has no ``lr`` (its base optimizer's is the one that counts): timm's ``lr=1.0`` is dropped
+for it, any other value refused.
+
+Tested (``tests/test_integrations.py``: every method built through ``create_optimizer_v2``, and
+``examples/timm_train.py``) against timm 1.0.31 with a stand-in for torchvision, which timm
+imports at import time but whose real package cannot be installed next to the torch pinned here
+(``tests/stubs/torchvision``); timm's factory and models use nothing of it.
 """
 
 from __future__ import annotations
@@ -56,21 +61,28 @@ def _accepts(cls: type, name: str) -> bool:
 
 
 def _factory(cls: type) -> Any:
-    """``cls``, or for a class without ``weight_decay``, a factory that drops timm's
-    ``weight_decay=0`` (and passes any other value on, to be refused by the class)."""
-    if _accepts(cls, "weight_decay"):
+    """``cls``, or for a class without ``weight_decay`` or ``lr``, a factory that drops what timm
+    passes for them when it is neutral (``weight_decay=0``; ``lr=1.0``, the multiplier timm's
+    train script is told to use) and passes any other value on, to be refused by the class with
+    its valid arguments."""
+    takes_decay, takes_lr = _accepts(cls, "weight_decay"), _accepts(cls, "lr")
+    if takes_decay and takes_lr:
         return cls
 
     @functools.wraps(cls, updated=())
-    def create(params: Any, *args: Any, weight_decay: float = 0.0, **kwargs: Any) -> Any:
-        if weight_decay:
-            kwargs["weight_decay"] = weight_decay  # refused by the class, with the closest names
+    def create(params: Any, *args: Any, **kwargs: Any) -> Any:
+        if not takes_decay and not kwargs.get("weight_decay", 0.0):
+            kwargs.pop("weight_decay", None)  # a decay other than 0 is refused by the class
+        if not takes_lr and kwargs.get("lr", 1.0) == 1.0:
+            kwargs.pop("lr", None)  # (Mechanic: its base's lr is the one that counts)
         params = list(params)
         for group in params:  # timm puts weight_decay into the groups it builds from a model
-            if isinstance(group, dict) and group.get("weight_decay", 0.0):
+            if not takes_decay and isinstance(group, dict) and group.get("weight_decay", 0.0):
                 raise ValueError(
                     f"{cls.__name__} has no weight decay, and timm asked for weight_decay="
                     f"{group['weight_decay']!r}: pass weight_decay=0 (--weight-decay 0)")
+            if not takes_lr and isinstance(group, dict) and group.get("lr", 1.0) == 1.0:
+                group.pop("lr", None)
         return cls(params, *args, **kwargs)
 
     return create
