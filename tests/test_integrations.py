@@ -8,7 +8,9 @@
   ``examples/lightning.py`` (32-true, bf16-mixed, 16-mixed), ``examples/accelerate_loop.py``
   (fp32, accumulation, fp16 with Accelerate's GradScaler): each logs the learned step size,
   which changes over the steps, is not the multiplier 1.0, and is what the optimizer published.
-* TensorBoard / W&B writing; timm's names (timm itself cannot be installed here: untested).
+* TensorBoard / W&B writing; timm: every method through timm's own factory, and
+  ``examples/timm_train.py`` (tltuneless, tlprodigy), in a child process with a stand-in for
+  torchvision (``tests/stubs/torchvision``), which cannot be installed next to the pinned torch.
 """
 
 from __future__ import annotations
