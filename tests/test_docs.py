@@ -247,3 +247,39 @@ def test_fused_speed_claims_are_the_stored_file():
     optimizers = " ".join((DOCS / "optimizers.md").read_text().split())
     for name in ("whole step compiled", "mechanic"):
         assert ranges[name] in optimizers, f"optimizers.md: the fused range ({name}) is not {ranges[name]}"
+
+
+def test_nonfinite_cost_claims_are_the_stored_file():
+    """The README's table of what the non-finite check costs is benchmarks/results/nonfinite_cost.json:
+    the named rows exactly (to the printed digit), each range the minimum and maximum over the
+    optimizers it names, on the path it names."""
+    import json
+    import re
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "nonfinite_cost.json").read_text())["rows"]
+    cost = {(r["optimizer"], r["path"], r["set"]): 100 * r["cost"] for r in rows}
+    readme = (ROOT / "README.md").read_text()
+
+    def pct(x: float) -> str:
+        return f"{x:+.1f}%"
+
+    def pair(name: str, path: str) -> str:
+        return f"{pct(cost[name, path, 'many-small'])} / {pct(cost[name, path, 'few-large'])}"
+
+    assert f"| `Tuneless`, the default | {pair('tuneless', 'vectorized')}" in readme
+    assert f"| {pair('prodigy', 'fused')}, {pair('adam_hd', 'fused')} |" in readme
+    ranges = {
+        "vectorized (Prodigy, COCOB": ("vectorized", ["prodigy", "cocob", "momo", "momo_star", "momo_adam", "sf_sgd",
+                                                      "sf_adamw", "sf_prodigy", "sf_plus", "dadapt_adam",
+                                                      "dadapt_adagrad", "adam_hd", "mechanic"]),
+        "vectorized (Polyak, SPS": ("vectorized", ["polyak", "sps", "sps_max", "dog", "ldog", "dowg", "dadapt_sgd",
+                                                   "sgd_hd"]),
+        "other fused kernels": ("fused", ["cocob", "dadapt_adam", "dadapt_adagrad", "mechanic", "sf_prodigy", "sf_sgd",
+                                          "sf_adamw"]),
+    }
+    for label, (path, names) in ranges.items():
+        values = [cost[n, path, s] for n in names for s in ("many-small", "few-large")]
+        line = next(line for line in readme.splitlines() if label in line)
+        assert line.rstrip().endswith(f"| {pct(min(values))} to {pct(max(values))} |"), (line, min(values), max(values))
+    covered = {n for _, names in ranges.values() for n in names} | {"tuneless", "prodigy", "adam_hd"}
+    assert {r["optimizer"] for r in rows} <= covered, "an optimizer of the file is in no row of the README's table"
