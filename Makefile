@@ -25,4 +25,4 @@ test: $(STAMP)
 
 ## long-runs: one real run of 10^5 steps per optimizer family (tests/test_long_runs.py; CI runs it after the suite)
 long-runs: $(STAMP)
-	TUNELESS_LONG_RUN_STEPS=100000 $(VENV)/bin/python -m pytest -q tests/test_long_runs.py -k long_run
+	TUNELESS_LONG_RUN_STEPS=100000 $(VENV)/bin/python -m pytest -q tests/test_long_runs.py -k test_a_long_run_keeps_learning

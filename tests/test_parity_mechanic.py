@@ -270,8 +270,11 @@ def test_peak_step_memory_is_below_the_references() -> None:
     """Held state plus what a step allocates, per parameter, over Adam: two buffers for this
     class (Delta and the copy of x_t, reused or per step), against the reference's four (x_ref,
     the copies of the parameters and the gradients, and a temporary). The non-finite skip (on
-    by default, off in the reference) adds a copy of a torch base's state during the step
-    (Adam: two buffers), not of the parameters (the copy of x_t serves)."""
+    by default, off in the reference) adds, on a GPU's paths, a copy of a torch base's state
+    during the step (Adam: two buffers), not of the parameters (the copy of x_t serves); on the
+    CPU paths, where the flag is read where it lies, nothing on a finite step."""
+    from tuneless.optim import _batched as batched
+
     def peak(make):
         params = [torch.nn.Parameter(torch.randn(512, 512)) for _ in range(3)]
         for p in params:
@@ -286,8 +289,11 @@ def test_peak_step_memory_is_below_the_references() -> None:
     reused = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=True, skip_nonfinite=False))
     per_step = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=False, skip_nonfinite=False))
     skipping = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=False))
+    with batched.device_paths_on_cpu():
+        skipping_device = peak(lambda ps: Mechanic(torch.optim.Adam(ps, lr=1.0), reuse_buffer=False))
     reference = peak(lambda ps: mechanic_pytorch.mechanize(torch.optim.Adam)(ps, lr=1.0))
     assert reused - adam == pytest.approx(8.0, abs=0.1)
     assert per_step - adam == pytest.approx(8.0, abs=0.1)
-    assert skipping - per_step == pytest.approx(8.0, abs=0.1)
+    assert skipping - per_step == pytest.approx(0.0, abs=0.1)
+    assert skipping_device - per_step == pytest.approx(8.0, abs=0.1)
     assert reference - adam > 12.0
