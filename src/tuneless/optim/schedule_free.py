@@ -305,7 +305,7 @@ def _single_tensor_schedule_free(
         c_, a_, lr_ = (t.to(cd) for t in (ckp1, a, lr)) if isinstance(lr, Tensor) else (ckp1, a, lr)
         old = y.to(cd, copy=True)
         u = u.to(cd)
-        inc = (z.to(cd) - old).mul_(c_).add_(u * a_)   # y's exact change
+        inc = (z.to(cd) - old).mul_(c_).add_(u * a_)   # the change of y the recursion asks for
         y.copy_(old + inc)                             # rounded to y's dtype
         lost = inc.sub_(y.to(cd) - old)                # r: what the rounding lost
         z.copy_(z.to(cd) - (u * lr_ + lost * feedback))
@@ -408,7 +408,7 @@ def _multi_tensor_schedule_free(
             u = torch._foreach_add(u, y, alpha=weight_decay)  # decay at y (new tensors)
         inc = torch._foreach_sub(z, y)
         torch._foreach_mul_(inc, c_)
-        torch._foreach_add_(inc, torch._foreach_mul(u, a_))   # inc: y's exact change
+        torch._foreach_add_(inc, torch._foreach_mul(u, a_))   # inc: the change of y the recursion asks for
         new = torch._foreach_add(y, inc)                      # the new y, rounded
         torch._foreach_sub_(y, new)                           # y <- old - new
         torch._foreach_add_(inc, y)                           # inc <- r, what the rounding lost
