@@ -19,10 +19,10 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tuneless race rosenbrock --out out/race-rosenbrock.png
 
-## test: make the environment with the test extras and run the whole test suite
+## test: make the environment with the test extras and run the whole test suite (two processes, a file each at a time)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 ## long-runs: one real run of 10^5 steps per optimizer family (tests/test_long_runs.py; CI runs it after the suite)
 long-runs: $(STAMP)
-	TUNELESS_LONG_RUN_STEPS=100000 $(VENV)/bin/python -m pytest -q tests/test_long_runs.py -k test_a_long_run_keeps_learning
+	TUNELESS_LONG_RUN_STEPS=100000 $(VENV)/bin/python -m pytest -q --timeout 900 tests/test_long_runs.py -k test_a_long_run_keeps_learning
