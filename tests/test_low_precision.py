@@ -8,11 +8,15 @@ the bfloat16 output (as under ``autocast``). *Progress* means: the mean of the l
 twentieth alone, because Polyak with ``f_star = 0`` oscillates on this problem in float32 as well
 (a loss ratio of 0.58 or 1.25 at step 20 depending on the phase).
 
-Measured on this checkout (``docs/robustness.md`` has the table with float32 beside it): Prodigy,
-Schedule-Free Prodigy, D-Adapt AdaGrad (d0 = 1e-6) and DoG/L-DoG (reps_rel = 1e-6) make no
-measurable progress in bfloat16, and D-Adapt SGD starts late; their tests are ``xfail(strict=True)``, so a fix flips them. The
-remedies that work are tested as passing: a larger start (``d0=1e-3``, ``reps_rel=1e-3``), and a
-float32 master copy of the weights (a wrapper written here, not part of the package).
+Measured on this checkout (``docs/robustness.md`` has the table with float32 beside it): every
+learning-rate-free method makes progress. Prodigy, Schedule-Free Prodigy, D-Adaptation (SGD,
+Adam, AdaGrad) and DoG/L-DoG did not with their float32 starts (d0 = 1e-6, reps_rel = 1e-6),
+which round away in bfloat16; their dtype-aware defaults (``d0=None``, ``reps_rel=None``: 1e-3
+for 16-bit parameters) fixed it, and :data:`NO_BF16_PROGRESS` is empty (an entry there is a
+strict xfail, so a regression or a fix shows). The remedies are tested beside it: an explicit
+larger start, and a float32 master copy of the weights (a wrapper written here, not part of the
+package), on which the defaults take the float32 start: it helps Prodigy, Schedule-Free Prodigy
+and D-Adapt SGD, and not the methods that start slowly at any precision.
 """
 
 from __future__ import annotations
