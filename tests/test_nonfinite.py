@@ -179,7 +179,9 @@ def test_the_flag_is_one_read_of_the_gradients_and_no_host_sync() -> None:
 #: fused methods whose read-only first kernel decides finiteness, and how many of 4 steps still
 #: read the gradients for the flag (AdamHD's dot exists from its second step on)
 RIDERS = {"Prodigy": (lambda params, fused: tuneless.Prodigy(params, fused=fused), 0),
-          "AdamHD": (lambda params, fused: tuneless.AdamHD(params, fused=fused, weight_decay=0.01), 1)}
+          "AdamHD": (lambda params, fused: tuneless.AdamHD(params, fused=fused, weight_decay=0.01), 1),
+          "Mechanic(SGD)": (lambda params, fused: tuneless.Mechanic(torch.optim.SGD(params, lr=0.1, momentum=0.9),
+                                                                    fused=fused), 0)}
 
 
 @pytest.mark.slow
@@ -187,9 +189,10 @@ RIDERS = {"Prodigy": (lambda params, fused: tuneless.Prodigy(params, fused=fused
 @pytest.mark.parametrize("case", ["finite", "nan_grad", "inf_grad"])
 def test_fused_steps_decide_from_their_own_sums_without_a_read_of_their_own(monkeypatch, case: str, rider: str) -> None:
     """Prodigy (every group fused) takes the flag from its read-only estimate kernels'
-    ||s_new||_1, AdamHD from its dot kernels' <g, m / (sqrt(v) + eps)> (issue 16: "ride on sums
-    every method already takes"): the scope's own read of the gradients (nonfinite_count) is
-    not called, and the step skips or not exactly as the vectorized path, which does read them."""
+    ||s_new||_1, AdamHD from its dot kernels' <g, m / (sqrt(v) + eps)>, Mechanic from its
+    statistics' <Delta, g> (issue 16: "ride on sums every method already takes"): the scope's own
+    read of the gradients (nonfinite_count) is not called, and the step skips or not exactly as
+    the vectorized path, which does read them."""
     make, fused_reads = RIDERS[rider]
     import tuneless.optim._batched as batched
 

@@ -354,7 +354,10 @@ class Mechanic(TunelessOptimizer):
             with self._skipping_nonfinite(flag_loss) as finite:
                 tuned = self._prepare()
                 # Before the base step: the statistics at x_t, the new scale, a copy of x_t.
-                pending = self._measure(tuned, finite)
+                # (Fused, the flag is made there, from the statistics: see _finite_from_step_sums.)
+                pending = self._measure(tuned, finite, flag_loss)
+                if finite is None:
+                    finite = self._step_finite()
                 published = [group.get(STEP_SIZE_KEY) for group in self.param_groups]
                 # The base runs in the caller's grad mode (as the reference does, for
                 # differentiable optimizers); both context managers restore the mode on any exit.
@@ -446,7 +449,17 @@ class Mechanic(TunelessOptimizer):
                 out.append(torch.empty_like(local_tensor(p)))  # freed with the step
         return out
 
-    def _measure(self, tuned: list[Tensor] | None, finite: Tensor | None) -> _Pending | None:
+    def _finite_from_step_sums(self, loss: Tensor | None) -> bool:
+        """Fused, with no group frozen by an lr of the number 0 (whose gradients the statistics
+        do not read): the statistics kernel, read only over every gradient before anything
+        changes, decides (<Delta, g>: 0 * inf is NaN, so a zero Delta does not hide a bad entry;
+        all-reduced with the statistics), together with the loss of a loss-based base."""
+        if not self.defaults.get("mechanic_fused", False):
+            return False
+        return not any(isinstance(g.get("lr", 1.0), (int, float)) and g.get("lr", 1.0) == 0 for g in self.param_groups)
+
+    def _measure(self, tuned: list[Tensor] | None, finite: Tensor | None,
+                 flag_loss: Tensor | None = None) -> _Pending | None:
         """Before the base step: h_t's statistics at x_t (one reduction, entered even by a rank
         with no gradient at all), the tuner's next state, and a copy of x_t (the base's update
         is read against it). Nothing else is stored yet.
@@ -471,6 +484,11 @@ class Mechanic(TunelessOptimizer):
         else:
             local = _single_tensor_statistics(deltas, gs, xs, starts, dtype, device)
         delta_g, delta_x, x_sq, g_sq = self._global_sum(local).unbind(0)
+        if self._deciding_finite():  # (fused: no read of the gradients of its own)
+            ok = torch.isfinite(delta_g)
+            if flag_loss is not None:
+                ok = ok & torch.isfinite(flag_loss).to(ok.device)
+            finite = self._settle_finite(ok)
         # The tuner.
         s_decay, eps = self.defaults["mechanic_s_decay"], self.defaults["mechanic_eps"]
         s_init = self.defaults["mechanic_s_init"]
