@@ -20,6 +20,8 @@ This is a benchmark, not a test: it asserts nothing about time. Examples::
     python benchmarks/nonfinite_cost.py --json benchmarks/results/nonfinite_cost.json \\
         --out benchmarks/results/nonfinite_cost.md
     python benchmarks/nonfinite_cost.py --only prodigy,tuneless --paths fused
+    python benchmarks/nonfinite_cost.py --only mechanic --paths fused --reps 9 \\
+        --update benchmarks/results/nonfinite_cost.json --out benchmarks/results/nonfinite_cost.md
 
 Progress goes to stderr, the table to stdout.
 """
@@ -81,6 +83,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"Measured {meta['date']} on {meta['cpu']} ({meta['threads']} thread), torch {meta['torch']}, "
              f"{meta['reps']} repetitions of {meta['steps']} steps; median ratio of the step time with the check "
              "to the step time without it, minus 1 (interquartile range in brackets).", "",
+             *[f"Measured again on {u['date']} ({u['reps']} repetitions, `{u['command']}`): {', '.join(u['rows'])}."
+               for u in meta.get("updates", [])],
+             *([""] if meta.get("updates") else []),
              "| optimizer | path | " + " | ".join(f"cost, {s}" for s in meta["sets"]) + " |",
              "|---|---|" + "---:|" * len(meta["sets"])]
     keyed: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -104,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-per-rep", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="write the rows and the run's metadata here")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    ap.add_argument("--update", type=Path, default=None,
+                    help="a stored JSON whose rows for the configurations run now are replaced (the others kept; "
+                         "the file records which rows were measured again, when and by what command)")
     args = ap.parse_args(argv)
+    if args.update is not None and args.json is not None:
+        ap.error("--update writes the file it reads; --json would write a second one: give one of them")
+    if args.update is not None and not args.update.is_file():
+        ap.error(f"--update: {str(args.update)!r} is not a file (write one first with --json)")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     sets = ss.param_sets(args.quick)
@@ -129,10 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(date=datetime.date.today().isoformat(), cpu=ss.cpu_model(), threads=1, torch=torch.__version__,
                 python=platform.python_version(), reps=reps, steps=args.steps_per_rep, sets=list(sets),
                 command=" ".join(["python", "benchmarks/nonfinite_cost.py", *(argv if argv is not None else sys.argv[1:])]))
+    if args.update is not None:
+        stored = json.loads(args.update.read_text())
+        if stored["meta"]["sets"] != meta["sets"]:
+            ap.error(f"--update: the file's parameter sets {stored['meta']['sets']} are not this run's {meta['sets']}")
+        fresh = {(r["optimizer"], r["path"], r["set"]): r for r in rows}
+        merged = [fresh.pop((r["optimizer"], r["path"], r["set"]), r) for r in stored["rows"]]
+        merged.extend(fresh.values())
+        updates = stored["meta"].setdefault("updates", [])
+        updates.append(dict(date=meta["date"], reps=reps, command=meta["command"],
+                            rows=sorted({f"{r['optimizer']} {r['path']}" for r in rows})))
+        meta, rows = stored["meta"], merged
     table = markdown(rows, meta)
     print(table)
-    if args.json is not None:
-        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    out_json = args.json if args.json is not None else args.update
+    if out_json is not None:
+        out_json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     if args.out is not None:
         args.out.write_text(table)
     return 0

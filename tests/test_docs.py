@@ -267,19 +267,19 @@ def test_nonfinite_cost_claims_are_the_stored_file():
         return f"{pct(cost[name, path, 'many-small'])} / {pct(cost[name, path, 'few-large'])}"
 
     assert f"| `Tuneless`, the default | {pair('tuneless', 'vectorized')}" in readme
-    assert f"| {pair('prodigy', 'fused')}, {pair('adam_hd', 'fused')} |" in readme
+    assert f"| {pair('prodigy', 'fused')}, {pair('adam_hd', 'fused')}, {pair('mechanic', 'fused')} |" in readme
     ranges = {
         "vectorized (Prodigy, COCOB": ("vectorized", ["prodigy", "cocob", "momo", "momo_star", "momo_adam", "sf_sgd",
                                                       "sf_adamw", "sf_prodigy", "sf_plus", "dadapt_adam",
                                                       "dadapt_adagrad", "adam_hd", "mechanic"]),
         "vectorized (Polyak, SPS": ("vectorized", ["polyak", "sps", "sps_max", "dog", "ldog", "dowg", "dadapt_sgd",
                                                    "sgd_hd"]),
-        "other fused kernels": ("fused", ["cocob", "dadapt_adam", "dadapt_adagrad", "mechanic", "sf_prodigy", "sf_sgd",
+        "other fused kernels": ("fused", ["cocob", "dadapt_adam", "dadapt_adagrad", "sf_prodigy", "sf_sgd",
                                           "sf_adamw"]),
     }
     for label, (path, names) in ranges.items():
         values = [cost[n, path, s] for n in names for s in ("many-small", "few-large")]
         line = next(line for line in readme.splitlines() if label in line)
         assert line.rstrip().endswith(f"| {pct(min(values))} to {pct(max(values))} |"), (line, min(values), max(values))
-    covered = {n for _, names in ranges.values() for n in names} | {"tuneless", "prodigy", "adam_hd"}
+    covered = {n for _, names in ranges.values() for n in names} | {"tuneless", "prodigy", "adam_hd", "mechanic"}
     assert {r["optimizer"] for r in rows} <= covered, "an optimizer of the file is in no row of the README's table"

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,6 +68,22 @@ COMBINES = ("soft", "hard")
 STARTS = ("polyak", "tiny")
 #: Prodigy's starting distance
 TINY_D0 = 1e-6
+
+
+class _Plan(NamedTuple):
+    """What :class:`TunelessStep` knows of a step before its statistics (see ``TunelessStep._plan``)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    beta1: float
+    beta2: float
+    eps: float
+    count: Any          # the steps counted so far (a host int, or a 0-d int64 tensor)
+    on_device: bool     # the counter lives on the device
+    bc1: Any
+    bc2: Any
+    starting: Any       # this is the first step (a bool, or a 0-d bool tensor)
+    weight: Tensor      # d_k^2, the gradient sums' weight (1 at the first step)
 
 
 class TunelessStep(TunelessOptimizer):
@@ -171,39 +187,14 @@ class TunelessStep(TunelessOptimizer):
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
-        self._init_state()
-        dtype, device = self._stat_dtype(), self._stat_device()
-        first = self.param_groups[0]
-        beta1, beta2 = first["betas"]
-        eps = first["eps"]
         finite = self._step_finite()
-        count = first["tuneless_step"]
-        # A checked step (the default) counts on the device, in finite steps only (the host cannot
-        # know whether a step counted): the bias corrections and the first step's start of d come
-        # from that counter, and the first step's rescaling of s is a multiplication by 1 on the
-        # other steps. Unchecked (skip_nonfinite=False), the counter is a host int, as it was.
-        on_device = finite is not None or isinstance(count, Tensor)
-        if on_device:
-            count = _count_on(count, device)
-            k1 = (count + 1).to(torch.float32 if device.type == "mps" else torch.float64)
-            # (the host's double arithmetic, rounded to the statistics dtype where it is used,
-            # as a Python number is)
-            bc1, bc2 = (1.0 - torch.pow(beta1, k1)).to(dtype), (1.0 - torch.pow(beta2, k1)).to(dtype)
-            starting: Any = count == 0
-            next_count: Any = count + (finite if finite is not None else 1)
-        else:
-            k = count + 1
-            bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
-            starting, next_count = k == 1, k
+        plan = self._plan(checked=finite is not None)
+        beta1, beta2, eps = plan.beta1, plan.beta2, plan.eps
         per_group = [self._params_with_grad(g) for g in self.param_groups]
         if finite is not None:  # zeros on a step that is not finite (one call: the buffers are shared)
             flat = self._finite_grads([g for _, grads in per_group for g in grads])
             ends = list(itertools.accumulate(len(grads) for _, grads in per_group))
             per_group = [(params, flat[end - len(grads):end]) for (params, grads), end in zip(per_group, ends)]
-        ok_loss = torch.isfinite(loss)
-        keep = ok_loss if finite is None else ok_loss & finite  # the learned scalars move
-        d = d_before = first["distance"]
-        weight = torch.where(d > 0, d * d, torch.ones_like(d))  # d_k^2 (1 at the first step, rescaled below)
 
         # Each group's local tensors and buffers, gathered once for both passes (m is None when
         # beta1 = 0: the gradient itself).
@@ -215,34 +206,90 @@ class TunelessStep(TunelessOptimizer):
 
         # 1. Moments, the weighted gradient sum, and the five sums:
         #    <g, x>, <g, x0 - x>, <m_hat, x>, ||m_hat||^2_{D^-1}, ||s||_1 (before rescaling).
-        stats = torch.zeros(5, dtype=dtype, device=device)
+        stats = torch.zeros(5, dtype=plan.dtype, device=plan.device)
         denoms: list[list[Tensor] | None] = [None] * len(tensors)  # the vectorized sqrt(v_hat) + eps, reused below
         for i, (group, (xs, grads, ms, vs, ss, x0s)) in enumerate(zip(self.param_groups, tensors)):
             if not xs:
                 continue
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
-            sums, denoms[i] = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2,
-                                 eps=eps, weight=weight, dtype=dtype, device=device, finite=finite)
+            sums, denoms[i] = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=plan.bc1, bc2=plan.bc2,
+                                 eps=eps, weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite)
             stats = stats + sums
-        g_dot_x, g_dot_x0_minus_x, m_dot_x, m_sq, s_l1 = self._global_sum(stats).unbind(0)
 
         # 2. The scalars: the model h_k, the Polyak step, the distance, the step size.
+        etas, rescale = self._learn(loss, self._global_sum(stats), plan, finite)
+
+        # 3. The update.
+        for i, (group, eta, (xs, grads, ms, vs, ss, _)) in enumerate(zip(self.param_groups, etas, tensors)):
+            if not xs:
+                continue
+            ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]
+            fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
+            fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=plan.bc1, bc2=plan.bc2, eps=eps,
+               weight_decay=group["weight_decay"], denoms=denoms[i])
+
+    def _plan(self, checked: bool) -> "_Plan":
+        """What a step knows before its statistics: the constants, the counter, the bias
+        corrections and the weight d_k^2 of the gradient sums (``checked``: the step is under a
+        non-finite flag, so the counter lives on the device)."""
+        self._init_state()
+        dtype, device = self._stat_dtype(), self._stat_device()
+        first = self.param_groups[0]
+        beta1, beta2 = first["betas"]
+        count = first["tuneless_step"]
+        # A checked step (the default) counts on the device, in finite steps only (the host cannot
+        # know whether a step counted): the bias corrections and the first step's start of d come
+        # from that counter, and the first step's rescaling of s is a multiplication by 1 on the
+        # other steps. Unchecked (skip_nonfinite=False), the counter is a host int, as it was.
+        on_device = checked or isinstance(count, Tensor)
+        if on_device:
+            count = _count_on(count, device)
+            k1 = (count + 1).to(torch.float32 if device.type == "mps" else torch.float64)
+            # (the host's double arithmetic, rounded to the statistics dtype where it is used,
+            # as a Python number is)
+            bc1, bc2 = (1.0 - torch.pow(beta1, k1)).to(dtype), (1.0 - torch.pow(beta2, k1)).to(dtype)
+            starting: Any = count == 0
+        else:
+            k = count + 1
+            bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
+            starting = k == 1
+        d = first["distance"]
+        weight = torch.where(d > 0, d * d, torch.ones_like(d))  # d_k^2 (1 at the first step, rescaled below)
+        return _Plan(dtype, device, beta1, beta2, first["eps"], count, on_device, bc1, bc2, starting, weight)
+
+    def _learn(self, loss: Tensor, sums: Tensor, plan: "_Plan", finite: Tensor | None) -> tuple[list[Tensor], Any]:
+        """The step's scalars from its five (globally summed) sums: the model h_k, the Polyak
+        step, the distance d and each group's step size. Stores the learned scalars and the
+        counter in the groups and publishes each group's step size (as they were on a step that
+        is not finite). Returns each group's step size (0 where nothing may move) and the factor
+        s is rescaled by (d_1^2 at the first step; None or 1 on the others)."""
+        first = self.param_groups[0]
+        beta1, beta2 = plan.beta1, plan.beta2
+        g_dot_x, g_dot_x0_minus_x, m_dot_x, m_sq, s_l1 = sums.unbind(0)
+        ok_loss = torch.isfinite(loss)
+        keep = ok_loss if finite is None else ok_loss & finite  # the learned scalars move
+        d = d_before = first["distance"]
+        weight = plan.weight
+        if plan.on_device:
+            next_count: Any = plan.count + (finite if finite is not None else 1)
+        else:
+            next_count = plan.count + 1
         safe_loss = torch.where(ok_loss, loss, torch.zeros_like(loss))
         loss_avg = beta1 * first["loss_avg"] + (1 - beta1) * safe_loss
         gx_avg = beta1 * first["grad_dot_x_avg"] + (1 - beta1) * g_dot_x
-        model = loss_avg / bc1 + m_dot_x - gx_avg / bc1
+        model = loss_avg / plan.bc1 + m_dot_x - gx_avg / plan.bc1
         safe_m_sq = torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq))
         sqrt_b2 = math.sqrt(beta2)
         numerator = sqrt_b2 * first["distance_numerator"] + (1 - sqrt_b2) * weight * g_dot_x0_minus_x
-        if on_device or starting:
+        if plan.on_device or plan.starting:
             # d_1 from the first Polyak step (or Prodigy's 1e-6): the sums above used weight 1,
             # so the numerator is rescaled to d_1^2 (s is rescaled the same way in step 3).
             tau1 = torch.clamp(model - first["lower_bound"], min=0.0) / safe_m_sq
             tau1 = torch.where(torch.isfinite(tau1) & (tau1 > 0), tau1, torch.full_like(tau1, TINY_D0))
             d = tau1 if self._start == "polyak" else torch.full_like(tau1, TINY_D0)
-            if on_device:  # the first finite step is known on the device only: 1 on the others (exact)
-                d = torch.where(starting, d, d_before)
-                rescale = torch.where(starting & keep, d * d, 1.0)
+            if plan.on_device:  # the first finite step is known on the device only: 1 on the others (exact)
+                d = torch.where(plan.starting, d, d_before)
+                rescale = torch.where(plan.starting & keep, d * d, 1.0)
             else:
                 rescale = d * d
             numerator = numerator * rescale
@@ -253,7 +300,8 @@ class TunelessStep(TunelessOptimizer):
                             torch.zeros_like(s_l1))
         new_d = torch.maximum(d, torch.where(torch.isfinite(d_hat), d_hat, torch.zeros_like(d_hat)))
 
-        for i, (group, (xs, grads, ms, vs, ss, _)) in enumerate(zip(self.param_groups, tensors)):
+        etas = []
+        for group in self.param_groups:
             tau = torch.where(m_sq > 0, torch.clamp(model - group["lower_bound"], min=0.0) / safe_m_sq,
                               torch.zeros_like(m_sq))
             if self._step_rule == "polyak":
@@ -274,12 +322,8 @@ class TunelessStep(TunelessOptimizer):
             group["distance_numerator"] = torch.where(keep, numerator, group["distance_numerator"])
             group["loss_avg"] = torch.where(keep, loss_avg, group["loss_avg"])
             group["grad_dot_x_avg"] = torch.where(keep, gx_avg, group["grad_dot_x_avg"])
-            if not xs:
-                continue
-            ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]
-            fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
-            fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=bc1, bc2=bc2, eps=eps,
-               weight_decay=group["weight_decay"], denoms=denoms[i])
+            etas.append(eta)
+        return etas, rescale
 
     @property
     def distances(self) -> list[Tensor]:
