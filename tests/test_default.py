@@ -152,3 +152,40 @@ def test_ablation_switches_are_checked_and_not_on_the_default():
         with pytest.raises(tuneless.UnknownArgumentError):
             tuneless.Tuneless([torch.nn.Parameter(torch.zeros(1))], **knob)
     assert tuneless.create("tuneless", [torch.nn.Parameter(torch.zeros(1))]).__class__ is tuneless.Tuneless
+
+
+@pytest.mark.slow
+def test_the_fused_step_is_the_unfused_step_in_every_kind_of_group():
+    """``fused=True`` (two compiled passes: the statistics, then v, s, z, x and y at once) against
+    the unfused path over three groups at once: a plain one, one frozen by lr = 0 (its moments
+    still move, its parameters do not), and one with decay at y (the kernels' other variant);
+    float64, so that the two paths' roundings stay far below the tolerance. Checks every
+    parameter, the average x, each buffer, the learned scalars and the checkpoints' keys."""
+    tests = pytest.importorskip("tests.optim_db")
+    tests.require_working_compiler()
+    runs = {}
+    for fused in (False, True):
+        model = _mlp(torch.float64)
+        first, second = model[0], model[2]
+        groups = [{"params": [first.weight]}, {"params": [first.bias], "lr": 0.0},
+                  {"params": list(second.parameters()), "sf_weight_decay_at_y": 0.05}]
+        opt = tuneless.Tuneless(groups, fused=fused)
+        _train(model, opt, 25)
+        with opt.evaluation_point():
+            x = [p.detach().clone() for p in model.parameters()]
+        runs[fused] = ([p.detach().clone() for p in model.parameters()], x, opt.state_dict())
+    (y0, x0, sd0), (y1, x1, sd1) = runs[False], runs[True]
+    assert torch.equal(y1[1], _mlp(torch.float64)[0].bias), "the frozen group moved"
+    for a, b in zip(y0 + x0, y1 + x1):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert sd0["state"].keys() == sd1["state"].keys()
+    for i, state in sd0["state"].items():
+        assert state.keys() == sd1["state"][i].keys()
+        for key, value in state.items():
+            torch.testing.assert_close(sd1["state"][i][key], value, rtol=1e-9, atol=1e-12, msg=key)
+    for g0, g1 in zip(sd0["param_groups"], sd1["param_groups"]):
+        assert g0.keys() - {"sf_fused"} == g1.keys() - {"sf_fused"} and g1["sf_fused"] and not g0["sf_fused"]
+        learned = [k for k, value in g0.items() if isinstance(value, torch.Tensor)]
+        assert {"distance", "effective_lr", "tuneless_step", "sf_k"} <= set(learned)
+        for key in learned:
+            torch.testing.assert_close(g1[key], g0[key], rtol=1e-9, atol=0, msg=key)

@@ -181,7 +181,8 @@ def test_the_flag_is_one_read_of_the_gradients_and_no_host_sync() -> None:
 RIDERS = {"Prodigy": (lambda params, fused: tuneless.Prodigy(params, fused=fused), 0),
           "AdamHD": (lambda params, fused: tuneless.AdamHD(params, fused=fused, weight_decay=0.01), 1),
           "Mechanic(SGD)": (lambda params, fused: tuneless.Mechanic(torch.optim.SGD(params, lr=0.1, momentum=0.9),
-                                                                    fused=fused), 0)}
+                                                                    fused=fused), 0),
+          "Tuneless": (lambda params, fused: tuneless.Tuneless(params, fused=fused, weight_decay=0.01), 0)}
 
 
 @pytest.mark.slow
@@ -190,7 +191,8 @@ RIDERS = {"Prodigy": (lambda params, fused: tuneless.Prodigy(params, fused=fused
 def test_fused_steps_decide_from_their_own_sums_without_a_read_of_their_own(monkeypatch, case: str, rider: str) -> None:
     """Prodigy (every group fused) takes the flag from its read-only estimate kernels'
     ||s_new||_1, AdamHD from its dot kernels' <g, m / (sqrt(v) + eps)>, Mechanic from its
-    statistics' <Delta, g> (issue 16: "ride on sums every method already takes"): the scope's own
+    statistics' <Delta, g>, Tuneless from its statistics kernel's sum of g (issue 16: "ride on
+    sums every method already takes"): the scope's own
     read of the gradients (nonfinite_count) is not called, and the step skips or not exactly as
     the vectorized path, which does read them."""
     make, fused_reads = RIDERS[rider]
@@ -211,10 +213,11 @@ def test_fused_steps_decide_from_their_own_sums_without_a_read_of_their_own(monk
         opt = make(model.params, fused)
         for step in range(4):
             opt.zero_grad()
-            model.loss(step).backward()
+            loss = model.loss(step)
+            loss.backward()
             if step == 2 and case != "finite":
                 model.params[0].grad.view(-1)[0] = float("nan") if case == "nan_grad" else float("inf")
-            opt.step()
+            opt.step(loss=loss) if opt.requires_loss else opt.step()
         assert len(calls) == (fused_reads if fused else 4), f"fused={fused}: {len(calls)} reads of the gradients"
         assert opt.skipped_steps() == [0 if case == "finite" else 1]
         assert all(torch.isfinite(p).all() for p in model.params)

@@ -56,7 +56,8 @@ from torch import Tensor
 from .. import _validate as v
 from ._batched import coefficient_dtype, total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
 from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor
-from .schedule_free import ScheduleFree, _count_on
+from ._fused import FusedKernel
+from .schedule_free import ScheduleFree, _count_on, _decay_step
 
 __all__ = ["Tuneless", "TunelessStep", "TunelessVariant", "TunelessScheduleFreeVariant"]
 
@@ -378,6 +379,9 @@ class Tuneless(ScheduleFree):
             non-negative loss); a wrong one slows the end of training but cannot make it
             diverge, since the distance estimate caps the step.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
+        fused: the whole step as two compiled passes per group of tensors (default False; see
+            :mod:`tuneless.optim._fused`: compiles at the first step, then runs near the
+            memory-bandwidth bound; same state, same math, rounded once per stored value).
         skip_nonfinite: a step whose gradients or loss are not all finite leaves the parameters
             and the state as they were (default True; see
             :class:`~tuneless.optim.base.TunelessOptimizer`); False lets the NaN through, as
@@ -406,17 +410,98 @@ class Tuneless(ScheduleFree):
     MOMENTUM, AVERAGE_POWER, WEIGHT_LR_POWER, BETA2, EPS = 0.9, 8.0, 2.0, 0.999, 1e-8
 
     def __init__(self, params: Any, lr: float = 1.0, *, weight_decay: float = 0.0, lower_bound: float = 0.0,
-                 foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
+                 foreach: bool | None = None, fused: bool = False, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         v.check_range(owner, "weight_decay", weight_decay, 0.0, None, inclusive="[)", recommended=0.0)
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
+        v.check_bool(owner, "fused", fused)
         v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         base = TunelessStep(params, lr=lr, betas=(0.0, self.BETA2), lower_bound=lower_bound, eps=self.EPS,
                             foreach=foreach, skip_nonfinite=skip_nonfinite)
         super().__init__(base, momentum=self.MOMENTUM, weight_decay_at_y=float(weight_decay), r=self.AVERAGE_POWER,
-                         weight_lr_power=self.WEIGHT_LR_POWER, foreach=foreach, skip_nonfinite=skip_nonfinite)
+                         weight_lr_power=self.WEIGHT_LR_POWER, foreach=foreach, fused=fused,
+                         skip_nonfinite=skip_nonfinite)
         self.requires_loss = True
+
+    # ------------------------------------------------------------------ the fused step
+
+    def _fused_everywhere(self) -> bool:
+        return bool(self.param_groups) and all(g.get("sf_fused", False) for g in self.param_groups)
+
+    def _finite_from_step_sums(self, loss: Tensor | None) -> bool:
+        """Fused: the statistics kernel reads every gradient before anything changes and sums
+        them (in float64: a sum of finite float32 numbers cannot overflow there), all-reduced with
+        the statistics; with the loss (averaged over the ranks first), that decides."""
+        return self._fused_everywhere()
+
+    def _step_with(self, loss: Any, finite: Tensor | None) -> None:
+        if self._fused_everywhere():
+            self._fused_step(loss, finite)
+        else:
+            super()._step_with(loss, finite)
+
+    def _fused_step(self, loss: Any, finite: Tensor | None) -> None:
+        """The whole step, the wrapper's passes and the base's, in two compiled passes per group
+        of tensors (``fused=True``): the statistics, read only (z, g, v, s, x0; y with weight
+        decay), then one pass that updates v and s, steps z and moves x and y (read y, z, g, v, s;
+        write them but g). The same math as the unfused path (:class:`TunelessStep` on z inside
+        :class:`~tuneless.optim.schedule_free.ScheduleFree`), rounded once per stored value; the
+        state is the same, so checkpoints move between the paths.
+
+        The non-finite flag (when the step is checked) is made from the statistics kernel's sum
+        of the gradients and the averaged loss: no read of its own. A step that is not finite
+        writes nothing; its scalars are kept by the base's and the wrapper's own selects."""
+        from .. import distributed as _dist
+
+        base = self.base
+        loss_t = _dist.average_loss(base, base._as_loss_tensor(loss))  # as base.step does
+        plan = base._plan(checked=finite is not None or self._deciding_finite())
+        sum_dtype = torch.float32 if plan.device.type == "mps" else torch.float64
+        sqrt_b2 = math.sqrt(plan.beta2)
+        s_weight = plan.weight * (1 - sqrt_b2)
+        work = []
+        partial = torch.zeros(5, dtype=sum_dtype, device=plan.device)
+        for group in self.param_groups:
+            params, grads = base._params_with_grad(group)
+            frozen = self._frozen(group)
+            bufs = [base._buffers(p, False) for p in params]
+            vs, ss, x0s = ([b[i] for b in bufs] for i in (1, 2, 3))
+            ys = [local_tensor(p) for p in params]
+            if frozen:  # lr = 0: the base sees y, and only its moments move (as unfused)
+                zs: list[Tensor] = []
+                gamma: Any = 0.0
+            else:
+                for p in params:
+                    if self._z_key not in self.state[p]:
+                        self.state[p][self._z_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
+                zs = [local_tensor(self.state[p][self._z_key]) for p in params]
+                gamma = self._decay_step_size(group)
+            wd = 0.0 if frozen else group["sf_weight_decay_at_y"]
+            work.append((group, frozen, ys, zs, grads, vs, ss, gamma, wd))
+            if ys:
+                partial = partial + _fused_statistics(
+                    ys, zs, grads, vs, ss, x0s, decay=_decay_step(gamma, wd, None) if wd != 0 else None,
+                    beta2=plan.beta2, sqrt_beta2=sqrt_b2, s_weight=s_weight, bc2=plan.bc2, eps=plan.eps,
+                    sum_dtype=sum_dtype, device=plan.device)
+        sums = base._global_sum(partial)
+        if self._deciding_finite():
+            finite = self._settle_finite(torch.isfinite(sums[4]) & torch.isfinite(loss_t))
+        g_dot_x, g_dot_x0_minus_x, g_sq, s_l1 = sums[:4].to(plan.dtype).unbind(0)
+        # (beta1 = 0: m is g, so <m, x> is <g, x>; the base's model is the loss)
+        with self._lending_finite(base):
+            etas, rescale = base._learn(loss_t, torch.stack([g_dot_x, g_dot_x0_minus_x, g_dot_x, g_sq, s_l1]),
+                                        plan, finite)
+        rescale = rescale if rescale is not None else torch.ones((), dtype=plan.dtype, device=plan.device)
+        flag = finite if finite is not None else torch.ones((), dtype=torch.bool, device=plan.device)
+        for (group, frozen, ys, zs, grads, vs, ss, gamma, wd), eta in zip(work, etas):
+            ckp1 = self._averaging_weight(group, finite)
+            if not ys:
+                continue
+            _fused_update(ys, zs, grads, vs, ss, decay=_decay_step(gamma, wd, finite) if wd != 0 else None,
+                          beta=group["sf_momentum"], beta2=plan.beta2, sqrt_beta2=sqrt_b2, s_weight=s_weight,
+                          rescale=rescale, bc2=plan.bc2, eps=plan.eps, eta=eta,
+                          ckp1=ckp1, finite=flag)
 
     @property
     def distances(self) -> list[Tensor]:
@@ -552,3 +637,106 @@ def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_d
         torch._foreach_mul_(xs, 1 - e * weight_decay)
     u = torch._foreach_div(ms, denom)
     torch._foreach_addcmul_(xs, u, [-e / bc1] * len(xs))
+
+
+# ---------------------------------------------------------------------------- fused (compiled)
+
+
+def _tuneless_statistics_kernel(*args: Any) -> tuple[Tensor, ...]:
+    """The statistics of one tensor of :class:`Tuneless`'s step, compiled by
+    :class:`~tuneless.optim._fused.FusedKernel`; read only (a kernel that reduces and stores is
+    split by Inductor into two loops that both read the buffers). The tensors are the point the
+    base steps from (z; y for a group frozen by lr = 0), g, v, s, x0, and y when there is decay
+    at y (then the point is z - decay * y, as the unfused wrapper's first pass leaves it). With
+    v' = beta2 v + (1 - beta2) g^2, D = sqrt(v' / bc2) + eps and s' = sqrt(beta2) s + w g, the
+    sums are <g, x>, <g, x0 - x>, sum g^2 / D, ||s'||_1 and sum g (the non-finite flag's: in
+    ``sum_dtype``, float64, where finite float32 numbers cannot add up to an infinity). All-zero
+    tensors add 0 to every sum (the padding is harmless)."""
+    x, g, v_, s, x0, *rest = args[:-9]
+    decay, beta2, sqrt_beta2, s_weight, bc2, eps, sum_dtype, with_decay, cd = args[-9:]
+    gf, xf = g.to(cd), x.to(cd)
+    if with_decay:
+        xf = xf - rest[0].to(cd) * decay
+    v_new = v_.to(cd) * beta2 + gf * gf * (1 - beta2)
+    denom = (v_new / bc2).sqrt() + eps
+    s_new = s.to(cd) * sqrt_beta2 + gf * s_weight
+    return ((gf * xf).sum(dtype=sum_dtype), (gf * (x0.to(cd) - xf)).sum(dtype=sum_dtype),
+            (gf * gf / denom).sum(dtype=sum_dtype), s_new.abs().sum(dtype=sum_dtype), g.sum(dtype=sum_dtype))
+
+
+def _tuneless_update_kernel(*args: Any) -> tuple[()]:
+    """The rest of one tensor's step, compiled, in one pass: v and s as the statistics kernel
+    computed them (s times ``rescale``: d_1^2 at the first step), then the wrapper's first pass
+    (decay at y, x from y and z), the base's step on z along g / D with step size ``eta``, and the
+    wrapper's second pass (x towards the new z with weight ``ckp1``, y between them). The
+    tensors are y (the parameter), z, g, v, s. ``finite`` False: nothing is written (each store
+    selects the old value). All-zero tensors stay 0."""
+    y, z, g, v_, s = args[:5]
+    decay, beta, beta2, sqrt_beta2, s_weight, rescale, bc2, eps, eta, ckp1, finite, with_decay, cd = args[5:]
+    gf = g.to(cd)
+    v_new = v_.to(cd) * beta2 + gf * gf * (1 - beta2)
+    denom = (v_new / bc2).sqrt() + eps
+    s_new = (s.to(cd) * sqrt_beta2 + gf * s_weight) * rescale
+    yf, zf = y.to(cd), z.to(cd)
+    if with_decay:
+        zf = zf - yf * decay
+        yf = yf * (1 - decay * (1 - beta))
+    x = torch.lerp(yf, zf, 1.0 - 1.0 / beta)
+    z_new = zf - gf / denom * eta
+    x_new = torch.lerp(x, z_new, ckp1)
+    y_new = torch.lerp(z_new, x_new, beta)
+    v_.copy_(torch.where(finite, v_new, v_.to(cd)))
+    s.copy_(torch.where(finite, s_new, s.to(cd)))
+    z.copy_(torch.where(finite, z_new, z.to(cd)))
+    y.copy_(torch.where(finite, y_new, y.to(cd)))
+    return ()
+
+
+def _tuneless_moments_kernel(*args: Any) -> tuple[()]:
+    """A group frozen by lr = 0: only v and s move (as in the unfused path, where the base still
+    takes its statistics); the tensors are g, v, s."""
+    g, v_, s, beta2, sqrt_beta2, s_weight, rescale, finite, cd = args
+    gf = g.to(cd)
+    v_.copy_(torch.where(finite, v_.to(cd) * beta2 + gf * gf * (1 - beta2), v_.to(cd)))
+    s.copy_(torch.where(finite, (s.to(cd) * sqrt_beta2 + gf * s_weight) * rescale, s.to(cd)))
+    return ()
+
+
+_STATISTICS_KERNELS = {with_decay: FusedKernel(_tuneless_statistics_kernel, num_tensors=5 + with_decay, num_sums=5)
+                       for with_decay in (False, True)}
+_UPDATE_KERNEL = FusedKernel(_tuneless_update_kernel, num_tensors=5, num_sums=0)
+_MOMENTS_KERNEL = FusedKernel(_tuneless_moments_kernel, num_tensors=3, num_sums=0)
+
+
+def _fused_statistics(ys, zs, grads, vs, ss, x0s, *, decay, beta2, sqrt_beta2, s_weight, bc2, eps, sum_dtype,
+                      device) -> Tensor:
+    """The five sums of :func:`_tuneless_statistics_kernel` over a group (``zs`` empty: a frozen
+    group, whose point is y), as a 1-D tensor in ``sum_dtype``."""
+    cd, dev = coefficient_dtype(vs[0]), vs[0].device
+    points = zs if zs else ys
+    lists = [points, grads, vs, ss, x0s] + ([ys] if decay is not None else [])
+    scalars = (_as_coefficient(decay, cd, dev), beta2, sqrt_beta2, s_weight.to(cd), _as_coefficient(bc2, cd, dev), eps,
+               sum_dtype, decay is not None, cd)
+    return torch.stack(_STATISTICS_KERNELS[decay is not None](lists, scalars, sum_dtype=sum_dtype, device=device))
+
+
+def _fused_update(ys, zs, grads, vs, ss, *, decay, beta, beta2, sqrt_beta2, s_weight, rescale, bc2, eps, eta, ckp1,
+                  finite) -> None:
+    """:func:`_tuneless_update_kernel` over a group, or :func:`_tuneless_moments_kernel` for a
+    group frozen by lr = 0 (``zs`` empty)."""
+    cd, dev = coefficient_dtype(vs[0]), vs[0].device
+    if not zs:
+        _MOMENTS_KERNEL([grads, vs, ss], (beta2, sqrt_beta2, s_weight.to(cd), rescale.to(cd), finite, cd),
+                        sum_dtype=cd, device=vs[0].device)
+        return
+    scalars = (_as_coefficient(decay, cd, dev), beta, beta2, sqrt_beta2, s_weight.to(cd), rescale.to(cd),
+               _as_coefficient(bc2, cd, dev), eps, eta.to(cd), ckp1.to(cd), finite, decay is not None, cd)
+    _UPDATE_KERNEL([ys, zs, grads, vs, ss], scalars, sum_dtype=cd, device=vs[0].device)
+
+
+def _as_coefficient(value: Any, cd: torch.dtype, device: torch.device) -> Tensor:
+    """A per-step value for a kernel as a tensor in ``cd`` (a number would be compiled in as a
+    constant: a new variant at every value); None (no decay) is 0."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=cd)
+    return torch.full((), 0.0 if value is None else float(value), dtype=cd, device=device)

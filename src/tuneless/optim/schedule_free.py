@@ -986,17 +986,25 @@ class ScheduleFree(_ScheduleFreeBase):
         ys = [local_tensor(p) for p in params]
         zs = [local_tensor(self.state[p][self._z_key]) for p in params]
         beta, wd = group["sf_momentum"], group["sf_weight_decay_at_y"]
-        gamma = self._base_step_size(group) if wd != 0 else 0.0
+        gamma = self._decay_step_size(group)
+        fn = _multi_tensor_to_base_iterate if self._use_foreach(group) else _single_tensor_to_base_iterate
+        if group.get("sf_fused", False):
+            fn = _fused_to_base_iterate
+        return ys, zs, fn(ys, zs, beta, wd, gamma, finite)
+
+    def _decay_step_size(self, group: dict[str, Any]) -> Tensor | float:
+        """The step size the decay at y is applied with (before the base steps): the base's
+        current step size (see :meth:`_base_step_size`), 0 when there is no decay at y."""
+        if group["sf_weight_decay_at_y"] == 0:
+            return 0.0
+        gamma = self._base_step_size(group)
         count = group.get("sf_k")
         if (isinstance(self.base, TunelessOptimizer) and isinstance(gamma, Tensor) and isinstance(count, Tensor)
                 and "d" not in group):
             # A tuneless base's published step size is 0 before the first step that counted: a
             # skipped first step may have published one (COCOB publishes its lr), a clean run has none.
             gamma = torch.where(count.to(gamma.device) > 0, gamma, 0.0)
-        fn = _multi_tensor_to_base_iterate if self._use_foreach(group) else _single_tensor_to_base_iterate
-        if group.get("sf_fused", False):
-            fn = _fused_to_base_iterate
-        return ys, zs, fn(ys, zs, beta, wd, gamma, finite)
+        return gamma
 
     def _back_to_y(self, group: dict[str, Any], ys: list[Tensor], zs: list[Tensor], xs: list[Tensor],
                    finite: Tensor | None = None) -> None:
@@ -1006,6 +1014,18 @@ class ScheduleFree(_ScheduleFreeBase):
         that is not finite keeps the counter, the weights and the published step size, and the
         parameters (y) and z as they are (x is a transient: it takes y, so that y's lerp
         towards it gives y bit for bit)."""
+        ckp1 = self._averaging_weight(group, finite)
+        if ckp1 is not None and ys:
+            fn = _multi_tensor_back_to_y if self._use_foreach(group) else _single_tensor_back_to_y
+            if group.get("sf_fused", False):
+                fn = _fused_back_to_y
+            fn(ys, zs, xs, ckp1, group["sf_momentum"], finite)
+
+    def _averaging_weight(self, group: dict[str, Any], finite: Tensor | None = None) -> Tensor | None:
+        """The bookkeeping of :meth:`_back_to_y` after the base's step: counts the step, updates
+        the largest step size and the weight sum, publishes the step size of a base that does not,
+        and returns the weight c_{t+1} of the new z in the average x (1 on a step that is not
+        finite), or None for a group frozen by an lr of 0 (nothing moves)."""
         dtype, device = self._stat_dtype(), self._stat_device()
         # Averaging weights in float64 (float32 on MPS, which has no float64), on the device.
         avg_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -1022,7 +1042,7 @@ class ScheduleFree(_ScheduleFreeBase):
             if publish:
                 zero = torch.zeros((), dtype=dtype, device=device)
                 self._publish_step_size(group, gate(finite, zero, _on(group.get(STEP_SIZE_KEY, 0.0), zero)))
-            return
+            return None
         gamma = self._base_step_size(group)
         gamma = (gamma.detach().to(device=device, dtype=avg_dtype) if isinstance(gamma, Tensor)
                  else torch.full((), float(gamma), dtype=avg_dtype, device=device))
@@ -1046,11 +1066,7 @@ class ScheduleFree(_ScheduleFreeBase):
                            torch.zeros_like(weight_sum))
         if finite is not None:
             ckp1 = torch.where(finite, ckp1, 1.0)  # x <- y: then lerp(y, x, beta) = y exactly
-        if ys:
-            fn = _multi_tensor_back_to_y if self._use_foreach(group) else _single_tensor_back_to_y
-            if group.get("sf_fused", False):
-                fn = _fused_back_to_y
-            fn(ys, zs, xs, ckp1, group["sf_momentum"], finite)
+        return ckp1
 
     # ------------------------------------------------------------------ checkpoints and copies
 
