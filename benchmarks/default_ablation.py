@@ -186,9 +186,11 @@ def robustness(db: Path, workers: int | None, render_only: bool) -> str:
     return "\n".join(lines)
 
 
-def headline(design_db: Path, held_out_db: Path) -> str:
+def headline(design_db: Path, held_out_db: Path, view: str = "target") -> str:
     """The README's table: the default and the anchors on the design and the held-out problems,
-    each set scored with its own oracle runs (one store each), then both together."""
+    each set scored with its own oracle runs (one store each), then both together. ``view``:
+    "target" (the headline: each problem's target metric, the held-out loss of learning tasks) or
+    "train" (the second view: the final training loss, the oracle chosen on it)."""
     from tuneless.bench import compute_results
     from tuneless.bench.store import ResultStore
 
@@ -197,7 +199,7 @@ def headline(design_db: Path, held_out_db: Path) -> str:
     for name, db, problems in (("design", design_db, DESIGN_PROBLEMS), ("held-out", held_out_db, HELD_OUT_PROBLEMS)):
         with ResultStore(db, create=False) as store:
             records = [r for r in store.records(curves=True) if r.problem.split(":")[0] in problems]
-        summaries[name] = {sm.method: sm for sm in compute_results(records, methods=methods).summaries}
+        summaries[name] = {sm.method: sm for sm in compute_results(records, methods=methods, view=view).summaries}
     lines = ["| method | within 1.1x: design | held-out | all | within 2x: all | diverged runs | gap (geo-mean, all) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     rows = []
@@ -272,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-db", type=Path, default=Path("out/ablation-heldout.sqlite"))
     parser.add_argument("--headline", nargs=2, type=Path, metavar=("DESIGN_DB", "HELD_OUT_DB"), default=None,
                         help="print the README's table from a design-set store and a held-out store")
+    parser.add_argument("--view", choices=("target", "train"), default="target",
+                        help="with --headline: 'target' (each problem's target metric, the README's table) or "
+                             "'train' (the final training loss: the second view)")
     args = parser.parse_args(argv)
     if args.catalogue:
         from tuneless.bench.suite import canonical_spec
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(spread(args.db))
         return 0
     if args.headline is not None:
-        print(headline(*args.headline))
+        print(headline(*args.headline, view=args.view))
         return 0
     if args.export is not None:
         export(args.db, args.export)

@@ -283,3 +283,33 @@ def test_nonfinite_cost_claims_are_the_stored_file():
         assert line.rstrip().endswith(f"| {pct(min(values))} to {pct(max(values))} |"), (line, min(values), max(values))
     covered = {n for _, names in ranges.values() for n in names} | {"tuneless", "prodigy", "adam_hd", "mechanic"}
     assert {r["optimizer"] for r in rows} <= covered, "an optimizer of the file is in no row of the README's table"
+
+
+def _ablation_module():
+    spec = importlib.util.spec_from_file_location("default_ablation", ROOT / "benchmarks" / "default_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("view, page", [("target", README), ("train", DOCS / "benchmark.md")])
+def test_the_result_tables_are_the_stored_runs(view: str, page: Path):
+    """The README's headline table (held-out metrics) and docs/benchmark.md's second view
+    (training loss) are what ``default_ablation.py --headline ... --view`` renders from the
+    stored runs, row for row."""
+    results = ROOT / "benchmarks" / "results"
+    table = _ablation_module().headline(results / "default-design.sqlite", results / "default-heldout.sqlite", view=view)
+    text = page.read_text()
+    for row in table.splitlines():
+        assert row in text, f"{page.name}: {row}"
+
+
+def test_the_budget_claims_are_the_stored_projection():
+    """docs/benchmark.md's projected time of the full suite is benchmarks/results/suite_budget_full.md's."""
+    first = (ROOT / "benchmarks" / "results" / "suite_budget_full.md").read_text().splitlines()[0]
+    m = re.search(r"(\d+) runs, ([\d.]+) min of runs in all; on 2 worker\(s\), packed longest first: \*\*([\d.]+) min",
+                  first)
+    assert m, first
+    page = (DOCS / "benchmark.md").read_text()
+    assert f"{m.group(1)} runs) is **projected at {round(float(m.group(3)))} minutes** on 2 workers" in page
