@@ -309,3 +309,45 @@ def test_known_finite_reads_the_flag_only_on_the_cpu_paths_and_is_the_one_exempt
     with SyncCounter() as counter:
         bool(torch.tensor(True))  # the same read anywhere else is counted
     assert counter.count == 1
+
+
+#: loss-based optimizers, wrappers among them, whose step decides finiteness on the loss
+MEAN_LOSS_CASES = {
+    "Polyak": lambda params: tuneless.Polyak(params),
+    "Tuneless": lambda params: tuneless.Tuneless(params),
+    "Tuneless(fused)": lambda params: tuneless.Tuneless(params, fused=True),
+    "ScheduleFree(MoMo)": lambda params: tuneless.ScheduleFree(tuneless.Momo(params), r=0.0),
+    "Mechanic(Polyak)": lambda params: tuneless.Mechanic(tuneless.Polyak(params)),
+}
+
+
+@pytest.mark.parametrize("name", list(MEAN_LOSS_CASES))
+def test_the_decision_takes_the_ranks_mean_loss(monkeypatch, name: str) -> None:
+    """Under DDP one rank's loss may be infinite while the averaged gradients are finite: every
+    rank must skip that step, so the decision takes the ranks' mean loss, wrappers included (they
+    used to decide on their own rank's loss, then hand it to the base, which averaged it). Simulated
+    in one process: at step 2 the mean over the "ranks" (tuneless.distributed.average_loss) is
+    infinite while this process's loss and gradients are finite. Exactly one averaging per step."""
+    import tuneless.distributed as dist
+
+    real = dist.average_loss
+    calls: list[int] = []
+
+    def mean_over_ranks(optimizer, loss):
+        calls.append(step)
+        return loss + float("inf") if step == 2 else real(optimizer, loss)
+
+    monkeypatch.setattr(dist, "average_loss", mean_over_ranks)
+    model = Tiny()
+    opt = MEAN_LOSS_CASES[name](model.params)
+    for step in range(4):
+        opt.zero_grad()
+        loss = model.loss(step)
+        loss.backward()
+        before = [p.detach().clone() for p in model.params]
+        opt.step(loss=loss.detach())
+        if step == 2:
+            assert all(torch.equal(a, p) for a, p in zip(before, model.params)), f"{name}: the step moved"
+    assert sum(opt.skipped_steps()) == len(opt.param_groups), f"{name}: skipped {opt.skipped_steps()}"
+    assert calls == [0, 1, 2, 3], f"{name}: averaged the loss at steps {calls}"
+    assert all(torch.isfinite(p).all() for p in model.params)

@@ -75,7 +75,7 @@ ROWS = [
         misspelt="s_dacay",
         loss_based=True,
         statistics_collectives=2,  # Mechanic's four statistics (before the base step), then Polyak's ||g||^2
-        statistics_before_loss=1,
+        # (the loss is averaged first: Mechanic's non-finite decision takes the ranks' mean)
         id="Mechanic-Polyak",
     ),
     OptimizerInfo(

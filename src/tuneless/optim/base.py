@@ -122,6 +122,8 @@ _STEPPING = "_tuneless_stepping"
 #: :meth:`TunelessOptimizer._skipping_nonfinite`).
 _STEP_FINITE = "_tuneless_step_finite"
 _FINITE_LENT = "_tuneless_finite_lent"
+#: set on an inner optimizer while its wrapper passes it a loss already averaged over the ranks
+_LOSS_AVERAGED = "_tuneless_loss_averaged"
 _FINITE_NEXT = "_tuneless_finite_next"
 _FINITE_DEFERRED = "_tuneless_finite_deferred"
 
@@ -319,7 +321,9 @@ class TunelessOptimizer(torch.optim.Optimizer):
         loss_tensor = None
         if loss is not None:
             loss_tensor = self._as_loss_tensor(loss)
-            if self.requires_loss:  # each data-parallel rank has its own loss: use their mean
+            if self.requires_loss and not self.__dict__.get(_LOSS_AVERAGED, False):
+                # each data-parallel rank has its own loss: use their mean (a wrapper that
+                # averaged it already, for its own decisions, says so: one collective per step)
                 from .. import distributed as _dist
 
                 loss_tensor = _dist.average_loss(self, loss_tensor)
@@ -522,6 +526,35 @@ class TunelessOptimizer(torch.optim.Optimizer):
                     inner.__dict__.pop(key, None)
                 else:
                     inner.__dict__[key] = value
+
+    def _averaged_loss(self, loss: Any, inner: torch.optim.Optimizer) -> Tensor | None:
+        """A wrapper's loss for its own decisions and for ``inner`` (its base): the ranks' mean
+        (:func:`tuneless.distributed.average_loss` over ``inner``'s loss group), so that the
+        non-finite decision made from it is the same on every rank even when only one rank's
+        loss is not finite while its gradients are. None when ``loss`` is None or the wrapper
+        does not take the loss. Pass it on under :meth:`_passing_averaged_loss`."""
+        if loss is None or not self.requires_loss:
+            return None
+        from .. import distributed as _dist
+
+        return _dist.average_loss(inner, self._as_loss_tensor(loss))
+
+    @contextlib.contextmanager
+    def _passing_averaged_loss(self, inner: torch.optim.Optimizer) -> Iterator[None]:
+        """Within it, ``inner`` (a tuneless base) uses the loss it is given as the ranks' mean
+        (no second all-reduce)."""
+        if not isinstance(inner, TunelessOptimizer) or inner is self:
+            yield
+            return
+        saved = inner.__dict__.get(_LOSS_AVERAGED)
+        inner.__dict__[_LOSS_AVERAGED] = True
+        try:
+            yield
+        finally:
+            if saved is None:
+                inner.__dict__.pop(_LOSS_AVERAGED, None)
+            else:
+                inner.__dict__[_LOSS_AVERAGED] = saved
 
     def _step_finite(self) -> Tensor | None:
         """The current step's finiteness flag (a 0-d bool tensor), or None when the step is not

@@ -452,10 +452,8 @@ class Tuneless(ScheduleFree):
         The non-finite flag (when the step is checked) is made from the statistics kernel's sum
         of the gradients and the averaged loss: no read of its own. A step that is not finite
         writes nothing; its scalars are kept by the base's and the wrapper's own selects."""
-        from .. import distributed as _dist
-
         base = self.base
-        loss_t = _dist.average_loss(base, base._as_loss_tensor(loss))  # as base.step does
+        loss_t = base._as_loss_tensor(loss)  # (step averaged it over the ranks)
         plan = base._plan(checked=finite is not None or self._deciding_finite())
         sum_dtype = torch.float32 if plan.device.type == "mps" else torch.float64
         sqrt_b2 = math.sqrt(plan.beta2)

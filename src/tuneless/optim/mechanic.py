@@ -343,14 +343,13 @@ class Mechanic(TunelessOptimizer):
                 loss = closure()
         with torch.no_grad():
             self._check_gradients()
-            # The loss enters the flag only for a loss-based base (as in TunelessOptimizer.step).
-            # It is this rank's loss: the base averages it over the data-parallel ranks in its own
-            # step (one collective, which Mechanic does not repeat). Under sharding the flag's
-            # all-reduce makes the decision common; under DDP a non-finite loss reaches every
-            # rank's decision through its gradients, which DDP averages (a loss that is not finite
-            # while its own gradients are would be seen by its rank only).
-            flag_loss = (self._as_loss_tensor(loss) if loss is not None and self.requires_loss and self.skip_nonfinite
-                         else None)
+            # The loss enters the flag only for a loss-based base (as in TunelessOptimizer.step):
+            # the ranks' mean, averaged here and passed to the base, which does not average it
+            # again (one collective), so that every rank decides alike, also when one rank's loss
+            # is not finite while its gradients are.
+            averaged = self._averaged_loss(loss, self.base_optimizer)
+            base_loss = loss if averaged is None else averaged
+            flag_loss = averaged if self.skip_nonfinite else None
             with self._skipping_nonfinite(flag_loss) as finite:
                 tuned = self._prepare()
                 # Before the base step: the statistics at x_t, the new scale, a copy of x_t.
@@ -363,7 +362,7 @@ class Mechanic(TunelessOptimizer):
                 # differentiable optimizers); both context managers restore the mode on any exit.
                 # If it raises, nothing of Mechanic's has changed.
                 with torch.set_grad_enabled(grad_mode):
-                    self._base_step(closure, loss, finite, pending)
+                    self._base_step(closure, base_loss, finite, pending)
                 self._apply(pending, finite, published)
         return loss
 
@@ -380,13 +379,14 @@ class Mechanic(TunelessOptimizer):
         base = self.base_optimizer
         if isinstance(base, TunelessOptimizer):
             if finite is not None:
-                with self._lending_finite(base):
+                with self._lending_finite(base), self._passing_averaged_loss(base):
                     base.step(loss=loss)
                 return
             own = base.defaults.get("skip_nonfinite", True)
             base.defaults["skip_nonfinite"] = False
             try:
-                base.step(loss=loss)
+                with self._passing_averaged_loss(base):
+                    base.step(loss=loss)
             finally:
                 base.defaults["skip_nonfinite"] = own
             return

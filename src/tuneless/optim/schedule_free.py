@@ -920,11 +920,11 @@ class ScheduleFree(_ScheduleFreeBase):
                 f"loss: call optimizer.step(loss=loss) after loss.backward(), or optimizer.step(closure)"
             )
         self._check_gradients()
-        # The loss joins the check when the base takes it (the local loss: averaging it over
-        # data-parallel ranks is the base's step, which comes after the wrapper's first pass).
-        loss_tensor = self._as_loss_tensor(loss) if loss is not None and self.requires_loss else None
+        # The loss joins the check when the base takes it: the ranks' mean, averaged here (the
+        # base is told, and does not average it again), so that every rank decides alike.
+        loss_tensor = self._averaged_loss(loss, self.base)
         with self._skipping_nonfinite(loss_tensor) as finite:
-            self._step_with(loss, finite)
+            self._step_with(loss if loss_tensor is None else loss_tensor, finite)
         return loss
 
     def _step_with(self, loss: Any, finite: Tensor | None) -> None:
@@ -944,7 +944,7 @@ class ScheduleFree(_ScheduleFreeBase):
             # step known not to be finite)
             snapshot = OptimizerSnapshot(self.base)
         try:
-            with self._lending_finite(self.base):
+            with self._lending_finite(self.base), self._passing_averaged_loss(self.base):
                 if isinstance(self.base, TunelessOptimizer):
                     self.base.step(loss=loss)
                 else:
