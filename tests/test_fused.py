@@ -18,7 +18,7 @@ import torch
 from tests.optim_db import require_working_compiler
 from tests.test_contract import SyncCounter
 from tuneless import (COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Mechanic, Prodigy, ScheduleFreeAdamW,
-                      ScheduleFree, ScheduleFreeProdigy, ScheduleFreeSGD)
+                      ScheduleFree, ScheduleFreeProdigy, ScheduleFreeSGD, Tuneless)
 from tuneless.optim import _fused
 from tuneless.optim._fused import GROUP_SIZE, FusedKernel
 
@@ -147,8 +147,9 @@ def _train(cls, kwargs, steps=25, dtype=torch.float64, second_lr=0.5):
     opt = cls([{"params": params[:9]}, {"params": params[9:], "lr": second_lr}], **kwargs)
     for _ in range(steps):
         opt.zero_grad()
-        loss().backward()
-        opt.step()
+        value = loss()
+        value.backward()
+        opt.step(loss=value.detach()) if getattr(opt, "requires_loss", False) else opt.step()
     return [p.detach().clone() for p in params], opt
 
 
@@ -165,6 +166,7 @@ FUSED_CONFIGS = [
     (Mechanic, dict(base="adam:lr=0.1")),
     (Mechanic, dict(base="adam:lr=0.1", reuse_buffer=False)),
     (ScheduleFreeProdigy, dict(weight_decay=0.01)),
+    (Tuneless, dict(weight_decay=0.01)),
 ]
 
 
@@ -211,7 +213,7 @@ def test_fused_step_makes_no_host_sync(cls, kwargs, compiles) -> None:
 
 
 @pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptAdaGrad, Prodigy, COCOB, ScheduleFreeAdamW, ScheduleFreeSGD, AdamHD,
-                                 Mechanic, ScheduleFreeProdigy])
+                                 Mechanic, ScheduleFreeProdigy, Tuneless])
 def test_fused_must_be_a_bool(cls) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"^{cls.__name__}: fused = 'yes' is invalid; allowed: True or False$"):
         cls([torch.nn.Parameter(torch.zeros(2))], fused="yes")
@@ -277,7 +279,7 @@ def test_fused_schedule_free_wrapper_over_a_torch_optimizer_matches_the_loop(com
 
 #: bfloat16 compiles each kernel anew (about 30 s a configuration), so a few: the kernels that
 #: interpolate with a tensor weight (Schedule-Free) or mix 16-bit and float32 state (COCOB, Adam-HD).
-BF16_CONFIGS = [c for c in FUSED_CONFIGS if c[0] in (ScheduleFreeAdamW, ScheduleFreeProdigy, COCOB, AdamHD)]
+BF16_CONFIGS = [c for c in FUSED_CONFIGS if c[0] in (ScheduleFreeAdamW, ScheduleFreeProdigy, COCOB, AdamHD, Tuneless)]
 
 
 @pytest.mark.parametrize("cls, kwargs", BF16_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
