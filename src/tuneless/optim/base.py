@@ -516,16 +516,8 @@ class TunelessOptimizer(torch.optim.Optimizer):
         if finite is None or not isinstance(inner, TunelessOptimizer) or inner is self:
             yield
             return
-        saved = inner.__dict__.get(_STEP_FINITE), inner.__dict__.get(_FINITE_LENT)
-        inner.__dict__[_STEP_FINITE], inner.__dict__[_FINITE_LENT] = finite, True
-        try:
+        with _attributes_set(inner, {_STEP_FINITE: finite, _FINITE_LENT: True}):
             yield
-        finally:
-            for key, value in zip((_STEP_FINITE, _FINITE_LENT), saved):
-                if value is None:
-                    inner.__dict__.pop(key, None)
-                else:
-                    inner.__dict__[key] = value
 
     def _averaged_loss(self, loss: Any, inner: torch.optim.Optimizer) -> Tensor | None:
         """A wrapper's loss for its own decisions and for ``inner`` (its base): the ranks' mean
@@ -546,15 +538,8 @@ class TunelessOptimizer(torch.optim.Optimizer):
         if not isinstance(inner, TunelessOptimizer) or inner is self:
             yield
             return
-        saved = inner.__dict__.get(_LOSS_AVERAGED)
-        inner.__dict__[_LOSS_AVERAGED] = True
-        try:
+        with _attributes_set(inner, {_LOSS_AVERAGED: True}):
             yield
-        finally:
-            if saved is None:
-                inner.__dict__.pop(_LOSS_AVERAGED, None)
-            else:
-                inner.__dict__[_LOSS_AVERAGED] = saved
 
     def _step_finite(self) -> Tensor | None:
         """The current step's finiteness flag (a 0-d bool tensor), or None when the step is not
@@ -722,6 +707,22 @@ class TunelessOptimizer(torch.optim.Optimizer):
             lines.append(f"  group {i}: {len(group['params'])} tensors, {items}")
         lines.append(")")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _attributes_set(obj: Any, values: dict[str, Any]) -> Iterator[None]:
+    """Within it, ``obj``'s instance attributes ``values`` are set; afterwards each is as it was
+    (removed if it was absent). How a wrapper tells its inner optimizer about the current step."""
+    saved = {key: obj.__dict__.get(key) for key in values}
+    obj.__dict__.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                obj.__dict__.pop(key, None)
+            else:
+                obj.__dict__[key] = value
 
 
 def gate(finite: Tensor | None, new: Tensor, old: Any) -> Tensor:

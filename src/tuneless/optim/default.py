@@ -476,7 +476,7 @@ class Tuneless(ScheduleFree):
                 zs = [local_tensor(self.state[p][self._z_key]) for p in params]
                 gamma = self._decay_step_size(group)
             wd = 0.0 if frozen else group["sf_weight_decay_at_y"]
-            work.append((group, frozen, ys, zs, grads, vs, ss, gamma, wd))
+            work.append((group, ys, zs, grads, vs, ss, gamma, wd))
             if ys:
                 partial = partial + _fused_statistics(
                     ys, zs, grads, vs, ss, x0s, decay=_decay_step(gamma, wd, None) if wd != 0 else None,
@@ -487,12 +487,10 @@ class Tuneless(ScheduleFree):
             finite = self._settle_finite(torch.isfinite(sums[4]) & torch.isfinite(loss_t))
         g_dot_x, g_dot_x0_minus_x, g_sq, s_l1 = sums[:4].to(plan.dtype).unbind(0)
         # (beta1 = 0: m is g, so <m, x> is <g, x>; the base's model is the loss)
-        with self._lending_finite(base):
-            etas, rescale = base._learn(loss_t, torch.stack([g_dot_x, g_dot_x0_minus_x, g_dot_x, g_sq, s_l1]),
-                                        plan, finite)
+        etas, rescale = base._learn(loss_t, torch.stack([g_dot_x, g_dot_x0_minus_x, g_dot_x, g_sq, s_l1]), plan, finite)
         rescale = rescale if rescale is not None else torch.ones((), dtype=plan.dtype, device=plan.device)
         flag = finite if finite is not None else torch.ones((), dtype=torch.bool, device=plan.device)
-        for (group, frozen, ys, zs, grads, vs, ss, gamma, wd), eta in zip(work, etas):
+        for (group, ys, zs, grads, vs, ss, gamma, wd), eta in zip(work, etas):
             ckp1 = self._averaging_weight(group, finite)
             if not ys:
                 continue
@@ -640,6 +638,13 @@ def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_d
 # ---------------------------------------------------------------------------- fused (compiled)
 
 
+def _new_moments(gf: Tensor, v_: Tensor, s: Tensor, beta2: float, sqrt_beta2: float, s_weight: Tensor,
+                 cd: torch.dtype) -> tuple[Tensor, Tensor]:
+    """v' = beta2 v + (1 - beta2) g^2 and s' = sqrt(beta2) s + w g in ``cd``, as every kernel below
+    computes them (the statistics kernel sums them, the others store them)."""
+    return v_.to(cd) * beta2 + gf * gf * (1 - beta2), s.to(cd) * sqrt_beta2 + gf * s_weight
+
+
 def _tuneless_statistics_kernel(*args: Any) -> tuple[Tensor, ...]:
     """The statistics of one tensor of :class:`Tuneless`'s step, compiled by
     :class:`~tuneless.optim._fused.FusedKernel`; read only (a kernel that reduces and stores is
@@ -655,9 +660,8 @@ def _tuneless_statistics_kernel(*args: Any) -> tuple[Tensor, ...]:
     gf, xf = g.to(cd), x.to(cd)
     if with_decay:
         xf = xf - rest[0].to(cd) * decay
-    v_new = v_.to(cd) * beta2 + gf * gf * (1 - beta2)
+    v_new, s_new = _new_moments(gf, v_, s, beta2, sqrt_beta2, s_weight, cd)
     denom = (v_new / bc2).sqrt() + eps
-    s_new = s.to(cd) * sqrt_beta2 + gf * s_weight
     return ((gf * xf).sum(dtype=sum_dtype), (gf * (x0.to(cd) - xf)).sum(dtype=sum_dtype),
             (gf * gf / denom).sum(dtype=sum_dtype), s_new.abs().sum(dtype=sum_dtype), g.sum(dtype=sum_dtype))
 
@@ -672,9 +676,9 @@ def _tuneless_update_kernel(*args: Any) -> tuple[()]:
     y, z, g, v_, s = args[:5]
     decay, beta, beta2, sqrt_beta2, s_weight, rescale, bc2, eps, eta, ckp1, finite, with_decay, cd = args[5:]
     gf = g.to(cd)
-    v_new = v_.to(cd) * beta2 + gf * gf * (1 - beta2)
+    v_new, s_new = _new_moments(gf, v_, s, beta2, sqrt_beta2, s_weight, cd)
     denom = (v_new / bc2).sqrt() + eps
-    s_new = (s.to(cd) * sqrt_beta2 + gf * s_weight) * rescale
+    s_new = s_new * rescale
     yf, zf = y.to(cd), z.to(cd)
     if with_decay:
         zf = zf - yf * decay
@@ -694,9 +698,9 @@ def _tuneless_moments_kernel(*args: Any) -> tuple[()]:
     """A group frozen by lr = 0: only v and s move (as in the unfused path, where the base still
     takes its statistics); the tensors are g, v, s."""
     g, v_, s, beta2, sqrt_beta2, s_weight, rescale, finite, cd = args
-    gf = g.to(cd)
-    v_.copy_(torch.where(finite, v_.to(cd) * beta2 + gf * gf * (1 - beta2), v_.to(cd)))
-    s.copy_(torch.where(finite, (s.to(cd) * sqrt_beta2 + gf * s_weight) * rescale, s.to(cd)))
+    v_new, s_new = _new_moments(g.to(cd), v_, s, beta2, sqrt_beta2, s_weight, cd)
+    v_.copy_(torch.where(finite, v_new, v_.to(cd)))
+    s.copy_(torch.where(finite, s_new * rescale, s.to(cd)))
     return ()
 
 
@@ -725,11 +729,11 @@ def _fused_update(ys, zs, grads, vs, ss, *, decay, beta, beta2, sqrt_beta2, s_we
     cd, dev = coefficient_dtype(vs[0]), vs[0].device
     if not zs:
         _MOMENTS_KERNEL([grads, vs, ss], (beta2, sqrt_beta2, s_weight.to(cd), rescale.to(cd), finite, cd),
-                        sum_dtype=cd, device=vs[0].device)
+                        sum_dtype=cd, device=dev)
         return
     scalars = (_as_coefficient(decay, cd, dev), beta, beta2, sqrt_beta2, s_weight.to(cd), rescale.to(cd),
                _as_coefficient(bc2, cd, dev), eps, eta.to(cd), ckp1.to(cd), finite, decay is not None, cd)
-    _UPDATE_KERNEL([ys, zs, grads, vs, ss], scalars, sum_dtype=cd, device=vs[0].device)
+    _UPDATE_KERNEL([ys, zs, grads, vs, ss], scalars, sum_dtype=cd, device=dev)
 
 
 def _as_coefficient(value: Any, cd: torch.dtype, device: torch.device) -> Tensor:
