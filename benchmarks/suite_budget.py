@@ -64,11 +64,12 @@ def project(preset: str, records: Sequence[RunRecord]) -> tuple[list[ProblemBudg
     suite = build_suite(preset)
     by_key = {r.key: r for r in records if r.status in ("ok", "diverged")}
     budgets, durations = [], []
+    all_tasks = suite.method_tasks()
     for problem, steps in suite.problems:
         seeds = suite.seeds_for(problem)
         same = [r.wall_seconds for r in by_key.values() if r.problem == problem and r.steps == steps]
         median = statistics.median(same) if same else float("nan")
-        tasks = [t for t in suite.method_tasks() if t.problem == problem]
+        tasks = [t for t in all_tasks if t.problem == problem]
         times, estimated = [], 0
         for t in tasks:
             r = by_key.get(t.key)
