@@ -129,11 +129,13 @@ def _compiler_failure() -> str | None:
     def axpy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x * 2.0 + y
 
+    from tests.device import TEST_DEVICE
+
     try:
-        out = torch.compile(axpy, fullgraph=True)(torch.ones(3), torch.ones(3))
+        out = torch.compile(axpy, fullgraph=True)(torch.ones(3, device=TEST_DEVICE), torch.ones(3, device=TEST_DEVICE))
     except Exception as error:  # noqa: BLE001 - any failure: the fused rows cannot run compiled
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return None if torch.equal(out, torch.full((3,), 3.0)) else "the compiled test kernel gave a wrong result"
+    return None if torch.equal(out.cpu(), torch.full((3,), 3.0)) else "the compiled test kernel gave a wrong result"
 
 
 def require_working_compiler() -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from tests.device import TEST_DEVICE
 from tests.optim_db import FUSED_DB, OPTIM_DB, OptimizerInfo, _compiler_failure
 from tuneless import STEP_SIZE_KEY, InvalidArgumentError, LossRequiredError, SparseGradientError, UnknownArgumentError
 from tuneless._host_reads import HostReadCounter
@@ -57,13 +58,15 @@ class Model:
 
     def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.w = torch.nn.Parameter((0.5 * torch.randn(4, 3, generator=g, dtype=torch.float64)).to(dtype))
-        self.b = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
-        self.v = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64).to(dtype))
-        self.x = torch.randn(16, 3, generator=g, dtype=torch.float64).to(dtype)
+        on = dict(device=TEST_DEVICE, dtype=dtype)
+        self.w = torch.nn.Parameter((0.5 * torch.randn(4, 3, generator=g, dtype=torch.float64)).to(**on))
+        self.b = torch.nn.Parameter(torch.zeros(4, **on))
+        self.v = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64).to(**on))
+        x = torch.randn(16, 3, generator=g, dtype=torch.float64)
         w_true = torch.randn(4, 3, generator=g, dtype=torch.float64)
-        self.y = torch.tanh(self.x.to(torch.float64) @ w_true.T + 0.1).to(dtype)  # realizable: min 0
-        self.v_target = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=torch.float64).to(dtype)
+        self.x = x.to(**on)
+        self.y = torch.tanh(x.to(dtype).to(torch.float64) @ w_true.T + 0.1).to(**on)  # realizable: min 0
+        self.v_target = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=torch.float64).to(**on)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:

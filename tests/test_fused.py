@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from tests.device import TEST_DEVICE
 from tests.optim_db import require_working_compiler
 from tests.test_contract import SyncCounter
 from tuneless import (COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Mechanic, Prodigy, ScheduleFreeAdamW,
@@ -129,11 +130,12 @@ def test_variants_beyond_the_limit_run_uncompiled_with_one_warning(monkeypatch) 
 
 def _quadratic_model(n=GROUP_SIZE + 5, dtype=torch.float64):
     gen = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(i % 5 + 1, i % 4 + 2, generator=gen, dtype=dtype)) for i in range(n)]
-    params.append(torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=dtype).t()))  # not contiguous
-    params.append(torch.nn.Parameter(torch.zeros(7, dtype=dtype)))  # starts at 0 (Prodigy: a 0-d x0)
-    params.append(torch.nn.Parameter(torch.tensor(0.7, dtype=dtype)))  # 0-d and 1-element: run uncompiled
-    params.append(torch.nn.Parameter(torch.tensor([-0.3], dtype=dtype)))
+    params = [torch.nn.Parameter(torch.randn(i % 5 + 1, i % 4 + 2, generator=gen, dtype=dtype).to(TEST_DEVICE))
+              for i in range(n)]
+    params.append(torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=dtype).to(TEST_DEVICE).t()))  # not contiguous
+    params.append(torch.nn.Parameter(torch.zeros(7, dtype=dtype, device=TEST_DEVICE)))  # starts at 0 (Prodigy: a 0-d x0)
+    params.append(torch.nn.Parameter(torch.tensor(0.7, dtype=dtype, device=TEST_DEVICE)))  # 0-d and 1-element: run uncompiled
+    params.append(torch.nn.Parameter(torch.tensor([-0.3], dtype=dtype, device=TEST_DEVICE)))
     weights = [1.0 + (i % 3) for i in range(len(params))]
 
     def loss():

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import tuneless
+from tests.device import TEST_DEVICE
 
 STEPS = 20
 PROGRESS = 0.98  # the median of the last WINDOW losses must be below this fraction of the first
@@ -44,9 +45,9 @@ class MLP:
         with torch.no_grad():
             for p in self.net.parameters():
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        self.net.to(dtype)
+        self.net.to(device=TEST_DEVICE, dtype=dtype)
         x = torch.randn(64, 8, generator=g)
-        self.x, self.y = x.to(dtype), torch.sin(x.sum(1, keepdim=True))
+        self.x, self.y = x.to(device=TEST_DEVICE, dtype=dtype), torch.sin(x.sum(1, keepdim=True)).to(TEST_DEVICE)
 
     def loss(self) -> torch.Tensor:
         return ((self.net(self.x).float() - self.y) ** 2).mean()

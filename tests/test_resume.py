@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import tuneless
+from tests.device import TEST_DEVICE
 from tests.optim_db import OPTIM_DB
 
 BEFORE, AFTER = 5, 5
@@ -33,13 +34,14 @@ class Tiny:
 
     def __init__(self, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.w = torch.nn.Parameter(0.5 * torch.randn(4, 3, generator=g, dtype=DTYPE))
-        self.b = torch.nn.Parameter(0.1 * torch.randn(4, generator=g, dtype=DTYPE))
-        self.v = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=DTYPE))
+        self.w = torch.nn.Parameter((0.5 * torch.randn(4, 3, generator=g, dtype=DTYPE)).to(TEST_DEVICE))
+        self.b = torch.nn.Parameter((0.1 * torch.randn(4, generator=g, dtype=DTYPE)).to(TEST_DEVICE))
+        self.v = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=DTYPE).to(TEST_DEVICE))
         data = torch.Generator().manual_seed(1)
-        self.x = torch.randn(16, 3, generator=data, dtype=DTYPE)
-        self.y = torch.tanh(self.x @ torch.randn(3, 4, generator=data, dtype=DTYPE) + 0.1)
-        self.v_target = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=DTYPE)
+        x = torch.randn(16, 3, generator=data, dtype=DTYPE)
+        self.x = x.to(TEST_DEVICE)
+        self.y = torch.tanh(x @ torch.randn(3, 4, generator=data, dtype=DTYPE) + 0.1).to(TEST_DEVICE)
+        self.v_target = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=DTYPE, device=TEST_DEVICE)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -50,7 +52,7 @@ class Tiny:
         return [{"params": [self.w, self.b]}, {"params": [self.v]}]
 
     def loss(self, step: int) -> torch.Tensor:
-        rows = torch.randperm(16, generator=torch.Generator().manual_seed(step))[:8]  # a minibatch a step
+        rows = torch.randperm(16, generator=torch.Generator().manual_seed(step))[:8].to(TEST_DEVICE)  # a minibatch a step
         pred = torch.tanh(self.x[rows] @ self.w.T + self.b)
         return ((pred - self.y[rows]) ** 2).mean() + 0.5 * ((self.v - self.v_target) ** 2).sum()
 
