@@ -23,7 +23,7 @@
 # back few files). docs/gpu.md has the results of the run on record. DEVICE=cpu STAGE1=60
 # STAGE2=30 makes a dry run of the plumbing on a machine without a GPU.
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
 OUT=${OUT:-out/gpu}
 WORK=${WORK:-$(mktemp -d)}
 DEVICE=${DEVICE:-cuda}
