@@ -31,6 +31,8 @@ CHECK=${CHECK:-.gpu/check_gpu.py}
 PYTHON=${PYTHON:-python3}
 STAGE1=${STAGE1:-240}
 STAGE2=${STAGE2:-200}
+# stores of an earlier call to resume (the oracle's runs are kept; failed runs are run again)
+BENCH_STORES=${BENCH_STORES:-}
 mkdir -p "$OUT" "$WORK"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
@@ -52,7 +54,7 @@ for i in 0 1 2; do
   timeout -k 20 "$STAGE1" "$PYTHON" "$CHECK" --device "$DEVICE" --skip-timing --only "${shards[$i]}" --out "$WORK/shard$i.md" > "$WORK/shard$i.log" 2>&1 &
 done
 
-TUNELESS_TEST_DEVICE=$DEVICE timeout -k 30 -s INT "$STAGE1" "$PYTHON" -m pytest -q -n 6 --dist loadfile -p no:cacheprovider \
+TUNELESS_TEST_DEVICE=$DEVICE timeout -k 30 -s INT "$STAGE1" "$PYTHON" -m pytest -q -n 8 --dist load -p no:cacheprovider \
   --timeout 150 -rfEs tests/test_contract.py tests/test_resume.py tests/test_nonfinite.py tests/test_fused.py \
   tests/test_low_precision.py > "$WORK/pytest_cuda.log" 2>&1 &
 
@@ -78,18 +80,24 @@ print("Tuneless(fused=True) on", device, "compiled" if not fallbacks else "FELL 
       "and stepped; step size", float(opt.param_groups[0][tuneless.STEP_SIZE_KEY]))
 EOF
 
+if [ -n "$BENCH_STORES" ]; then cp "$BENCH_STORES"/bench_cuda*.sqlite "$WORK"/; fi
 bench() { timeout -k 20 "$STAGE1" "$PYTHON" -c "import sys; from tuneless.cli import main; sys.exit(main())" bench "$@"; }
 bench --problems transformer_lm:size=medium resnet_digits:size=medium finetune_digits --optimizers tuneless prodigy \
-  --seeds 0 --device "$DEVICE" --workers 3 --db "$WORK/bench_cuda.sqlite" --no-report --quiet > "$WORK/bench_cuda.log" 2>&1 &
+  --seeds 0 --device "$DEVICE" --workers 3 --retry-failed --db "$WORK/bench_cuda.sqlite" --no-report --quiet > "$WORK/bench_cuda.log" 2>&1 &
 bench --problems transformer_lm:size=medium --optimizers tuneless prodigy --seeds 0 --device "$DEVICE" --dtype bfloat16 \
-  --workers 3 --db "$WORK/bench_cuda_bf16.sqlite" --no-report --quiet > "$WORK/bench_cuda_bf16.log" 2>&1 &
+  --workers 3 --retry-failed --db "$WORK/bench_cuda_bf16.sqlite" --no-report --quiet > "$WORK/bench_cuda_bf16.log" 2>&1 &
 wait
 stamp "stage 1 done"
 tar czf "$OUT/stage1.tar.gz" -C "$WORK" .
 tail -n 3 "$WORK/pytest_cuda.log" "$WORK/compile_probe.log"
 
 stamp "stage 2"
-timeout -k 20 "$STAGE2" "$PYTHON" "$CHECK" --device "$DEVICE" --out "$WORK/gpu.md" > "$WORK/gpu.log" 2>&1
+# faulthandler: where the run is, should it be near its limit
+timeout -k 20 "$STAGE2" "$PYTHON" -c "
+import faulthandler, runpy, sys
+faulthandler.dump_traceback_later($STAGE2 - 15, exit=False)
+sys.argv = ['check_gpu.py', '--device', '$DEVICE', '--out', '$WORK/gpu.md']
+runpy.run_path('$CHECK', run_name='__main__')" > "$WORK/gpu.log" 2>&1
 echo "check_gpu exit status: $?"
 cp "$WORK/gpu.md" "$OUT/gpu.md" 2>/dev/null
 tar czf "$OUT/stage2.tar.gz" -C "$WORK" gpu.md gpu.log 2>/dev/null

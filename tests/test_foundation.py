@@ -169,6 +169,33 @@ def _tolerance(dtype: torch.dtype) -> dict[str, float]:
             torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
 
 
+def test_dots_without_foreach_mm_are_the_same_products(monkeypatch) -> None:
+    """torch 2.11 (the GPU machine's, docs/gpu.md) has no ``torch._foreach_mm``: the batched dot
+    and DoG's weight-decay dots fall back to one ``torch.mm`` a pair, with the same results."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(*s, generator=g, dtype=torch.float64) for s in [(3, 4), (5,), (0,), (2, 2, 2)]]
+    ys = [torch.randn(*s, generator=g, dtype=torch.float64) for s in [(3, 4), (5,), (0,), (2, 2, 2)]]
+    dev = torch.device("cpu")
+
+    def dog_run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).double()
+        opt = tuneless.DoG(model.parameters(), weight_decay=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.ones(2, 4, dtype=torch.float64)).pow(2).sum().backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+
+    dot, dog = b.total_dot(xs, ys, torch.float64, dev), dog_run()
+    monkeypatch.setattr(b, "_FOREACH_MM", None)
+    monkeypatch.delattr(torch, "_foreach_mm")
+    torch.testing.assert_close(b.total_dot(xs, ys, torch.float64, dev), dot, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(dot, b.total_dot_loop(xs, ys, torch.float64, dev), rtol=1e-12, atol=1e-12)
+    for a, c in zip(dog_run(), dog):
+        torch.testing.assert_close(a, c, rtol=1e-14, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_batched_reductions_match_their_loops(dtype) -> None:
     g = torch.Generator().manual_seed(0)

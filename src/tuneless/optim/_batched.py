@@ -145,13 +145,25 @@ def total_abs_sum(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.d
     return _sum_stacked(torch._foreach_norm(list(tensors), 1, dtype=dtype), dtype, device)
 
 
+def foreach_mm(rows: Sequence[Tensor], cols: Sequence[Tensor]) -> list[Tensor]:
+    """``torch._foreach_mm(rows, cols)``, or where this torch has no ``_foreach_mm`` (it came
+    after torch 2.11, the version on record on the GPU machine, docs/gpu.md) one ``torch.mm``
+    a pair: the same products, a launch each."""
+    if _FOREACH_MM is not None:
+        return _FOREACH_MM(list(rows), list(cols))
+    return [torch.mm(r, c) for r, c in zip(rows, cols)]
+
+
+_FOREACH_MM = getattr(torch, "_foreach_mm", None)
+
+
 def total_dot(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """sum_i <a_i, b_i>, as one batched (1 x n) @ (n x 1) product per pair: no temporaries of model size."""
     if len(a) == 0:
         return torch.zeros((), dtype=dtype, device=device)
     rows = [t.reshape(1, -1) for t in a]
     cols = [t.reshape(-1, 1) for t in b]
-    return _sum_stacked(torch._foreach_mm(rows, cols), dtype, device)
+    return _sum_stacked(foreach_mm(rows, cols), dtype, device)
 
 
 # Plain per-tensor twins: the readable truth the batched versions are tested against.

@@ -807,17 +807,26 @@ class OptimizerSnapshot:
         what torch's Adam, AdamW, Adagrad, RMSprop and SGD (without dampening) hold before their
         first update, so their next step is again a first step; a state whose start is not 0
         (NAdam's ``mu_product``, SGD with dampening) is not exactly restored (documented).
-        State tensors kept on the CPU while the flag is on another device (torch's
-        non-capturable step counters on CUDA) cannot be selected without a sync: untested."""
+        State tensors kept on the CPU while the flag is on a GPU (the step counters of torch's
+        Adam and AdamW on CUDA unless ``capturable`` or ``fused``) are selected with the flag
+        copied to the CPU: one host sync per step (found on an H200, docs/gpu.md). Mechanic's
+        default base keeps its counters on the GPU to avoid it."""
+        flags = {finite.device: finite}
+
+        def flag_on(device: torch.device) -> Tensor:
+            if device not in flags:
+                flags[device] = finite.to(device)
+            return flags[device]
+
         for container, key, before, saved in self.entries:
             if container is None:
-                torch.where(finite, before, saved, out=before)
+                torch.where(flag_on(before.device), before, saved, out=before)
                 continue
             now = container.get(key)
             if now is before:
-                torch.where(finite, before, saved, out=before)
+                torch.where(flag_on(before.device), before, saved, out=before)
             elif isinstance(now, Tensor):
-                container[key] = torch.where(finite, now, saved.to(now.dtype))
+                container[key] = torch.where(flag_on(now.device), now, saved.to(now.dtype))
         for p, before_keys in self.states.items():
             state = self.optimizer.state.get(p)
             if not state:
@@ -825,7 +834,7 @@ class OptimizerSnapshot:
             for key, value in state.items():
                 if key not in before_keys and isinstance(value, Tensor) and (value.is_floating_point() or key == "step"):
                     zero = torch.zeros((), dtype=value.dtype, device=value.device)
-                    torch.where(finite.to(value.device), value, zero, out=value)
+                    torch.where(flag_on(value.device), value, zero, out=value)
 
 
 def finite_or_zero(step: Tensor, *values: Tensor) -> Tensor:

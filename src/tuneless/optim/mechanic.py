@@ -233,6 +233,7 @@ class Mechanic(TunelessOptimizer):
             from ..registry import create  # local import: the registry imports the optimizers
 
             base_optimizer = create(base, params)
+            _counters_on_device(base_optimizer)
         if isinstance(base_optimizer, Mechanic):
             v.fail(owner, "base", type(base_optimizer).__name__, "an optimizer that is not itself a Mechanic")
         self._linked = False
@@ -640,6 +641,20 @@ def _multi_tensor_mechanic(xs: list[Tensor], starts: list[Tensor], deltas: list[
         torch._foreach_add_(delta, x)
         torch._foreach_copy_(x, start)
         add_scaled_(x, delta, new_scale.to(dt))
+
+
+def _counters_on_device(optimizer: torch.optim.Optimizer) -> None:
+    """A torch optimizer that Mechanic builds from a spec (its default base, ``adam:lr=1.0``)
+    keeps its step counters on the parameters' GPU (``capturable=True``, which torch's Adam and
+    AdamW read per step) instead of on the CPU, so that undoing a step that is not finite
+    (:class:`~tuneless.optim.base.OptimizerSnapshot`) reads nothing on the host. An optimizer
+    the caller built is left as it was."""
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        return
+    for group in optimizer.param_groups:
+        if (group.get("capturable") is False and not group.get("fused")
+                and group["params"] and all(p.device.type == "cuda" for p in group["params"])):
+            group["capturable"] = True
 
 
 # ----------------------------------------------------------------------------- fused (compiled)
