@@ -885,7 +885,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe-floats", type=int, default=None,
                     help="floats in the bandwidth probe (default 100M; 8M with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--device", default="cpu", help="device (default cpu; cuda is untested)")
+    ap.add_argument("--device", default="cpu", help="device (default cpu; cuda: not measured yet, see docs/gpu.md)")
     ap.add_argument("--markdown", action="store_true", help="print the markdown table")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--json", default=None, help="also write the raw rows as JSON to this file")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 #: the docs pages this file checks for names and specs (the README's own links reach every page)
-PAGES = ["optimizers.md", "benchmark.md", "step-speed.md", "distributed.md", "testing.md"]
+PAGES = ["optimizers.md", "benchmark.md", "step-speed.md", "distributed.md", "testing.md", "gpu.md"]
 STEP_SPEED_JSON = ROOT / "benchmarks" / "results" / "step_speed.json"
 MAX_README_LINES = 300
 
@@ -327,3 +327,29 @@ def test_the_full_suite_table_is_the_stored_run():
     assert table.count("\n") >= 19, table  # 18 methods and the header
     for row in table.splitlines():
         assert row in page, row
+
+
+def test_the_gpu_page_is_the_stored_check():
+    """docs/gpu.md's correctness table is the stored checker's output, row for row (its first
+    four columns), and every registered tuneless optimizer has a row."""
+    stored = (ROOT / "benchmarks" / "results" / "gpu-h200" / "check_gpu.md").read_text()
+    page = (DOCS / "gpu.md").read_text()
+
+    def rows(text: str, columns: int) -> dict[str, list[str]]:
+        out = {}
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("| ") and cells[0] not in ("optimizer", "") and not cells[0].startswith("-"):
+                if len(cells) >= columns and re.fullmatch(r"[a-z_]+", cells[0]) and cells[1] in ("0", "FAIL", "n/a"):
+                    out[cells[0]] = cells[1:columns]
+        return out
+
+    on_page, on_file = rows(page, 4), rows(stored, 4)
+    assert on_page == on_file
+    own = [n for n in tuneless.available() if not type(tuneless.create(n, [torch.nn.Parameter(torch.zeros(2))]))
+           .__module__.startswith("torch.optim")]
+    assert sorted(on_page) == sorted(own)
+    machine = (ROOT / "benchmarks" / "results" / "gpu-h200" / "machine.txt").read_text()
+    for fact in ("NVIDIA H200", "580.159.04", "torch 2.11.0+cu130", "triton 3.6.0"):
+        assert fact in machine
+    assert "torch\n2.11.0+cu130" in page.replace(" ", "\n") or "torch 2.11.0+cu130" in " ".join(page.split())

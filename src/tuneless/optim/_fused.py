@@ -149,6 +149,11 @@ class FusedKernel:
     def __call__(self, lists: Sequence[Sequence[Tensor]], scalars: Sequence[Any], *,
                  sum_dtype: torch.dtype, device: torch.device) -> list[Tensor]:
         """Run the kernel over parallel ``lists`` (one entry per tensor each); returns the sums."""
+        # Tensor operands on the parameters' device (a tensor lr made on the CPU for parameters
+        # on a GPU; a copy to the device, no host read, as torch's fused Adam does): a kernel
+        # takes its operands on one device (found on an H200, docs/gpu.md).
+        on = lists[0][0].device if lists and len(lists[0]) else device
+        scalars = tuple(v.to(on) if isinstance(v, Tensor) and v.device != on else v for v in scalars)
         # 0-d tensors as 1-element ones: the compiled graph would read a 0-d CPU tensor's value
         # on the host (a NaN check) when it compiles.
         compiled_scalars = tuple(v.reshape(1) if isinstance(v, Tensor) and v.dim() == 0 else v for v in scalars)

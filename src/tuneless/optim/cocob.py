@@ -244,4 +244,4 @@ def _fused_cocob(xs: list[Tensor], grads: list[Tensor], *, neg_grad_sum: list[Te
     if xs:
         _COCOB_KERNEL([xs, grads, neg_grad_sum, abs_grad_sum, max_abs_grad, reward, bet],
                       (lr.to(coefficient_dtype(xs[0])), finite, alpha, weight_decay),
-                      sum_dtype=lr.dtype, device=lr.device)
+                      sum_dtype=lr.dtype, device=xs[0].device)

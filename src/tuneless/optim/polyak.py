@@ -388,7 +388,9 @@ class Momo(TunelessOptimizer):
             numerator = scale * (loss_avg - ell) + d_dot_x - scale * gx_avg
             safe_sq = torch.where(d_sq > 0, d_sq, torch.ones_like(d_sq))
             t1 = torch.where(d_sq > 0, torch.clamp(numerator, min=0.0) / safe_sq, torch.zeros_like(d_sq))
-            tau = finite_or_zero(torch.clamp(t1, max=lr), loss, d_sq, numerator)
+            # (a tensor lr: torch.minimum, which takes a 0-d CPU lr beside CUDA tensors; clamp does not)
+            capped = torch.minimum(t1, lr) if isinstance(lr, Tensor) else torch.clamp(t1, max=lr)
+            tau = finite_or_zero(capped, loss, d_sq, numerator)
             if group["estimate_lower_bound"]:
                 h = loss_avg + d_dot_x - gx_avg  # the model's value at x_k
                 new_ell = torch.clamp(h - 0.5 * tau * d_sq, min=lb0)
