@@ -54,7 +54,8 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import coefficient_dtype, total_abs_sum, total_abs_sum_loop, total_dot, total_dot_loop
+from ._batched import (cache_blocks, coefficient_dtype, total_abs_sum, total_abs_sum_loop, total_dot_loop,
+                       total_dots)
 from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor
 from ._fused import FusedKernel
 from .schedule_free import ScheduleFree, _count_on, _decay_step
@@ -213,8 +214,10 @@ class TunelessStep(TunelessOptimizer):
             if not xs:
                 continue
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
+            extra = dict(scratch=self._scratch()) if fn is _multi_tensor_statistics else {}
             sums, denoms[i] = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=plan.bc1, bc2=plan.bc2,
-                                 eps=eps, weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite)
+                                 eps=eps, weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite,
+                                 **extra)
             stats = stats + sums
 
         # 2. The scalars: the model h_k, the Polyak step, the distance, the step size.
@@ -591,48 +594,65 @@ def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_
 
 
 def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                             device, finite=None) -> tuple[Tensor, list[Tensor]]:
-    """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site); also
-    returns the denominators sqrt(v_hat) + eps, which the update reuses (v does not change between)."""
+                             device, finite=None, scratch=None) -> tuple[Tensor, None]:
+    """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site),
+    block by block on the CPU: cache-sized blocks, so that the passes after the first read from
+    the cache and the temporaries (the denominators, the direction, x0 - x) are a block's, not
+    the model's (model-sized temporaries cost page faults at every step), and the dots are BLAS
+    dots over the blocks (:func:`~tuneless.optim._batched.total_dots`). With beta1 = 0 (the
+    default) m_hat is the gradient itself: no copy, and <m_hat, x> is <g, x>."""
     sqrt_b2 = math.sqrt(beta2)
-    grads = [g.to(v.dtype) for g, v in zip(grads, vs)]
     decay2, decay_s = _decays(finite, weight, beta2, sqrt_b2)
-    if ms is None:
-        ms = grads
-    elif finite is None:
-        torch._foreach_lerp_(ms, grads, 1 - beta1)
-    else:  # weight 0 on a step that is not finite: m kept
-        step1 = torch.where(finite, torch.full((), 1 - beta1, dtype=weight.dtype, device=weight.device), 0.0)
-        torch._foreach_lerp_(ms, grads, [step1.to(m.dtype if m.dtype.itemsize >= 4 else torch.float32) for m in ms])
-    torch._foreach_mul_(vs, decay2 if finite is None else decay2.to(coefficient_dtype(vs[0])))
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    torch._foreach_mul_(ss, decay_s if finite is None else decay_s.to(coefficient_dtype(ss[0])))
-    torch._foreach_addcmul_(ss, grads, [(weight * (1 - sqrt_b2)).to(s.dtype) for s in ss])
+    if finite is not None:
+        decay2, decay_s = decay2.to(coefficient_dtype(vs[0])), decay_s.to(coefficient_dtype(ss[0]))
+    s_weight = [(weight * (1 - sqrt_b2)).to(ss[0].dtype)]
+    sums = torch.zeros(5, dtype=dtype, device=device)
+    for x, g, m, v_, s, x0 in cache_blocks(xs, grads, ms, vs, ss, x0s):
+        g = [gi.to(vi.dtype) for gi, vi in zip(g, v_)]
+        if m is None:
+            m = g
+        elif finite is None:
+            torch._foreach_lerp_(m, g, 1 - beta1)
+        else:  # weight 0 on a step that is not finite: m kept
+            step1 = torch.where(finite, torch.full((), 1 - beta1, dtype=weight.dtype, device=weight.device), 0.0)
+            torch._foreach_lerp_(m, g, [step1.to(mi.dtype if mi.dtype.itemsize >= 4 else torch.float32) for mi in m])
+        torch._foreach_mul_(v_, decay2)
+        torch._foreach_addcmul_(v_, g, g, value=1 - beta2)
+        torch._foreach_mul_(s, decay_s)
+        torch._foreach_addcmul_(s, g, s_weight * len(s))
+        denom = _denominators(v_, bc2, eps)
+        m_hat = g if ms is None else torch._foreach_div(m, bc1)
+        u = torch._foreach_div(m_hat, denom)
+        diff = torch._foreach_sub(x0, x)
+        if ms is None:  # m_hat = g: <m_hat, x> = <g, x>
+            dots = total_dots((g, x, diff, u), ((0, 1), (0, 2), (0, 3)), dtype, device, scratch)
+            dots = torch.stack([dots[0], dots[1], dots[0], dots[2]])
+        else:
+            dots = total_dots((g, x, diff, m_hat, u), ((0, 1), (0, 2), (3, 1), (3, 4)), dtype, device, scratch)
+        sums = sums + torch.cat([dots, total_abs_sum(s, dtype, device).reshape(1)])
+    return sums, None
+
+
+def _denominators(vs: list[Tensor], bc2: Any, eps: float) -> list[Tensor]:
+    """sqrt(v / bc2) + eps, a new list (both passes compute it the same way)."""
     denom = torch._foreach_div(vs, bc2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
-    m_hat = torch._foreach_div(ms, bc1)
-    u = torch._foreach_div(m_hat, denom)
-    diff = torch._foreach_sub(x0s, xs)
-    return torch.stack([
-        total_dot(grads, xs, dtype, device),
-        total_dot(grads, diff, dtype, device),
-        total_dot(m_hat, xs, dtype, device),
-        total_dot(m_hat, u, dtype, device),
-        total_abs_sum(ss, dtype, device),
-    ]), denom
+    return denom
 
 
-def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay, denoms) -> None:
-    """:func:`_single_tensor_apply` with ``torch._foreach_*``, with the statistics pass's denominators."""
+def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay, denoms=None) -> None:
+    """:func:`_single_tensor_apply` with ``torch._foreach_*``, block by block on the CPU (the
+    denominators recomputed there, in the cache, rather than kept from the statistics pass at the
+    model's size)."""
     if rescale is not None:
         torch._foreach_mul_(ss, rescale.to(ss[0].dtype))
-    denom = denoms
     e = eta.to(xs[0].dtype)
-    if weight_decay:
-        torch._foreach_mul_(xs, 1 - e * weight_decay)
-    u = torch._foreach_div(ms, denom)
-    torch._foreach_addcmul_(xs, u, [-e / bc1] * len(xs))
+    for x, m, v_ in cache_blocks(xs, ms, vs):
+        if weight_decay:
+            torch._foreach_mul_(x, 1 - e * weight_decay)
+        u = torch._foreach_div(m, _denominators(v_, bc2, eps))
+        torch._foreach_addcmul_(x, u, [-e / bc1] * len(x))
 
 
 # ---------------------------------------------------------------------------- fused (compiled)
