@@ -954,7 +954,7 @@ class ScheduleFree(_ScheduleFreeBase):
                 snapshot.restore_unless(finite)
             for group, (ys, zs, xs) in zip(self.param_groups, work):  # put y back from x and the stored z
                 beta = group["sf_momentum"]
-                if xs is zs:  # fused: z's buffers hold x, the parameters z (as the base left it)
+                if xs is zs:  # fused or vectorized: z's buffers hold x, the parameters z (as the base left it)
                     for y, x in zip(ys, xs):  # (not finite: the parameters hold y, z's buffers z)
                         z = y.clone() if finite is None else torch.where(finite, y, x)
                         y.copy_(torch.lerp(z, x, beta) if finite is None else torch.where(finite, torch.lerp(y, x, beta), y))
@@ -1145,12 +1145,15 @@ def _single_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: flo
 def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
                                   gamma: Tensor | float, finite: Tensor | None = None) -> list[Tensor]:
     """The same over all tensors at once, on the CPU block by block (cache-sized) so that the
-    passes after the first read the block from the cache (x, a transient, in the input order).
+    passes after the first read the block from the cache. It swaps, as the fused kernel does,
+    instead of keeping x in a transient of the model's size (allocated at every step: page
+    faults): the parameters get z and z's buffers get x, and ``zs`` is returned as the x list;
+    :func:`_multi_tensor_back_to_y` puts z back. The temporary is a block's.
 
-    Where ``finite`` is given, y <- z is a lerp with weight 1 (z exactly) or 0 (y kept)."""
-    xs = [torch.empty_like(y) for y in ys]
+    Where ``finite`` is given, each move is a lerp with weight 1 (the new value exactly) or 0
+    (the old one kept): not finite, the parameters keep y and z's buffers z."""
     step = _decay_step(gamma, wd, finite) if wd != 0 else 0.0
-    for y, z, x in cache_blocks(ys, zs, xs):
+    for y, z in cache_blocks(ys, zs):
         if wd != 0:
             if isinstance(step, Tensor):
                 s = step.to(_weight_dtype(y[0]))
@@ -1159,13 +1162,15 @@ def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: floa
             else:
                 torch._foreach_add_(z, y, alpha=-step)
                 torch._foreach_mul_(y, 1 - step * (1 - beta))
-        torch._foreach_copy_(x, y)
-        torch._foreach_lerp_(x, z, 1.0 - 1.0 / beta)
+        x = torch._foreach_lerp(y, z, 1.0 - 1.0 / beta)
         if finite is None:
             torch._foreach_copy_(y, z)
+            torch._foreach_copy_(z, x)
         else:
-            torch._foreach_lerp_(y, z, [finite.to(_weight_dtype(y[0]))] * len(y))
-    return xs
+            weight = [finite.to(_weight_dtype(y[0]))] * len(y)
+            torch._foreach_lerp_(y, z, weight)
+            torch._foreach_lerp_(z, x, weight)
+    return zs
 
 
 def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float,
@@ -1182,10 +1187,13 @@ def _single_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor
 
 def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor], ckp1: Tensor, beta: float,
                             finite: Tensor | None = None) -> None:
-    """The same over all tensors at once, on the CPU block by block (cache-sized)."""
-    for y, z, x in cache_blocks(ys, zs, xs):
+    """The same over all tensors at once, on the CPU block by block (cache-sized), after
+    :func:`_multi_tensor_to_base_iterate`: z's buffers hold x (``xs`` is ``zs``) and the
+    parameters the new z; z's buffers get z back and the parameters y. Not finite (the
+    parameters hold y, z's buffers z, c = 1): x = y, so the parameters keep y and z's buffers z."""
+    for y, z in cache_blocks(ys, zs):
         # the weight as a list of tensors: a 0-d tensor weight would take the Scalar overload (read on the host)
-        torch._foreach_lerp_(x, y, [ckp1.to(_weight_dtype(x[0]))] * len(x))
+        x = torch._foreach_lerp(z, y, [ckp1.to(_weight_dtype(z[0]))] * len(z))
         if finite is None:
             torch._foreach_copy_(z, y)
         else:  # weight 1: y exactly; 0: z kept
