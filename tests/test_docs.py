@@ -353,3 +353,21 @@ def test_the_gpu_page_is_the_stored_check():
     for fact in ("NVIDIA H200", "580.159.04", "torch 2.11.0+cu130", "triton 3.6.0"):
         assert fact in machine
     assert "torch\n2.11.0+cu130" in page.replace(" ", "\n") or "torch 2.11.0+cu130" in " ".join(page.split())
+
+
+def test_the_default_speed_table_is_its_stored_file():
+    """docs/default.md's speed table, its targets row and the README's ranges are those of
+    benchmarks/results/step_speed_tuneless.json."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "step_speed_tuneless.json").read_text())["rows"]
+    ratio = {(r["label"], r["set"]): r for r in rows}
+    vec = [ratio[("tuneless", s)]["x_bound"] for s in ("many-small", "few-large")]
+    fused = [ratio[("tuneless:fused=True", s)]["x_bound"] for s in ("many-small", "few-large")]
+    page = " ".join((DOCS / "default.md").read_text().split())
+    assert (f"| `fused=True` | **{fused[0]:.2f}x**, {ratio[('tuneless:fused=True', 'many-small')]['x_adam_foreach']:.2f}x | "
+            f"**{fused[1]:.2f}x**, {ratio[('tuneless:fused=True', 'few-large')]['x_adam_foreach']:.2f}x |") in page
+    assert (f"| vectorized (default) | {vec[0]:.2f}x, {ratio[('tuneless', 'many-small')]['x_adam_foreach']:.2f}x | "
+            f"{vec[1]:.2f}x, {ratio[('tuneless', 'few-large')]['x_adam_foreach']:.2f}x |") in page
+    assert f"fused {fused[0]:.2f}x / {fused[1]:.2f}x" in page and f"vectorized {vec[0]:.2f}x / {vec[1]:.2f}x" in page
+    readme = " ".join(README.read_text().split())
+    assert (f"at {min(vec):.1f}x-{max(vec):.1f}x its bound vectorized and at {min(fused):.1f}x-{max(fused):.1f}x "
+            "with `fused=True`") in readme
