@@ -209,13 +209,12 @@ class TunelessStep(TunelessOptimizer):
         # 1. Moments, the weighted gradient sum, and the five sums:
         #    <g, x>, <g, x0 - x>, <m_hat, x>, ||m_hat||^2_{D^-1}, ||s||_1 (before rescaling).
         stats = torch.zeros(5, dtype=plan.dtype, device=plan.device)
-        denoms: list[list[Tensor] | None] = [None] * len(tensors)  # the vectorized sqrt(v_hat) + eps, reused below
         for i, (group, (xs, grads, ms, vs, ss, x0s)) in enumerate(zip(self.param_groups, tensors)):
             if not xs:
                 continue
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
             extra = dict(scratch=self._scratch()) if fn is _multi_tensor_statistics else {}
-            sums, denoms[i] = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=plan.bc1, bc2=plan.bc2,
+            sums = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=plan.bc1, bc2=plan.bc2,
                                  eps=eps, weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite,
                                  **extra)
             stats = stats + sums
@@ -230,7 +229,7 @@ class TunelessStep(TunelessOptimizer):
             ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]
             fn = _multi_tensor_apply if self._use_foreach(group) else _single_tensor_apply
             fn(xs, ms, vs, ss, eta=eta, rescale=rescale, bc1=plan.bc1, bc2=plan.bc2, eps=eps,
-               weight_decay=group["weight_decay"], denoms=denoms[i])
+               weight_decay=group["weight_decay"])
 
     def _plan(self, checked: bool) -> "_Plan":
         """What a step knows before its statistics: the constants, the counter, the bias
@@ -549,9 +548,9 @@ def _decays(finite: Tensor | None, like: Tensor, *factors: float) -> list[Any]:
 
 
 def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                              device, finite=None) -> tuple[Tensor, None]:
-    """Update m, v and s of each tensor; return this part's five sums (see ``TunelessStep._update``),
-    and None (the update recomputes each denominator). ``ms`` is None when beta1 = 0 (m is the gradient).
+                              device, finite=None) -> Tensor:
+    """Update m, v and s of each tensor; return this part's five sums (see ``TunelessStep._update``;
+    the update recomputes each denominator). ``ms`` is None when beta1 = 0 (m is the gradient).
     ``finite``: the step's flag (the gradients are zeros when it is False), or None."""
     sqrt_b2 = math.sqrt(beta2)
     sums = torch.zeros(5, dtype=dtype, device=device)
@@ -575,10 +574,10 @@ def _single_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, 
             (m64 * m64 / denom.to(dtype)).sum(),
             s.to(dtype).abs().sum(),
         ])
-    return sums, None
+    return sums
 
 
-def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay, denoms=None) -> None:
+def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay) -> None:
     """x <- x - eta (m_hat / (sqrt(v_hat) + eps) + wd x); at the first step s is rescaled to d_1^2."""
     for x, m, v_, s in zip(xs, ms, vs, ss):
         if rescale is not None:
@@ -594,7 +593,7 @@ def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_
 
 
 def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                             device, finite=None, scratch=None) -> tuple[Tensor, None]:
+                             device, finite=None, scratch=None) -> Tensor:
     """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site),
     block by block on the CPU: cache-sized blocks, so that the passes after the first read from
     the cache and the temporaries (the denominators, the direction, x0 - x) are a block's, not
@@ -630,7 +629,7 @@ def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, b
         else:
             dots = total_dots((g, x, diff, m_hat, u), ((0, 1), (0, 2), (3, 1), (3, 4)), dtype, device, scratch)
         sums = sums + torch.cat([dots, total_abs_sum(s, dtype, device).reshape(1)])
-    return sums, None
+    return sums
 
 
 def _denominators(vs: list[Tensor], bc2: Any, eps: float) -> list[Tensor]:
@@ -641,7 +640,7 @@ def _denominators(vs: list[Tensor], bc2: Any, eps: float) -> list[Tensor]:
     return denom
 
 
-def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay, denoms=None) -> None:
+def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_decay) -> None:
     """:func:`_single_tensor_apply` with ``torch._foreach_*``, block by block on the CPU (the
     denominators recomputed there, in the cache, rather than kept from the statistics pass at the
     model's size)."""
