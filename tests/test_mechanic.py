@@ -461,3 +461,39 @@ def test_skip_nonfinite_is_one_setting_for_every_group() -> None:
     assert opt.skip_nonfinite is True and opt.state_dict()["param_groups"][1].get("skip_nonfinite") is None
     with pytest.raises(tuneless.InvalidArgumentError, match="skip_nonfinite"):
         Mechanic(torch.optim.SGD(make_params(), lr=1.0), skip_nonfinite=1)
+
+
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu() -> None:
+    """Mechanic's default base (torch's Adam, built from a spec) keeps its step counters on the
+    GPU there (``capturable=True``, docs/gpu.md); a checkpoint saved so, loaded into a Mechanic on
+    the CPU, where torch's capturable path refuses CPU tensors, resumes: the setting and the
+    counters follow the parameters, and the run equals the uninterrupted one."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2)
+
+    def step(opt, net):
+        opt.zero_grad()
+        net(torch.ones(4, 3)).pow(2).sum().backward()
+        opt.step()
+
+    net = model()
+    opt = tuneless.Mechanic(net.parameters())
+    for _ in range(3):
+        step(opt, net)
+    saved = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(net.state_dict())
+    for _ in range(2):
+        step(opt, net)
+    for group in saved["param_groups"]:
+        assert group["capturable"] is False
+        group["capturable"] = True  # as saved on a GPU
+    resumed = model()
+    resumed.load_state_dict(weights)
+    opt2 = tuneless.Mechanic(resumed.parameters())
+    opt2.load_state_dict(saved)
+    assert all(g["capturable"] is False for g in opt2.base_optimizer.param_groups)
+    for _ in range(2):
+        step(opt2, resumed)
+    for a, b in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

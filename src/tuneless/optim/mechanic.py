@@ -234,6 +234,8 @@ class Mechanic(TunelessOptimizer):
 
             base_optimizer = create(base, params)
             _counters_on_device(base_optimizer)
+        #: the base was built here from a spec: its counters follow the parameters' device
+        self._spec_base = not isinstance(params, torch.optim.Optimizer)
         if isinstance(base_optimizer, Mechanic):
             v.fail(owner, "base", type(base_optimizer).__name__, "an optimizer that is not itself a Mechanic")
         self._linked = False
@@ -316,6 +318,8 @@ class Mechanic(TunelessOptimizer):
             for key, value in mine.items():
                 if key != "params":
                     theirs[key] = value
+        if self.__dict__.get("_spec_base", False):  # a checkpoint from another device: counters follow
+            _counters_on_device(self.base_optimizer)
 
     def _use_foreach(self, group: dict[str, Any]) -> bool:
         # One setting for Mechanic's own passes; group["foreach"] belongs to the base.
@@ -647,14 +651,21 @@ def _counters_on_device(optimizer: torch.optim.Optimizer) -> None:
     """A torch optimizer that Mechanic builds from a spec (its default base, ``adam:lr=1.0``)
     keeps its step counters on the parameters' GPU (``capturable=True``, which torch's Adam and
     AdamW read per step) instead of on the CPU, so that undoing a step that is not finite
-    (:class:`~tuneless.optim.base.OptimizerSnapshot`) reads nothing on the host. An optimizer
-    the caller built is left as it was."""
+    (:class:`~tuneless.optim.base.OptimizerSnapshot`) reads nothing on the host; on the CPU,
+    where torch's capturable path does not run, ``capturable=False``. Called again after a
+    checkpoint is loaded (it may come from the other kind of device), it moves the counters
+    with the setting. An optimizer the caller built is left as it was."""
     if not type(optimizer).__module__.startswith("torch.optim"):
         return
     for group in optimizer.param_groups:
-        if (group.get("capturable") is False and not group.get("fused")
-                and group["params"] and all(p.device.type == "cuda" for p in group["params"])):
-            group["capturable"] = True
+        if "capturable" not in group or group.get("fused") or not group["params"]:
+            continue
+        on_gpu = all(p.device.type == "cuda" for p in group["params"])
+        group["capturable"] = on_gpu
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, Tensor):
+                optimizer.state[p]["step"] = step.to(p.device if on_gpu else "cpu")
 
 
 # ----------------------------------------------------------------------------- fused (compiled)
