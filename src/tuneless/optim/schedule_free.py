@@ -1192,8 +1192,15 @@ def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]
     parameters the new z; z's buffers get z back and the parameters y. Not finite (the
     parameters hold y, z's buffers z, c = 1): x = y, so the parameters keep y and z's buffers z."""
     for y, z in cache_blocks(ys, zs):
-        # the weight as a list of tensors: a 0-d tensor weight would take the Scalar overload (read on the host)
-        x = torch._foreach_lerp(z, y, [ckp1.to(_weight_dtype(z[0]))] * len(z))
+        # the weight as a list of tensors: a 0-d tensor weight would take the Scalar overload (read on
+        # the host); in place on a copy for 16-bit tensors (out of place, a float32 weight would
+        # promote the result to float32)
+        weight = [ckp1.to(_weight_dtype(z[0]))] * len(z)
+        if z[0].dtype in (torch.float32, torch.float64):
+            x = torch._foreach_lerp(z, y, weight)
+        else:
+            x = [t.clone() for t in z]
+            torch._foreach_lerp_(x, y, weight)
         if finite is None:
             torch._foreach_copy_(z, y)
         else:  # weight 1: y exactly; 0: z kept
