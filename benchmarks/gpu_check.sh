@@ -16,7 +16,9 @@
 #   - a compile probe: Tuneless(fused=True) on CUDA must compile, not fall back;
 #   - `tuneless bench` on CUDA: the GPU-sized workloads in float32, and the transformer under
 #     bfloat16 autocast, stored in SQLite (whatever finishes in the stage's time).
-# Stage 2 runs alone (timed): check_gpu.py in full, step time against torch's fused AdamW.
+# Stage 2 runs alone (timed): first benchmarks/fused_at_scale.py (does a fused step compiled on
+# small tensors run at speed on large ones? The first GPU check hung there), then check_gpu.py in
+# full, step time against torch's fused AdamW.
 #
 # Every stage has a time limit, so the whole script ends in about 8 minutes. Each stage's files
 # are packed into $OUT/stage1.tar.gz and $OUT/stage2.tar.gz as it ends (the device tool brings
@@ -31,6 +33,7 @@ CHECK=${CHECK:-.gpu/check_gpu.py}
 PYTHON=${PYTHON:-python3}
 STAGE1=${STAGE1:-240}
 STAGE2=${STAGE2:-200}
+SCALE=${SCALE:-150}  # seconds for fused_at_scale.py (AdamHD's three cases), part of stage 2
 # stores of an earlier call to resume (the oracle's runs are kept; failed runs are run again)
 BENCH_STORES=${BENCH_STORES:-}
 mkdir -p "$OUT" "$WORK"
@@ -92,6 +95,10 @@ tar czf "$OUT/stage1.tar.gz" -C "$WORK" .
 tail -n 3 "$WORK/pytest_cuda.log" "$WORK/compile_probe.log"
 
 stamp "stage 2"
+timeout -k 20 "$SCALE" "$PYTHON" benchmarks/fused_at_scale.py --device "$DEVICE" --optimizers adam_hd \
+  --timeout $(( SCALE / 3 - 5 )) --out "$WORK/fused_at_scale.md" > "$WORK/fused_at_scale.log" 2>&1
+echo "fused_at_scale exit status: $?"
+cp "$WORK/fused_at_scale.md" "$OUT/fused_at_scale.md" 2>/dev/null
 # faulthandler: where the run is, should it be near its limit
 timeout -k 20 "$STAGE2" "$PYTHON" -c "
 import faulthandler, runpy, sys
@@ -100,6 +107,6 @@ sys.argv = ['check_gpu.py', '--device', '$DEVICE', '--out', '$WORK/gpu.md']
 runpy.run_path('$CHECK', run_name='__main__')" > "$WORK/gpu.log" 2>&1
 echo "check_gpu exit status: $?"
 cp "$WORK/gpu.md" "$OUT/gpu.md" 2>/dev/null
-tar czf "$OUT/stage2.tar.gz" -C "$WORK" gpu.md gpu.log 2>/dev/null
+tar czf "$OUT/stage2.tar.gz" -C "$WORK" gpu.md gpu.log fused_at_scale.md fused_at_scale.log 2>/dev/null
 stamp "done"
 cat "$WORK"/shard*.md "$WORK/gpu.md" 2>/dev/null | grep -v "^$" | head -80
