@@ -145,6 +145,9 @@ def total_abs_sum(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.d
     return _sum_stacked(torch._foreach_norm(list(tensors), 1, dtype=dtype), dtype, device)
 
 
+_FOREACH_MM = getattr(torch, "_foreach_mm", None)
+
+
 def foreach_mm(rows: Sequence[Tensor], cols: Sequence[Tensor]) -> list[Tensor]:
     """``torch._foreach_mm(rows, cols)``, or where this torch has no ``_foreach_mm`` (it came
     after torch 2.11, the version on record on the GPU machine, docs/gpu.md) one ``torch.mm``
@@ -152,9 +155,6 @@ def foreach_mm(rows: Sequence[Tensor], cols: Sequence[Tensor]) -> list[Tensor]:
     if _FOREACH_MM is not None:
         return _FOREACH_MM(list(rows), list(cols))
     return [torch.mm(r, c) for r, c in zip(rows, cols)]
-
-
-_FOREACH_MM = getattr(torch, "_foreach_mm", None)
 
 
 def total_dot(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -209,21 +209,20 @@ class TunelessStep(TunelessOptimizer):
         # 1. Moments, the weighted gradient sum, and the five sums:
         #    <g, x>, <g, x0 - x>, <m_hat, x>, ||m_hat||^2_{D^-1}, ||s||_1 (before rescaling).
         stats = torch.zeros(5, dtype=plan.dtype, device=plan.device)
-        for i, (group, (xs, grads, ms, vs, ss, x0s)) in enumerate(zip(self.param_groups, tensors)):
+        for group, (xs, grads, ms, vs, ss, x0s) in zip(self.param_groups, tensors):
             if not xs:
                 continue
             fn = _multi_tensor_statistics if self._use_foreach(group) else _single_tensor_statistics
             extra = dict(scratch=self._scratch()) if fn is _multi_tensor_statistics else {}
-            sums = fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=plan.bc1, bc2=plan.bc2,
-                                 eps=eps, weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite,
-                                 **extra)
-            stats = stats + sums
+            stats = stats + fn(xs, grads, ms, vs, ss, x0s, beta1=beta1, beta2=beta2, bc1=plan.bc1, bc2=plan.bc2,
+                               eps=eps, weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite,
+                               **extra)
 
         # 2. The scalars: the model h_k, the Polyak step, the distance, the step size.
         etas, rescale = self._learn(loss, self._global_sum(stats), plan, finite)
 
         # 3. The update.
-        for i, (group, eta, (xs, grads, ms, vs, ss, _)) in enumerate(zip(self.param_groups, etas, tensors)):
+        for group, eta, (xs, grads, ms, vs, ss, _) in zip(self.param_groups, etas, tensors):
             if not xs:
                 continue
             ms = ms if ms is not None else [g.to(x.dtype) for g, x in zip(grads, xs)]

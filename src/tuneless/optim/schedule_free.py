@@ -1196,7 +1196,7 @@ def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]
         # the host); in place on a copy for 16-bit tensors (out of place, a float32 weight would
         # promote the result to float32)
         weight = [ckp1.to(_weight_dtype(z[0]))] * len(z)
-        if z[0].dtype in (torch.float32, torch.float64):
+        if weight[0].dtype == z[0].dtype:
             x = torch._foreach_lerp(z, y, weight)
         else:
             x = [t.clone() for t in z]
