@@ -10,8 +10,12 @@ Inductor cache of its own (so that no compiled kernel is shared) and a time limi
 * ``large first``: the large set only (the kernels compile at its sizes);
 * ``vectorized``: the large set, ``fused=False``.
 
+A reference row times ``torch.optim.AdamW(fused=True)`` (``foreach`` on the CPU) on the same
+set, in a process of its own, and every cell gives its ratio to that row.
+
 For each, the median step time over the timed steps (CUDA events on a GPU, the wall clock on
-the CPU), or ``timeout``. Usage::
+the CPU), or ``timeout``. A case that times out prints where it was (``faulthandler``) and the
+last step it reached (each step is logged on the child's stderr). Usage::
 
     python benchmarks/fused_at_scale.py                       # the GPU, 12 tensors of 4 M floats
     python benchmarks/fused_at_scale.py --device cpu --numel 200000 --tensors 4   # a dry run
@@ -31,6 +35,7 @@ import tempfile
 import time
 
 CASES = ("small first", "large first", "vectorized")
+REFERENCE = "torch AdamW"
 
 
 def child(name: str, case: str, device: str, numel: int, tensors: int, steps: int) -> dict:
@@ -40,7 +45,6 @@ def child(name: str, case: str, device: str, numel: int, tensors: int, steps: in
     import tuneless
 
     dev = torch.device(device)
-    fused = case != "vectorized"
     loss = torch.tensor(1.0, device=dev)
 
     def build(sizes):
@@ -48,27 +52,41 @@ def child(name: str, case: str, device: str, numel: int, tensors: int, steps: in
         ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dev)) for n in sizes]
         for p in ps:
             p.grad = torch.randn_like(p) * 1e-3
-        return ps, tuneless.create(name, ps, fused=fused)
+        if name == REFERENCE:
+            opt = torch.optim.AdamW(ps, lr=1e-3, **({"fused": True} if dev.type == "cuda" else {"foreach": True}))
+            return ps, lambda: opt.step()
+        opt = tuneless.create(name, ps, fused=case != "vectorized")
+        return ps, lambda: opt.step(loss=loss)
 
+    def log(what):
+        print(f"[{time.perf_counter() - began:.1f}s] {what}", file=sys.stderr, flush=True)
+
+    began = time.perf_counter()
     if case == "small first":
-        _, opt = build([6, 9, 12])
+        _, step = build([6, 9, 12])
         for _ in range(2):
-            opt.step(loss=loss)
-    ps, opt = build([numel + 7 * i for i in range(tensors)])
-    opt.step(loss=loss)  # compiles (large first) or reuses (small first)
+            step()
+        log("two steps on the small model")
+    _, step = build([numel + 7 * i for i in range(tensors)])
+    log("large set built")
+    step()  # compiles (large first) or reuses (small first)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    log("first large step done")
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            opt.step(loss=loss)
+            step()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t = time.perf_counter()
-            opt.step(loss=loss)
+            step()
             times.append((time.perf_counter() - t) * 1e3)
+        log(f"timed step {i + 1}")
     return {"ms": statistics.median(times)}
 
 
@@ -84,36 +102,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(args.timeout - 10, 1), exit=False)
         name, case = args.child.split("|")
         print(json.dumps(child(name, case, args.device, args.numel, args.tensors, args.steps)))
         return 0
     for name in args.optimizers.split(","):
         if name.strip() == "":
             ap.error(f"--optimizers = {args.optimizers!r}: an empty name")
+    if args.timeout <= 10:
+        ap.error(f"--timeout = {args.timeout}: must be more than 10 seconds (the child dumps its stack 10 s before)")
+
+    def run(name: str, case: str) -> float | None:
+        """One case in a child process with its own Inductor cache: the median ms, or None."""
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            command = [sys.executable, __file__, "--child", f"{name}|{case}", "--device", args.device,
+                       "--numel", str(args.numel), "--tensors", str(args.tensors), "--steps", str(args.steps),
+                       "--timeout", str(args.timeout)]
+            try:
+                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired as stopped:
+                err = stopped.stderr.decode() if isinstance(stopped.stderr, bytes) else (stopped.stderr or "")
+                print(f"{name} [{case}]: timeout after {args.timeout:.0f} s\n{err[-3000:]}", flush=True)
+                return None
+        if done.returncode != 0:
+            print(f"{name} [{case}]: error\n{done.stderr[-2000:]}", flush=True)
+            return None
+        ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+        print(f"{name} [{case}]: {ms:.2f} ms", flush=True)
+        return ms
+
+    reference = run(REFERENCE, "vectorized")
+    ref_name = "AdamW(fused=True)" if args.device.startswith("cuda") else "AdamW(foreach=True)"
+
+    def cell(ms: float | None, ratio: bool = True) -> str:
+        if ms is None:
+            return "timeout or error"
+        return f"{ms:.2f} ms" + (f" ({ms / reference:.2f}x)" if reference and ratio else "")
+
     lines = [f"# Fused steps at scale ({args.device}; {args.tensors} tensors of about {args.numel:,} floats, "
              f"median of {args.steps} steps, {args.timeout:.0f} s per case)", "",
+             f"Reference: torch.optim.{ref_name}, {cell(reference, ratio=False)}; the ratios are to it.", "",
              "| optimizer | " + " | ".join(CASES) + " |", "|---|" + "---|" * len(CASES)]
     for name in args.optimizers.split(","):
-        cells = []
-        for case in CASES:
-            with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-                command = [sys.executable, __file__, "--child", f"{name}|{case}", "--device", args.device,
-                           "--numel", str(args.numel), "--tensors", str(args.tensors), "--steps", str(args.steps)]
-                try:
-                    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-                except subprocess.TimeoutExpired:
-                    cells.append("timeout")
-                    print(f"{name} [{case}]: timeout after {args.timeout:.0f} s", flush=True)
-                    continue
-            if done.returncode != 0:
-                cells.append("error")
-                print(f"{name} [{case}]: error\n{done.stderr[-2000:]}", flush=True)
-                continue
-            ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
-            cells.append(f"{ms:.2f} ms")
-            print(f"{name} [{case}]: {ms:.2f} ms", flush=True)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(run(name, case)) for case in CASES) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
