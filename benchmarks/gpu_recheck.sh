@@ -42,7 +42,7 @@ pack
 left=$(( TOTAL - ($(date +%s) - start) - 25 ))
 stamp "stage 2: the device-aware tests on $DEVICE, ${left}s"
 TUNELESS_TEST_DEVICE=$DEVICE timeout -k 15 -s INT "$left" "$PYTHON" -m pytest -q -n "$WORKERS" --dist load \
-  -p no:cacheprovider --timeout 150 -rfEs tests/test_fused.py tests/test_contract.py tests/test_resume.py \
+  -p no:cacheprovider --timeout 150 -rfEs --junitxml "$WORK/pytest_cuda.xml" tests/test_fused.py tests/test_contract.py tests/test_resume.py \
   tests/test_nonfinite.py tests/test_low_precision.py > "$WORK/pytest_cuda.log" 2>&1
 echo "pytest exit status: $?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$WORK/pytest_cuda.log" | cut -c1-300 | tail -n 40

@@ -354,6 +354,32 @@ def test_the_gpu_page_is_the_stored_check():
     assert "torch 2.11.0+cu130" in " ".join(page.split())
 
 
+def test_the_gpu_step_times_are_the_stored_runs():
+    """docs/gpu.md's step-time table: each time and ratio is in the stored fused_at_scale.py
+    output it names (the vectorized column from the first call, the fused one from the second)."""
+    stored = ROOT / "benchmarks" / "results" / "gpu-h200"
+    first = (stored / "fused_at_scale_call1.md").read_text()
+    second = (stored / "fused_at_scale_call2.md").read_text()
+    page = " ".join((DOCS / "gpu.md").read_text().split())
+
+    def cell(text: str, name: str, column: str) -> tuple[str, str]:
+        lines = [line for line in text.splitlines() if line.startswith("| ")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        row = next(line for line in lines if line.startswith(f"| {name} |"))
+        value = [c.strip() for c in row.strip("|").split("|")][header.index(column)]
+        ms, ratio = re.fullmatch(r"([0-9.]+) ms \(([0-9.]+)x\)", value).groups()
+        return ms, ratio
+
+    for name in ("adam_hd", "tuneless"):
+        vec_ms, vec_x = cell(first, name, "vectorized")
+        fused_ms, fused_x = cell(second, name, "large first")
+        assert "timeout" in next(line for line in second.splitlines() if line.startswith(f"| {name} |"))
+        assert (f"| {name} | {vec_ms} ms ({float(vec_x):.1f}x) | {fused_ms} ms ({float(fused_x):.1f}x) |") in page
+    for text in (first, second):
+        ref = re.search(r"AdamW\(fused=True\), ([0-9.]+) ms", text).group(1)
+        assert f"{ref} ms" in page
+
+
 def test_the_default_speed_table_is_its_stored_file():
     """docs/default.md's speed table, its targets row and the README's ranges are those of
     benchmarks/results/step_speed_tuneless.json."""

@@ -21,7 +21,7 @@ from tests.test_contract import SyncCounter
 from tuneless import (COCOB, AdamHD, DAdaptAdaGrad, DAdaptAdam, InvalidArgumentError, Mechanic, Prodigy, ScheduleFreeAdamW,
                       ScheduleFree, ScheduleFreeProdigy, ScheduleFreeSGD, Tuneless)
 from tuneless.optim import _fused
-from tuneless.optim._fused import GROUP_SIZE, FusedKernel
+from tuneless.optim._fused import GROUP_SIZE, FusedKernel, size_class
 
 
 def _axpy_kernel(x, g, a, sum_dtype):
@@ -110,6 +110,45 @@ def test_each_dtype_gets_a_variant_of_its_own(compiles) -> None:
             torch.testing.assert_close(y, x + 0.5 * g, **tol)
         torch.testing.assert_close(sums[1], sum(g.abs().sum() for g in gs), **tol)
     assert len(kernel._variants) == 2 and not kernel.failed
+
+
+def test_size_classes_span_a_factor_of_16() -> None:
+    assert [size_class(n) for n in (0, 1, 2, 8, 9, 128, 129, 2048, 2049, 2**23, 2**23 + 1)] == \
+        [0, 0, 0, 0, 1, 1, 2, 2, 3, 5, 6]
+
+
+def test_a_kernel_is_not_reused_across_size_classes_and_groups_share_a_class(monkeypatch) -> None:
+    """Inductor tunes a kernel for the sizes it first sees; reused on tensors 10^5 times larger it
+    was 1600x slower on an H200 (docs/gpu.md). So the size classes are part of the key, and the
+    rows are sorted by class before grouping so that a model of mixed sizes compiles a few
+    variants, each for groups of one class (here no real compile: the key is what is tested)."""
+    kernel = FusedKernel(_axpy_kernel, num_tensors=2, num_sums=2)
+    built: list[tuple] = []
+    monkeypatch.setattr(kernel, "_compiled_grouped", lambda key: built.append(key) or kernel._grouped)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(sizes):
+        xs = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
+        gs = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
+        ys = [x.clone() for x in xs]
+        sums = kernel([ys, gs], (torch.tensor(0.5, dtype=torch.float64), torch.float64), sum_dtype=torch.float64,
+                      device=torch.device("cpu"))
+        for y, x, g in zip(ys, xs, gs):
+            torch.testing.assert_close(y, x + 0.5 * g, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(sums[1], sum(g.abs().sum() for g in gs), rtol=1e-12, atol=0)
+
+    run([3, 5, 7])
+    assert [key[-1] for key in built] == [(0,) * GROUP_SIZE]
+    run([3, 5, 7])  # the same classes: reused
+    run([100_000, 100_007])  # 10^4 times larger: a variant of its own
+    assert len(built) == 2 and built[1][-1] == (size_class(100_000),) * 2 + (0,) * (GROUP_SIZE - 2)
+    # interleaved small and large tensors: grouped by class, largest first, not in the lists' order
+    built.clear()
+    run([3, 5000] * 20)
+    big, small = size_class(5000), size_class(3)
+    # (the last group, 8 small tensors and 8 of padding, reuses the first variant)
+    assert [key[-1] for key in built] == [(big,) * 16, (big,) * 4 + (small,) * 12]
+    assert len(kernel._variants) == 4
 
 
 def test_variants_beyond_the_limit_run_uncompiled_with_one_warning(monkeypatch) -> None:

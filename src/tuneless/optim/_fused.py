@@ -26,6 +26,15 @@ How the kernel is called, so that neither the compile time nor the calls grow wi
   compiler), the same size within a row (one parameter and its buffers), none aliasing another.
   Everything else (non-contiguous or single-element tensors) goes through the plain per-tensor
   function (uncompiled), one tensor at a time.
+* **Sizes are a guard too.** Inductor tunes a kernel for dynamic sizes from the sizes it
+  first sees (its size hints: how a sum is split across threads or GPU blocks). A kernel
+  compiled on tiny tensors and reused on large ones is correct but can be very slow: on an
+  H200, AdamHD's fused step on 12 tensors of 4 M floats took 3.5 s when compiled on a 3-tensor
+  toy first, against 2.15 ms when compiled at that size (``benchmarks/fused_at_scale.py``,
+  docs/gpu.md). So each tensor's *size class* (a factor of 16 in size, :func:`size_class`) is
+  part of a variant's key, and the rows of one kind are stably sorted by size class, largest
+  first, before they are grouped: a group's tensors share a class, and a model compiles a few
+  variants (one per size class and one per boundary between two). Untested on a GPU since.
 * If compilation fails (no C++ compiler, an unsupported device), a warning says so once per
   process and reason (an optimizer with two kernels, such as Prodigy, warns once, not once per
   kernel) and the same per-tensor function runs uncompiled: slower, same results.
@@ -49,13 +58,13 @@ import torch._dynamo.config as _dynamo_config
 import torch.fx.experimental._config as _shape_config
 from torch import Tensor
 
-__all__ = ["GROUP_SIZE", "MAX_VARIANTS", "KERNELS", "FusedKernel"]
+__all__ = ["GROUP_SIZE", "MAX_VARIANTS", "KERNELS", "FusedKernel", "size_class"]
 
 #: Tensors per compiled call.
 GROUP_SIZE = 16
 
 #: Compiled variants per kernel in a process (each compiles for seconds); more run uncompiled.
-MAX_VARIANTS = 8
+MAX_VARIANTS = 16
 
 #: Every kernel made (module-level ones, a few): whether one fell back is ``kernel.failed``.
 KERNELS: list["FusedKernel"] = []
@@ -63,6 +72,13 @@ KERNELS: list["FusedKernel"] = []
 #: The reasons already warned about in this process (a missing compiler fails every kernel
 #: alike: one warning, naming the first kernel).
 _WARNED_REASONS: set[str] = set()
+
+
+def size_class(numel: int) -> int:
+    """A tensor's size class for the compiled kernels: ``ceil(log2(numel)) // 4``, so each class
+    spans a factor of 16 (0: up to 8 elements, 1: 9-128, 2: 129-2048, 3: up to 32768, ...).
+    A kernel is compiled for a signature of size classes and reused only within it."""
+    return (max(numel, 1) - 1).bit_length() // 4
 
 
 class FusedKernel:
@@ -92,7 +108,7 @@ class FusedKernel:
     # ------------------------------------------------------------------ the grouped function
 
     def _compiled_grouped(self, key: tuple[Any, ...]) -> Callable[..., Any]:
-        """The compiled function for one signature (dtypes, device, constants): one ``torch.compile``
+        """The compiled function for one signature (dtypes, device, constants, size classes): one ``torch.compile``
         each, of a code object of its own, without Dynamo's guards (the key is the guard)."""
         grouped = _grouped_function(self.per_tensor, self.num_tensors, GROUP_SIZE)
         return torch.compile(grouped, dynamic=True, fullgraph=True,
@@ -105,7 +121,7 @@ class FusedKernel:
                 if compiled is not None:
                     return compiled(*tensors, *scalars)
                 if len(self._variants) >= MAX_VARIANTS:
-                    self._warn_once(f"more than {MAX_VARIANTS} variants (dtypes, devices, hyperparameter values) "
+                    self._warn_once(f"more than {MAX_VARIANTS} variants (dtypes, devices, hyperparameter values, size classes) "
                                     "were asked for in this process; the others run uncompiled (slower, same results)")
                     return self._grouped(*tensors, *scalars)
                 compiled = self._compiled_grouped(key)
@@ -170,11 +186,16 @@ class FusedKernel:
                 by_kind.setdefault(kind, []).append(tuple(t.view(-1) for t in row))
         scalar_key = tuple((t.dtype, t.device) if isinstance(t, Tensor) else (type(t), t) for t in compiled_scalars)
         for (dtypes, row_device), flat in by_kind.items():  # one graph per dtype combination and device
-            key = (dtypes, row_device, scalar_key, torch.is_grad_enabled())
-            for start in range(0, len(flat), GROUP_SIZE):
-                group = [list(row) for row in flat[start:start + GROUP_SIZE]]
+            classes = [size_class(row[0].numel()) for row in flat]
+            order = sorted(range(len(flat)), key=lambda i: -classes[i])  # stable: the lists' order within a class
+            for start in range(0, len(order), GROUP_SIZE):
+                chosen = order[start:start + GROUP_SIZE]
+                group = [list(flat[i]) for i in chosen]
+                signature = tuple(classes[i] for i in chosen)
                 if len(group) < GROUP_SIZE:
                     group += self._pad(group[0], GROUP_SIZE - len(group))
+                    signature += (size_class(2),) * (GROUP_SIZE - len(chosen))
+                key = (dtypes, row_device, scalar_key, torch.is_grad_enabled(), signature)
                 parts.append(tuple(self._run_group([t for row in group for t in row], compiled_scalars, key)))
         if not parts:
             return [torch.zeros((), dtype=sum_dtype, device=device) for _ in range(self.num_sums)]
