@@ -59,6 +59,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "no cap (Polyak step alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak'", "no distance estimate"),
     "no error (distance alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='distance'", "no Polyak step: Prodigy-like"),
     "tiny start": (f"{_SF_VARIANT}:r=8.0,start='tiny'", "d starts at Prodigy's 1e-6"),
+    "learned lower bound (MoMo*)": (f"{_SF_VARIANT}:r=8.0,bound='momo_star'",
+                                    "the Polyak step aims at a level learned online (MoMo*'s rule), not at lower_bound"),
 }
 
 #: the anchors the default is compared with (registered methods at their defaults)
@@ -121,7 +123,8 @@ def render(db: Path, problems: list[str], labels: dict[str, str]) -> str:
 LOSS_TRANSFORMS: tuple[tuple[str, float, float], ...] = (("x1e-3", 1e-3, 0.0), ("x1e3", 1e3, 0.0), ("+1", 1.0, 1.0))
 #: the methods of the robustness table: the default and the loss-based anchors (and Prodigy, which reads no loss)
 ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus", "prodigy",
-                                       f"{_SF_VARIANT}:r=8.0,step_rule='polyak'")
+                                       f"{_SF_VARIANT}:r=8.0,step_rule='polyak'",
+                                       f"{_SF_VARIANT}:r=8.0,bound='momo_star'")
 
 
 def robustness(db: Path, workers: int | None, render_only: bool) -> str:

@@ -133,7 +133,7 @@ def test_a_minimum_of_zero_is_reached_to_high_precision():
 
 
 @pytest.mark.parametrize("kwargs", [dict(step_rule="polyak"), dict(step_rule="distance"), dict(combine="hard"),
-                                    dict(start="tiny")])
+                                    dict(start="tiny"), dict(bound="momo_star")])
 def test_ablation_variants_train_and_the_per_parameter_path_agrees(kwargs):
     results = []
     for foreach in (True, False):
@@ -143,6 +143,40 @@ def test_ablation_variants_train_and_the_per_parameter_path_agrees(kwargs):
     assert results[0] == pytest.approx(results[1], rel=1e-9)
     if kwargs.get("start") != "tiny":
         assert results[0][-1] < results[0][0]
+
+
+def test_the_learned_lower_bound_follows_momo_stars_rule():
+    """The ablation's ``bound="momo_star"``: after each step the level is the model's minimum
+    along the step taken, h - eta ||u||^2 / 2 (never below lower_bound), and the Polyak step aims
+    at it; reset to max(h / 2, lower_bound) when the loss falls below it. Checked by hand from
+    the published step sizes on a quadratic f(x) = ||x||^2 (beta1 = 0: h is the loss)."""
+    x = torch.nn.Parameter(torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64))
+    opt = TunelessVariant([x], betas=(0.0, 0.999), bound="momo_star")
+    group = opt.param_groups[0]
+    level = 0.0
+    for step in range(1, 8):
+        opt.zero_grad()
+        loss = (x ** 2).sum()
+        loss.backward()
+        g = x.grad.detach().clone()
+        v = (1 - 0.999) * g * g if step == 1 else 0.999 * opt.state[x]["exp_avg_sq"] + (1 - 0.999) * g * g
+        u_sq = float((g * g / ((v / (1 - 0.999 ** step)).sqrt() + 1e-8)).sum())
+        f = float(loss.detach())
+        if f < level:
+            level = max(f / 2, 0.0)
+        opt.step(loss=loss.detach())
+        eta = float(group[tuneless.STEP_SIZE_KEY])
+        if step > 1:  # (the first step's distance starts at the Polyak step: eta = tau / 2)
+            tau, d = (f - level) / u_sq, float(group["distance"])
+            assert eta == pytest.approx(tau * d / (tau + d), rel=1e-9)
+        level = max(f - 0.5 * eta * u_sq, 0.0)
+        assert float(group["lower_bound_estimate"]) == pytest.approx(level, rel=1e-9)
+    # the default keeps the given bound: no learned level in its state
+    w = torch.nn.Parameter(torch.ones(3))
+    default = tuneless.Tuneless([w])
+    (w ** 2).sum().backward()
+    default.step(loss=(w ** 2).sum().detach())
+    assert "lower_bound_estimate" not in default.base.param_groups[0] and "distance" in default.base.param_groups[0]
 
 
 def test_ablation_switches_are_checked_and_not_on_the_default():

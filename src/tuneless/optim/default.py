@@ -68,6 +68,8 @@ STEP_RULES = ("both", "polyak", "distance")
 COMBINES = ("soft", "hard")
 #: where the distance estimate starts: the first Polyak step, or Prodigy's 1e-6
 STARTS = ("polyak", "tiny")
+#: the lower bound in the Polyak step: the given one, or learned online from it (MoMo*'s rule)
+BOUNDS = ("fixed", "momo_star")
 #: Prodigy's starting distance
 TINY_D0 = 1e-6
 
@@ -130,7 +132,8 @@ class TunelessStep(TunelessOptimizer):
         self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, "both", "soft", "polyak", skip_nonfinite)
 
     def _init(self, params: Any, lr: float, betas: Any, weight_decay: float, lower_bound: float, eps: float,
-              foreach: bool | None, step_rule: str, combine: str, start: str, skip_nonfinite: bool) -> None:
+              foreach: bool | None, step_rule: str, combine: str, start: str, skip_nonfinite: bool,
+              bound: str = "fixed") -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
@@ -138,19 +141,23 @@ class TunelessStep(TunelessOptimizer):
         v.check_range(owner, "lower_bound", lower_bound, recommended=0.0)
         v.check_range(owner, "eps", eps, 0.0, None, inclusive="()", recommended=1e-8)
         for name, value, allowed in (("step_rule", step_rule, STEP_RULES), ("combine", combine, COMBINES),
-                                     ("start", start, STARTS)):
+                                     ("start", start, STARTS), ("bound", bound, BOUNDS)):
             if value not in allowed:
                 v.fail(owner, name, value, " or ".join(repr(a) for a in allowed), allowed[0])
         v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         super().__init__(params, dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
                                       weight_decay=float(weight_decay), lower_bound=float(lower_bound),
                                       eps=float(eps), foreach=foreach, skip_nonfinite=skip_nonfinite))
-        self._step_rule, self._combine, self._start = step_rule, combine, start
+        self._step_rule, self._combine, self._start, self._bound = step_rule, combine, start, bound
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # torch's keeps defaults, state and param_groups only
-        state.update(_step_rule=self._step_rule, _combine=self._combine, _start=self._start)
+        state.update(_step_rule=self._step_rule, _combine=self._combine, _start=self._start, _bound=self._bound)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_bound", "fixed")
+        super().__setstate__(state)
 
     # ------------------------------------------------------------------ state
 
@@ -167,6 +174,8 @@ class TunelessStep(TunelessOptimizer):
             "loss_avg": self._scalar(0.0),             # EMA of f (biased)
             "grad_dot_x_avg": self._scalar(0.0),       # EMA of <g, x> (biased)
         }
+        if self._bound == "momo_star":  # l_k, learned from the given lower bound
+            shared["lower_bound_estimate"] = self._scalar(first["lower_bound"])
         for group in self.param_groups:
             for key, value in shared.items():
                 group[key] = value.clone() if isinstance(value, Tensor) else value
@@ -304,7 +313,13 @@ class TunelessStep(TunelessOptimizer):
 
         etas = []
         for group in self.param_groups:
-            tau = torch.where(m_sq > 0, torch.clamp(model - group["lower_bound"], min=0.0) / safe_m_sq,
+            level: Any = group["lower_bound"]
+            if self._bound == "momo_star":
+                # MoMo*'s estimate (Schaipp et al. 2024, Alg. 3): reset to max(h/2, l_0) when the
+                # model falls below it; after the step, the model's minimum along the step taken.
+                level = group["lower_bound_estimate"]
+                level = torch.where(model < level, torch.clamp(model / 2, min=group["lower_bound"]), level)
+            tau = torch.where(m_sq > 0, torch.clamp(model - level, min=0.0) / safe_m_sq,
                               torch.zeros_like(m_sq))
             if self._step_rule == "polyak":
                 base = tau
@@ -324,6 +339,10 @@ class TunelessStep(TunelessOptimizer):
             group["distance_numerator"] = torch.where(keep, numerator, group["distance_numerator"])
             group["loss_avg"] = torch.where(keep, loss_avg, group["loss_avg"])
             group["grad_dot_x_avg"] = torch.where(keep, gx_avg, group["grad_dot_x_avg"])
+            if self._bound == "momo_star":
+                learned = torch.clamp(model - 0.5 * eta * torch.where(torch.isfinite(m_sq), m_sq, 0.0),
+                                      min=group["lower_bound"])
+                group["lower_bound_estimate"] = torch.where(ok, learned, group["lower_bound_estimate"])
             etas.append(eta)
         return etas, rescale
 
@@ -343,6 +362,10 @@ class TunelessVariant(TunelessStep):
         combine: ``"soft"`` (1/(1/tau + 1/d), the default's) or ``"hard"`` (min).
         start: ``"polyak"`` (the default's: d starts at the first Polyak step) or ``"tiny"``
             (Prodigy's 1e-6).
+        bound: ``"fixed"`` (the default's: the Polyak step aims at ``lower_bound``) or
+            ``"momo_star"`` (the level learned online from it, MoMo*'s rule: reset to
+            max(h/2, lower_bound) when the model falls below it, then the model's minimum along
+            the step taken, h - eta ||u||^2 / 2).
     """
 
     registry_name = ""
@@ -350,9 +373,9 @@ class TunelessVariant(TunelessStep):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
                  foreach: bool | None = None, step_rule: str = "both", combine: str = "soft",
-                 start: str = "polyak", skip_nonfinite: bool = True) -> None:
+                 start: str = "polyak", skip_nonfinite: bool = True, bound: str = "fixed") -> None:
         self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start,
-                   skip_nonfinite)
+                   skip_nonfinite, bound)
 
 
 class Tuneless(ScheduleFree):
@@ -520,7 +543,7 @@ class TunelessScheduleFreeVariant(ScheduleFree):
         beta1: the base's first beta (default 0.0).
         momentum: Schedule-Free's interpolation weight (default 0.9).
         r, weight_lr_power: the averaging weights (t+1)^r * gamma_max^weight_lr_power (defaults 0, 2).
-        step_rule, combine, start: as :class:`TunelessVariant`.
+        step_rule, combine, start, bound: as :class:`TunelessVariant`.
         skip_nonfinite: as :class:`Tuneless`.
     """
 
@@ -528,9 +551,9 @@ class TunelessScheduleFreeVariant(ScheduleFree):
 
     def __init__(self, params: Any, *, beta1: float = 0.0, momentum: float = 0.9, r: float = 0.0,
                  weight_lr_power: float = 2.0, step_rule: str = "both", combine: str = "soft",
-                 start: str = "polyak", skip_nonfinite: bool = True) -> None:
+                 start: str = "polyak", skip_nonfinite: bool = True, bound: str = "fixed") -> None:
         base = TunelessVariant(params, betas=(beta1, 0.999), step_rule=step_rule, combine=combine, start=start,
-                               skip_nonfinite=skip_nonfinite)
+                               skip_nonfinite=skip_nonfinite, bound=bound)
         super().__init__(base, momentum=momentum, r=r, weight_lr_power=weight_lr_power, skip_nonfinite=skip_nonfinite)
 
 
