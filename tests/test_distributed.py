@@ -58,7 +58,7 @@ import torch
 
 import tuneless
 import tuneless.distributed as td
-from tests.optim_db import OPTIM_DB, OptimizerInfo
+from tests.optim_db import FUSED_DB, OPTIM_DB, OptimizerInfo
 from tuneless.optim.base import TunelessOptimizer, local_tensor
 
 pytestmark = pytest.mark.timeout(600)
@@ -74,6 +74,12 @@ NONFINITE_SCENARIOS = ("fsdp_nonfinite", "ddp_nonfinite")
 OPT_OUT_STEPS = 5
 NONFINITE_STEPS, NONFINITE_AT = 8, 3  # the non-finite scenarios: a NaN on rank 1 at this step
 ROWS = {info.name: info for info in OPTIM_DB}
+#: the default's compiled step (``fused=True``) under FSDP2 and DDP, against the same row's
+#: one-process run unfused: its statistics and its non-finite flag come from the compiled
+#: kernel's sums over each rank's shards, so they must be reduced as the unfused ones are (one
+#: row: each rank compiles its kernels)
+FUSED_ROWS = {info.name: info for info in FUSED_DB if info.name == "Tuneless-fused"}
+FUSED_SCENARIOS = ("fsdp", "ddp", "fsdp_nonfinite", "ddp_nonfinite")
 LOSS_BASED = [name for name, info in ROWS.items() if info.requires_loss]  # step size from the loss
 RTOL, ATOL = 1e-8, 1e-9  # float64; a statistic not reduced over ranks is off by ~1e-2
 REPO = Path(__file__).resolve().parents[1]
@@ -430,7 +436,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: list[tupl
         start = time.perf_counter()
         try:
             group = dist.new_group(backend="gloo", timeout=timeout)
-            result = RUNNERS[scenario](ROWS.get(row), group, rank, out)
+            result = RUNNERS[scenario](ROWS.get(row) or FUSED_ROWS.get(row), group, rank, out)
             result["error"] = None  # the group is left alone: device meshes built on it are cached
         except BaseException:  # recorded for the test of this job (DCP raises BaseExceptions)
             result = dict(error=traceback.format_exc(limit=-8))
@@ -503,8 +509,9 @@ def results(tmp_path_factory):
              + [(row, "ddp_opt_out") for row in LOSS_BASED]
              + [(row, s) for row in ROWS for s in NONFINITE_SCENARIOS], out, JOB_TIMEOUT_S)
     run_jobs([(row, "resume") for row in ROWS], out, JOB_TIMEOUT_S / 2)
+    run_jobs([(row, s) for row in FUSED_ROWS for s in FUSED_SCENARIOS], out, JOB_TIMEOUT_S)  # compiles first
     loaded: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for row in ["-", *ROWS]:
+    for row in ["-", *ROWS, *FUSED_ROWS]:
         for scenario in SCENARIOS + ("resume", "checks", "ddp_opt_out") + NONFINITE_SCENARIOS:
             for r in range(WORLD):
                 f = _result_file(out, row, scenario, r)
@@ -667,6 +674,26 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(results, row, scenario):
     expected = reference_skipping(ROWS[row])
     got = full_trajectory(res, sharded=scenario.startswith("fsdp"))
     assert_same_trajectory(got, expected, f"{row} under {scenario}, NaN on rank 1 at step {NONFINITE_AT + 1}")
+
+
+@pytest.mark.parametrize("row", list(FUSED_ROWS))
+def test_the_compiled_default_sharded_or_replicated_equals_one_process(results, row):
+    """``Tuneless(fused=True)`` under FSDP2 and DDP, with nothing but building it: the trajectory
+    equals the one-process run of the unfused default (float64: the two paths differ by rounding
+    only), and a NaN on rank 1 (its gradient shard under FSDP2, its loss under DDP) makes both
+    ranks skip that step. A sum over shards left unreduced would be off by ~1e-2, a flag left
+    unreduced would skip on one rank only."""
+    unfused = row.removesuffix("-fused")
+    res = job(results, row, "fsdp")
+    assert_same_trajectory(full_trajectory(res, sharded=True), one_process(unfused), f"{row} under FSDP2")
+    res = job(results, row, "ddp")
+    for r in range(WORLD):
+        assert_same_trajectory(res[r]["traj"], one_process(unfused), f"{row} under DDP, rank {r}")
+    for scenario in ("fsdp_nonfinite", "ddp_nonfinite"):
+        res = job(results, row, scenario)
+        assert [r["skipped"] for r in res] == [[1, 1], [1, 1]], f"{row} under {scenario}: {[r['skipped'] for r in res]}"
+        assert_same_trajectory(full_trajectory(res, sharded=scenario.startswith("fsdp")), reference_skipping(ROWS[unfused]),
+                               f"{row} under {scenario}, NaN on rank 1 at step {NONFINITE_AT + 1}")
 
 
 @pytest.mark.parametrize("row", [pytest.param(name, id=name) for name in LOSS_BASED])
