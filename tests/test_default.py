@@ -223,3 +223,27 @@ def test_the_fused_step_is_the_unfused_step_in_every_kind_of_group():
         assert {"distance", "effective_lr", "tuneless_step", "sf_k"} <= set(learned)
         for key in learned:
             torch.testing.assert_close(g1[key], g0[key], rtol=1e-9, atol=0, msg=key)
+
+
+def test_momo_stars_level_overshoots_on_rosenbrock_where_the_given_bound_converges():
+    """docs/default.md's reading of the learned lower bound (``benchmarks/shifted_rosenbrock.py``):
+    on Rosenbrock from (-1.2, 1), whose minimum is 0, MoMo*'s level climbs above the minimum and
+    the run stalls at it, while the default with lower_bound = 0 converges far below it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shifted_rosenbrock.py"
+    spec = importlib.util.spec_from_file_location("shifted_rosenbrock", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def final(bound):
+        lines = module.run(bound, 0.0, 1000)
+        error = float(lines[-2].split("error at the average")[1].split(",")[0])
+        level = float(lines[-1].split(":")[1].split("(")[0])
+        return error, level
+
+    error, level = final("momo_star")
+    assert level > 1e-3 and error > 1e-3 and error == pytest.approx(level, rel=0.05)
+    error, level = final("fixed")
+    assert level == 0.0 and error < 1e-9
