@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.optimizers.split(",")]
     if "" in names:
         parser.error(f"--optimizers = {args.optimizers!r}: an empty name")
-    print(f"| optimizer | tensors | first step (compile) | second step | variants compiled |")
+    print("| optimizer | tensors | first step (compile) | second step | variants compiled |")
     print("|---|---:|---:|---:|---|")
     for name in names:
         with tempfile.TemporaryDirectory() as cache:

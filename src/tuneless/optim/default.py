@@ -58,6 +58,7 @@ from ._batched import (cache_blocks, coefficient_dtype, total_abs_sum, total_abs
                        total_dots)
 from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor
 from ._fused import FusedKernel
+from .polyak import momo_star_level, momo_star_reset
 from .schedule_free import ScheduleFree, _count_on, _decay_step
 
 __all__ = ["Tuneless", "TunelessStep", "TunelessVariant", "TunelessScheduleFreeVariant"]
@@ -317,8 +318,7 @@ class TunelessStep(TunelessOptimizer):
             if self._bound == "momo_star":
                 # MoMo*'s estimate (Schaipp et al. 2024, Alg. 3): reset to max(h/2, l_0) when the
                 # model falls below it; after the step, the model's minimum along the step taken.
-                level = group["lower_bound_estimate"]
-                level = torch.where(model < level, torch.clamp(model / 2, min=group["lower_bound"]), level)
+                level = momo_star_reset(model, group["lower_bound_estimate"], group["lower_bound"])
             tau = torch.where(m_sq > 0, torch.clamp(model - level, min=0.0) / safe_m_sq,
                               torch.zeros_like(m_sq))
             if self._step_rule == "polyak":
@@ -340,8 +340,8 @@ class TunelessStep(TunelessOptimizer):
             group["loss_avg"] = torch.where(keep, loss_avg, group["loss_avg"])
             group["grad_dot_x_avg"] = torch.where(keep, gx_avg, group["grad_dot_x_avg"])
             if self._bound == "momo_star":
-                learned = torch.clamp(model - 0.5 * eta * torch.where(torch.isfinite(m_sq), m_sq, 0.0),
-                                      min=group["lower_bound"])
+                learned = momo_star_level(model, eta, torch.where(torch.isfinite(m_sq), m_sq, 0.0),
+                                          group["lower_bound"])
                 group["lower_bound_estimate"] = torch.where(ok, learned, group["lower_bound_estimate"])
             etas.append(eta)
         return etas, rescale

@@ -105,6 +105,19 @@ class _PolyakBase(TunelessOptimizer):
                 _single_tensor_sgd_step(params, grads, step, finite)
 
 
+def momo_star_reset(model: Tensor, level: Tensor, lower_bound: float, scale: Any = 1.0) -> Tensor:
+    """MoMo*'s reset of the learned lower bound (Schaipp et al., ICML 2024): where the model's
+    value (times ``scale``, MoMo's weight-decay factor 1 + lr * wd) falls below the level, the
+    level becomes max(model / 2, lower_bound); elsewhere it is kept."""
+    return torch.where(model < scale * level, torch.clamp(model / (2 * scale), min=lower_bound), level)
+
+
+def momo_star_level(model: Tensor, step: Tensor, sq_norm: Tensor, lower_bound: float) -> Tensor:
+    """MoMo*'s level after a step: the model's minimum along the step taken,
+    max(h - step * ||d||^2 / 2, lower_bound)."""
+    return torch.clamp(model - 0.5 * step * sq_norm, min=lower_bound)
+
+
 def _single_tensor_sgd_step(params: list[Tensor], grads: list[Tensor], step: Tensor,
                             finite: Tensor | None = None) -> None:
     """x <- x - step * g, one tensor at a time (the readable truth); ``g`` is taken as 0 where
@@ -384,7 +397,7 @@ class Momo(TunelessOptimizer):
             ell = old_ell
             if group["estimate_lower_bound"]:
                 cap = scale * loss_avg + d_dot_x - scale * gx_avg
-                ell = torch.where(cap < scale * ell, torch.clamp(cap / (2 * scale), min=lb0), ell)
+                ell = momo_star_reset(cap, ell, lb0, scale)
             numerator = scale * (loss_avg - ell) + d_dot_x - scale * gx_avg
             safe_sq = torch.where(d_sq > 0, d_sq, torch.ones_like(d_sq))
             t1 = torch.where(d_sq > 0, torch.clamp(numerator, min=0.0) / safe_sq, torch.zeros_like(d_sq))
@@ -393,7 +406,7 @@ class Momo(TunelessOptimizer):
             tau = finite_or_zero(capped, loss, d_sq, numerator)
             if group["estimate_lower_bound"]:
                 h = loss_avg + d_dot_x - gx_avg  # the model's value at x_k
-                new_ell = torch.clamp(h - 0.5 * tau * d_sq, min=lb0)
+                new_ell = momo_star_level(h, tau, d_sq, lb0)
                 ell = torch.where(ok_loss & torch.isfinite(new_ell), new_ell, ell)
             group["loss_avg"] = gate(finite, loss_avg, old_loss_avg)
             group["grad_dot_x_avg"] = gate(finite, gx_avg, old_gx_avg)
