@@ -396,3 +396,14 @@ def test_the_default_speed_table_is_its_stored_file():
     readme = " ".join(README.read_text().split())
     assert (f"at {min(vec):.1f}x-{max(vec):.1f}x its bound vectorized and at {min(fused):.1f}x-{max(fused):.1f}x "
             "with `fused=True`") in readme
+
+
+def test_the_fused_sum_dtype_ratios_are_the_stored_run():
+    """docs/default.md's before/after ratios of the fused step's statistics kernel are those of
+    benchmarks/results/fused_sum_dtype.txt (python benchmarks/fused_sum_dtype.py)."""
+    stored = (ROOT / "benchmarks" / "results" / "fused_sum_dtype.txt").read_text()
+    ratios = re.findall(r"the step with float64 sums takes ([0-9.]+)x the time of the current one", stored)
+    assert len(ratios) == 2
+    page = " ".join((DOCS / "default.md").read_text().split())
+    assert (f"the step with float64 sums took {ratios[0]}x (many small tensors) and {ratios[1]}x (few large) "
+            "the time of the current one") in page

@@ -693,18 +693,21 @@ def _tuneless_statistics_kernel(*args: Any) -> tuple[Tensor, ...]:
     base steps from (z; y for a group frozen by lr = 0), g, v, s, x0, and y when there is decay
     at y (then the point is z - decay * y, as the unfused wrapper's first pass leaves it). With
     v' = beta2 v + (1 - beta2) g^2, D = sqrt(v' / bc2) + eps and s' = sqrt(beta2) s + w g, the
-    sums are <g, x>, <g, x0 - x>, sum g^2 / D, ||s'||_1 and sum g (the non-finite flag's: in
-    ``sum_dtype``, float64, where finite float32 numbers cannot add up to an infinity). All-zero
-    tensors add 0 to every sum (the padding is harmless)."""
-    x, g, v_, s, x0, *rest = args[:-9]
-    decay, beta2, sqrt_beta2, s_weight, bc2, eps, sum_dtype, with_decay, cd = args[-9:]
+    sums are <g, x>, <g, x0 - x>, sum g^2 / D, ||s'||_1, each accumulated in ``stat_dtype`` (the
+    compute dtype: float32 for float32 parameters, as the unfused path's dots), and sum g, the
+    non-finite flag's, in ``sum_dtype`` (float64, where finite float32 numbers cannot add up to
+    an infinity). Only the flag's sum is in float64: with all five there, the fused step took
+    about 1.4x as long on the CPU (``benchmarks/fused_sum_dtype.py``). All-zero tensors add 0 to
+    every sum (the padding is harmless)."""
+    x, g, v_, s, x0, *rest = args[:-10]
+    decay, beta2, sqrt_beta2, s_weight, bc2, eps, stat_dtype, sum_dtype, with_decay, cd = args[-10:]
     gf, xf = g.to(cd), x.to(cd)
     if with_decay:
         xf = xf - rest[0].to(cd) * decay
     v_new, s_new = _new_moments(gf, v_, s, beta2, sqrt_beta2, s_weight, cd)
     denom = (v_new / bc2).sqrt() + eps
-    return ((gf * xf).sum(dtype=sum_dtype), (gf * (x0.to(cd) - xf)).sum(dtype=sum_dtype),
-            (gf * gf / denom).sum(dtype=sum_dtype), s_new.abs().sum(dtype=sum_dtype), g.sum(dtype=sum_dtype))
+    return ((gf * xf).sum(dtype=stat_dtype), (gf * (x0.to(cd) - xf)).sum(dtype=stat_dtype),
+            (gf * gf / denom).sum(dtype=stat_dtype), s_new.abs().sum(dtype=stat_dtype), g.sum(dtype=sum_dtype))
 
 
 def _tuneless_update_kernel(*args: Any) -> tuple[()]:
@@ -752,14 +755,16 @@ _MOMENTS_KERNEL = FusedKernel(_tuneless_moments_kernel, num_tensors=3, num_sums=
 
 
 def _fused_statistics(ys, zs, grads, vs, ss, x0s, *, decay, beta2, sqrt_beta2, s_weight, bc2, eps, sum_dtype,
-                      device) -> Tensor:
+                      device, stat_dtype=None) -> Tensor:
     """The five sums of :func:`_tuneless_statistics_kernel` over a group (``zs`` empty: a frozen
-    group, whose point is y), as a 1-D tensor in ``sum_dtype``."""
+    group, whose point is y), as a 1-D tensor in ``sum_dtype``. ``stat_dtype``: what the four
+    statistics are accumulated in (default: the compute dtype; ``benchmarks/fused_sum_dtype.py``
+    times float64)."""
     cd, dev = coefficient_dtype(vs[0]), vs[0].device
     points = zs if zs else ys
     lists = [points, grads, vs, ss, x0s] + ([ys] if decay is not None else [])
     scalars = (_as_coefficient(decay, cd, dev), beta2, sqrt_beta2, s_weight.to(cd), _as_coefficient(bc2, cd, dev), eps,
-               sum_dtype, decay is not None, cd)
+               cd if stat_dtype is None else stat_dtype, sum_dtype, decay is not None, cd)
     return torch.stack(_STATISTICS_KERNELS[decay is not None](lists, scalars, sum_dtype=sum_dtype, device=device))
 
 
