@@ -1151,7 +1151,10 @@ def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: floa
     :func:`_multi_tensor_back_to_y` puts z back. The temporary is a block's.
 
     Where ``finite`` is given, each move is a lerp with weight 1 (the new value exactly) or 0
-    (the old one kept): not finite, the parameters keep y and z's buffers z."""
+    (the old one kept): not finite, the parameters keep y and z's buffers z. A flag the CPU
+    paths know to be True (:func:`~tuneless.optim.base.known_finite`) moves by copies, which
+    give the same values and cost less than the lerps."""
+    by_copy = finite is None or known_finite(finite)
     step = _decay_step(gamma, wd, finite) if wd != 0 else 0.0
     for y, z in cache_blocks(ys, zs):
         if wd != 0:
@@ -1163,11 +1166,11 @@ def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: floa
                 torch._foreach_add_(z, y, alpha=-step)
                 torch._foreach_mul_(y, 1 - step * (1 - beta))
         x = torch._foreach_lerp(y, z, 1.0 - 1.0 / beta)
-        if finite is None:
+        if by_copy:
             torch._foreach_copy_(y, z)
             torch._foreach_copy_(z, x)
         else:
-            weight = [finite.to(_weight_dtype(y[0]))] * len(y)
+            weight = [finite.to(_weight_dtype(y[0]))] * len(y)  # type: ignore[union-attr]
             torch._foreach_lerp_(y, z, weight)
             torch._foreach_lerp_(z, x, weight)
     return zs
@@ -1190,7 +1193,9 @@ def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]
     """The same over all tensors at once, on the CPU block by block (cache-sized), after
     :func:`_multi_tensor_to_base_iterate`: z's buffers hold x (``xs`` is ``zs``) and the
     parameters the new z; z's buffers get z back and the parameters y. Not finite (the
-    parameters hold y, z's buffers z, c = 1): x = y, so the parameters keep y and z's buffers z."""
+    parameters hold y, z's buffers z, c = 1): x = y, so the parameters keep y and z's buffers z.
+    A flag known to be True on the CPU paths moves z by a copy (the same values)."""
+    by_copy = finite is None or known_finite(finite)
     for y, z in cache_blocks(ys, zs):
         # the weight as a list of tensors: a 0-d tensor weight would take the Scalar overload (read on
         # the host); in place on a copy for 16-bit tensors (out of place, a float32 weight would
@@ -1201,10 +1206,10 @@ def _multi_tensor_back_to_y(ys: list[Tensor], zs: list[Tensor], xs: list[Tensor]
         else:
             x = [t.clone() for t in z]
             torch._foreach_lerp_(x, y, weight)
-        if finite is None:
+        if by_copy:
             torch._foreach_copy_(z, y)
         else:  # weight 1: y exactly; 0: z kept
-            torch._foreach_lerp_(z, y, [finite.to(_weight_dtype(z[0]))] * len(z))
+            torch._foreach_lerp_(z, y, [finite.to(_weight_dtype(z[0]))] * len(z))  # type: ignore[union-attr]
         torch._foreach_lerp_(y, x, beta)
 
 
