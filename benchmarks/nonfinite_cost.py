@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small parameter sets, few repetitions")
     ap.add_argument("--only", default="", help="comma-separated registry names (default: every tuneless one)")
-    ap.add_argument("--paths", default="vectorized,fused", help="vectorized, fused or both (default both)")
+    ap.add_argument("--paths", default="vectorized,fused", help="'vectorized', 'fused', or both as 'vectorized,fused' (the default)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 15; 3 with --quick)")
     ap.add_argument("--steps-per-rep", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="write the rows and the run's metadata here")

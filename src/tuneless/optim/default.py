@@ -56,7 +56,7 @@ from torch import Tensor
 from .. import _validate as v
 from ._batched import (cache_blocks, coefficient_dtype, total_abs_sum, total_abs_sum_loop, total_dot_loop,
                        total_dots)
-from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, local_tensor
+from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, known_finite, local_tensor
 from ._fused import FusedKernel
 from .polyak import momo_star_level, momo_star_reset
 from .schedule_free import ScheduleFree, _count_on, _decay_step
@@ -623,6 +623,8 @@ def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, b
     dots over the blocks (:func:`~tuneless.optim._batched.total_dots`). With beta1 = 0 (the
     default) m_hat is the gradient itself: no copy, and <m_hat, x> is <g, x>."""
     sqrt_b2 = math.sqrt(beta2)
+    if known_finite(finite):  # the decays as numbers, as unchecked: the same values, rounded where used
+        finite = None
     decay2, decay_s = _decays(finite, weight, beta2, sqrt_b2)
     if finite is not None:
         decay2, decay_s = decay2.to(coefficient_dtype(vs[0])), decay_s.to(coefficient_dtype(ss[0]))
