@@ -59,6 +59,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "no cap (Polyak step alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak'", "no distance estimate"),
     "no error (distance alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='distance'", "no Polyak step: Prodigy-like"),
     "tiny start": (f"{_SF_VARIANT}:r=8.0,start='tiny'", "d starts at Prodigy's 1e-6"),
+    "target level": (f"{_SF_VARIANT}:r=8.0,bound='target_level'",
+                     "the Polyak step aims at a level that starts at lower_bound and rises towards the best loss "
+                     "seen when it is not reached (Polyak's method for an unknown minimum)"),
+    "target level, no cap": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak',bound='target_level'",
+                             "the target level with the Polyak step alone: no distance estimate"),
     "learned lower bound (MoMo*)": (f"{_SF_VARIANT}:r=8.0,bound='momo_star'",
                                     "the Polyak step aims at a level learned online (MoMo*'s rule), not at lower_bound"),
 }
@@ -124,6 +129,8 @@ LOSS_TRANSFORMS: tuple[tuple[str, float, float], ...] = (("x1e-3", 1e-3, 0.0), (
 #: the methods of the robustness table: the default and the loss-based anchors (and Prodigy, which reads no loss)
 ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus", "prodigy",
                                        f"{_SF_VARIANT}:r=8.0,step_rule='polyak'",
+                                       f"{_SF_VARIANT}:r=8.0,bound='target_level'",
+                                       f"{_SF_VARIANT}:r=8.0,step_rule='polyak',bound='target_level'",
                                        f"{_SF_VARIANT}:r=8.0,bound='momo_star'")
 
 

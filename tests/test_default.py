@@ -133,7 +133,7 @@ def test_a_minimum_of_zero_is_reached_to_high_precision():
 
 
 @pytest.mark.parametrize("kwargs", [dict(step_rule="polyak"), dict(step_rule="distance"), dict(combine="hard"),
-                                    dict(start="tiny"), dict(bound="momo_star")])
+                                    dict(start="tiny"), dict(bound="momo_star"), dict(bound="fixed")])
 def test_ablation_variants_train_and_the_per_parameter_path_agrees(kwargs):
     results = []
     for foreach in (True, False):
@@ -176,7 +176,45 @@ def test_the_learned_lower_bound_follows_momo_stars_rule():
     default = tuneless.Tuneless([w])
     (w ** 2).sum().backward()
     default.step(loss=(w ** 2).sum().detach())
-    assert "lower_bound_estimate" not in default.base.param_groups[0] and "distance" in default.base.param_groups[0]
+    group = default.base.param_groups[0]
+    assert "lower_bound_estimate" not in group and "level_aimed" not in group and "distance" in group
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_the_target_level_follows_its_rule(shift):
+    """The ablation's target level (``bound="target_level"``): it starts at the bound (gap = h_1 - bound),
+    the record is the lowest loss seen, the gap grows by 1.1 when the last level was reached and
+    shrinks by 0.99 when not (at most the record's height above the bound), and the Polyak step
+    aims at max(bound, record - gap). Checked by hand from the published step sizes on f(x) =
+    ||x||^2 + shift (beta1 = 0: h is the loss, up to rounding), around the default's step; shift 1 is a minimum
+    above the bound, where the level must rise."""
+    x = torch.nn.Parameter(torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64))
+    opt = TunelessScheduleFreeVariant([x], r=8.0, bound="target_level")
+    group = opt.base.param_groups[0]
+    record, gap, aimed = math.inf, 0.0, math.inf
+    for step in range(1, 60):
+        opt.zero_grad()
+        loss = (x ** 2).sum() + shift
+        loss.backward()
+        g = x.grad.detach().clone()
+        f = float(loss.detach())
+        state = opt.base.state.get(x, {})
+        v = (1 - 0.999) * g * g if step == 1 else 0.999 * state["exp_avg_sq"] + (1 - 0.999) * g * g
+        u_sq = float((g * g / ((v / (1 - 0.999 ** step)).sqrt() + 1e-8)).sum())
+        gap = f if step == 1 else gap * (1.1 if f <= aimed else 0.99)
+        record = min(record, f)
+        gap = max(min(gap, record), 0.0)
+        aimed = max(record - gap, 0.0)
+        opt.step(loss=loss.detach())
+        eta = float(group[tuneless.STEP_SIZE_KEY])
+        # (the code's h is f + <g, x> - <g, x>, f within rounding of <g, x>: hence the tolerances)
+        if step > 1:  # (the first step's distance starts at the Polyak step: eta = tau / 2)
+            tau, d = (f - aimed) / u_sq, float(group["distance"])
+            assert eta == pytest.approx(tau * d / (tau + d), rel=1e-6)
+        for key, value in (("level_aimed", aimed), ("level_record", record), ("level_gap", gap)):
+            assert float(group[key]) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    if shift:  # a minimum above the bound: the level has left the bound, and stays below the minimum
+        assert 0.2 < aimed < 1.0
 
 
 def test_ablation_switches_are_checked_and_not_on_the_default():
@@ -247,3 +285,63 @@ def test_momo_stars_level_overshoots_on_rosenbrock_where_the_given_bound_converg
     assert level > 1e-3 and error > 1e-3 and error == pytest.approx(level, rel=0.05)
     error, level = final("fixed")
     assert level == 0.0 and error < 1e-9
+
+
+def test_the_target_level_solves_the_shifted_rosenbrock_where_the_fixed_level_does_not():
+    """docs/default.md's reading of the target level (``benchmarks/shifted_rosenbrock.py``): with
+    the loss shifted by +1 (an unknown minimum of 1 above the bound 0), its level climbs to the
+    minimum from below and the average reaches it; the default, which aims at the bound, ends
+    far above the solved floor. As is, both converge."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shifted_rosenbrock.py"
+    spec = importlib.util.spec_from_file_location("shifted_rosenbrock", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def final(bound, shift):
+        lines = module.run(bound, shift, 3000)
+        error = float(lines[-2].split("error at the average")[1].split(",")[0])
+        level = float(lines[-1].split(":")[1].split("(")[0])
+        return error, level
+
+    error, level = final("target_level", 1.0)
+    assert error < 1e-9 and 0.999 < level <= 1.0
+    error, level = final("fixed", 1.0)
+    assert error > 1e-5 and level == 0.0
+    for bound in ("target_level", "fixed"):
+        assert final(bound, 0.0)[0] < 1e-9
+
+
+def test_a_checkpoint_without_the_target_level_resumes_with_the_level_at_the_bound():
+    """A state_dict without the target level's keys (saved with another bound) loads into the
+    ablation's target-level variant, which keeps its switch, and the next step starts the level at
+    the bound: gap = h - bound, record = h, level = bound."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4))
+
+    def build():
+        return TunelessScheduleFreeVariant([w], r=8.0, bound="target_level")
+
+    opt = build()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = ((w - 1) ** 2).sum() + 0.5
+        loss.backward()
+        opt.step(loss=loss)
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        for key in ("level_record", "level_gap", "level_aimed"):
+            del group[key]
+    resumed = build()
+    resumed.load_state_dict(old)
+    resumed.zero_grad()
+    loss = ((w - 1) ** 2).sum() + 0.5
+    loss.backward()
+    resumed.step(loss=loss)
+    group = resumed.base.param_groups[0]
+    assert resumed.base._bound == "target_level"
+    assert float(group["level_aimed"]) == 0.0
+    assert float(group["level_record"]) == pytest.approx(float(loss), rel=1e-6)
+    assert float(group["level_gap"]) == pytest.approx(float(loss), rel=1e-6)

@@ -69,10 +69,14 @@ STEP_RULES = ("both", "polyak", "distance")
 COMBINES = ("soft", "hard")
 #: where the distance estimate starts: the first Polyak step, or Prodigy's 1e-6
 STARTS = ("polyak", "tiny")
-#: the lower bound in the Polyak step: the given one, or learned online from it (MoMo*'s rule)
-BOUNDS = ("fixed", "momo_star")
+#: the level the Polyak step aims at: the given bound (the default's), a target level that starts there and
+#: rises towards the best loss seen when it is not reached, or a level learned online (MoMo*'s rule)
+BOUNDS = ("fixed", "target_level", "momo_star")
 #: Prodigy's starting distance
 TINY_D0 = 1e-6
+
+#: the target level's gap: times this when the last level was reached, else times the other
+LEVEL_GROW, LEVEL_SHRINK = 1.1, 0.99
 
 
 class _Plan(NamedTuple):
@@ -134,7 +138,7 @@ class TunelessStep(TunelessOptimizer):
 
     def _init(self, params: Any, lr: float, betas: Any, weight_decay: float, lower_bound: float, eps: float,
               foreach: bool | None, step_rule: str, combine: str, start: str, skip_nonfinite: bool,
-              bound: str = "fixed") -> None:
+              bound: str = "fixed", level_factors: tuple[float, float] = (LEVEL_GROW, LEVEL_SHRINK)) -> None:
         owner = type(self).__name__
         lr = v.check_lr(owner, lr, recommended=1.0)
         betas = v.check_betas(owner, "betas", betas, recommended=(0.9, 0.999))
@@ -149,15 +153,25 @@ class TunelessStep(TunelessOptimizer):
         super().__init__(params, dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
                                       weight_decay=float(weight_decay), lower_bound=float(lower_bound),
                                       eps=float(eps), foreach=foreach, skip_nonfinite=skip_nonfinite))
+        grow, shrink = (float(f) for f in level_factors)
+        if not (grow >= 1.0 and 0.0 < shrink < 1.0):
+            v.fail(owner, "level_factors", level_factors, "(grow >= 1, 0 < shrink < 1)", (LEVEL_GROW, LEVEL_SHRINK))
         self._step_rule, self._combine, self._start, self._bound = step_rule, combine, start, bound
+        self._level_factors = (grow, shrink)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # torch's keeps defaults, state and param_groups only
-        state.update(_step_rule=self._step_rule, _combine=self._combine, _start=self._start, _bound=self._bound)
+        state.update(_step_rule=self._step_rule, _combine=self._combine, _start=self._start, _bound=self._bound,
+                     _level_factors=self._level_factors)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_bound", "fixed")
+        # Defaults for a pickle from before these switches.
+        # torch's load_state_dict calls this too, with the state and the groups only: then the
+        # switches this object was built with stay as they are.
+        for key, value in (("_bound", "fixed"), ("_level_factors", (LEVEL_GROW, LEVEL_SHRINK))):
+            if key not in state and key not in self.__dict__:
+                state[key] = value
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ state
@@ -167,6 +181,13 @@ class TunelessStep(TunelessOptimizer):
         so that ``state_dict`` and checkpointing keep them)."""
         first = self.param_groups[0]
         if "tuneless_step" in first:
+            if self._bound == "target_level" and "level_record" not in first:
+                # a state from before the target level (or from another bound): the level starts
+                # again at the bound at the next step (an infinite record marks it unset)
+                for group in self.param_groups:
+                    group["level_record"] = self._scalar(math.inf)
+                    group["level_gap"] = self._scalar(0.0)
+                    group["level_aimed"] = self._scalar(math.inf)
             return
         shared = {
             "tuneless_step": 0,
@@ -177,6 +198,10 @@ class TunelessStep(TunelessOptimizer):
         }
         if self._bound == "momo_star":  # l_k, learned from the given lower bound
             shared["lower_bound_estimate"] = self._scalar(first["lower_bound"])
+        if self._bound == "target_level":  # the record, the gap below it and the level last aimed at
+            shared["level_record"] = self._scalar(math.inf)
+            shared["level_gap"] = self._scalar(0.0)
+            shared["level_aimed"] = self._scalar(math.inf)
         for group in self.param_groups:
             for key, value in shared.items():
                 group[key] = value.clone() if isinstance(value, Tensor) else value
@@ -312,9 +337,27 @@ class TunelessStep(TunelessOptimizer):
                             torch.zeros_like(s_l1))
         new_d = torch.maximum(d, torch.where(torch.isfinite(d_hat), d_hat, torch.zeros_like(d_hat)))
 
+        if self._bound == "target_level":
+            # The target level of Polyak's method with an unknown minimum (Brannlund 1995;
+            # Nedic & Bertsekas 2001): aim at the record minus a gap, never below the given
+            # bound; the gap grows when the last level was reached and shrinks when it was not.
+            # It starts at the whole gap to the bound, so the first steps aim at the bound (also
+            # after a state without a level: its record is infinite).
+            starting = torch.as_tensor(plan.starting, device=model.device) | ~torch.isfinite(first["level_record"])
+            reached = model <= first["level_aimed"]
+            new_gap = torch.where(starting, torch.clamp(model - first["lower_bound"], min=0.0),
+                                  first["level_gap"] * torch.where(reached, torch.full_like(model, self._level_factors[0]),
+                                                                   torch.full_like(model, self._level_factors[1])))
+            new_record = torch.where(starting, model, torch.minimum(first["level_record"], model))
+            # (a gap wider than the record's height above the bound aims at the bound all the
+            # same: kept at most that, so that it stays finite over any run)
+            new_gap = torch.clamp(torch.minimum(new_gap, new_record - first["lower_bound"]), min=0.0)
+            target = torch.clamp(new_record - new_gap, min=first["lower_bound"])
         etas = []
         for group in self.param_groups:
             level: Any = group["lower_bound"]
+            if self._bound == "target_level":
+                level = target
             if self._bound == "momo_star":
                 # MoMo*'s estimate (Schaipp et al. 2024, Alg. 3): reset to max(h/2, l_0) when the
                 # model falls below it; after the step, the model's minimum along the step taken.
@@ -339,6 +382,10 @@ class TunelessStep(TunelessOptimizer):
             group["distance_numerator"] = torch.where(keep, numerator, group["distance_numerator"])
             group["loss_avg"] = torch.where(keep, loss_avg, group["loss_avg"])
             group["grad_dot_x_avg"] = torch.where(keep, gx_avg, group["grad_dot_x_avg"])
+            if self._bound == "target_level":
+                group["level_aimed"] = torch.where(ok, target, group["level_aimed"])
+                group["level_record"] = torch.where(ok, new_record, group["level_record"])
+                group["level_gap"] = torch.where(ok, new_gap, group["level_gap"])
             if self._bound == "momo_star":
                 learned = momo_star_level(model, eta, torch.where(torch.isfinite(m_sq), m_sq, 0.0),
                                           group["lower_bound"])
@@ -362,10 +409,15 @@ class TunelessVariant(TunelessStep):
         combine: ``"soft"`` (1/(1/tau + 1/d), the default's) or ``"hard"`` (min).
         start: ``"polyak"`` (the default's: d starts at the first Polyak step) or ``"tiny"``
             (Prodigy's 1e-6).
-        bound: ``"fixed"`` (the default's: the Polyak step aims at ``lower_bound``) or
-            ``"momo_star"`` (the level learned online from it, MoMo*'s rule: reset to
-            max(h/2, lower_bound) when the model falls below it, then the model's minimum along
-            the step taken, h - eta ||u||^2 / 2).
+        bound: ``"fixed"`` (the default's: the Polyak step aims at ``lower_bound``),
+            ``"target_level"`` (the level adjustment of Polyak's method for an unknown minimum,
+            Brännlund 1995, Nedić & Bertsekas 2001: the level max(lower_bound, record - gap),
+            the record the lowest loss seen, the gap starting at h_1 - lower_bound, times 1.1
+            when the last level was reached and 0.99 when not, at most record - lower_bound;
+            measured and not kept, docs/default.md) or ``"momo_star"`` (the level learned
+            online from it, MoMo*'s rule: reset to max(h/2, lower_bound) when the model falls
+            below it, then the model's minimum along the step taken, h - eta ||u||^2 / 2).
+        level_factors: the target level's (grow, shrink) factors of its gap (default (1.1, 0.99)).
     """
 
     registry_name = ""
@@ -373,9 +425,10 @@ class TunelessVariant(TunelessStep):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
                  foreach: bool | None = None, step_rule: str = "both", combine: str = "soft",
-                 start: str = "polyak", skip_nonfinite: bool = True, bound: str = "fixed") -> None:
+                 start: str = "polyak", skip_nonfinite: bool = True, bound: str = "fixed",
+                 level_factors: tuple[float, float] = (LEVEL_GROW, LEVEL_SHRINK)) -> None:
         self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, step_rule, combine, start,
-                   skip_nonfinite, bound)
+                   skip_nonfinite, bound, level_factors)
 
 
 class Tuneless(ScheduleFree):
@@ -551,9 +604,10 @@ class TunelessScheduleFreeVariant(ScheduleFree):
 
     def __init__(self, params: Any, *, beta1: float = 0.0, momentum: float = 0.9, r: float = 0.0,
                  weight_lr_power: float = 2.0, step_rule: str = "both", combine: str = "soft",
-                 start: str = "polyak", skip_nonfinite: bool = True, bound: str = "fixed") -> None:
+                 start: str = "polyak", skip_nonfinite: bool = True, bound: str = "fixed",
+                 level_factors: tuple[float, float] = (LEVEL_GROW, LEVEL_SHRINK)) -> None:
         base = TunelessVariant(params, betas=(beta1, 0.999), step_rule=step_rule, combine=combine, start=start,
-                               skip_nonfinite=skip_nonfinite, bound=bound)
+                               skip_nonfinite=skip_nonfinite, bound=bound, level_factors=level_factors)
         super().__init__(base, momentum=momentum, r=r, weight_lr_power=weight_lr_power, skip_nonfinite=skip_nonfinite)
 
 
