@@ -212,20 +212,10 @@ FUSED_CONFIGS = [
 
 
 @pytest.fixture
-def compiles(monkeypatch) -> None:
+def compiles() -> None:
     """For the tests of compiled kernels: skip, with the reason, where torch.compile cannot
-    compile a CPU kernel (the uncompiled fallback would be compared with itself: nothing checked).
-
-    The kernels are module-level objects, so their tables of compiled variants fill up across
-    every test a worker process runs, this file's and others' (pytest-xdist gives a worker
-    several files). A table more than half full is replaced by an empty one for the test (and
-    put back after it), so that a test never meets the variant limit because of the tests before
-    it: a fallback warning in these tests then means this test's own kernel failed."""
+    compile a CPU kernel (the uncompiled fallback would be compared with itself: nothing checked)."""
     require_working_compiler()
-    for kernel in _fused.KERNELS:
-        if len(kernel._variants) >= _fused.MAX_VARIANTS // 2:
-            monkeypatch.setattr(kernel, "_variants", {})
-            monkeypatch.setattr(kernel, "_warned", False)
 
 
 @pytest.mark.parametrize("cls, kwargs", FUSED_CONFIGS, ids=lambda v: getattr(v, "__name__", None) or str(v))
