@@ -183,11 +183,9 @@ class TunelessStep(TunelessOptimizer):
         if "tuneless_step" in first:
             if self._bound == "target_level" and "level_record" not in first:
                 # a state from before the target level (or from another bound): the level starts
-                # again at the bound at the next step (an infinite record marks it unset)
+                # again at the bound at the next step
                 for group in self.param_groups:
-                    group["level_record"] = self._scalar(math.inf)
-                    group["level_gap"] = self._scalar(0.0)
-                    group["level_aimed"] = self._scalar(math.inf)
+                    group.update(self._unset_level())
             return
         shared = {
             "tuneless_step": 0,
@@ -198,13 +196,18 @@ class TunelessStep(TunelessOptimizer):
         }
         if self._bound == "momo_star":  # l_k, learned from the given lower bound
             shared["lower_bound_estimate"] = self._scalar(first["lower_bound"])
-        if self._bound == "target_level":  # the record, the gap below it and the level last aimed at
-            shared["level_record"] = self._scalar(math.inf)
-            shared["level_gap"] = self._scalar(0.0)
-            shared["level_aimed"] = self._scalar(math.inf)
+        if self._bound == "target_level":
+            shared.update(self._unset_level())
         for group in self.param_groups:
             for key, value in shared.items():
                 group[key] = value.clone() if isinstance(value, Tensor) else value
+
+    def _unset_level(self) -> dict[str, Tensor]:
+        """The target level's scalars before its first step: the record, the gap below it and
+        the level last aimed at. An infinite record marks the level unset: the next step starts
+        it at the bound."""
+        return {"level_record": self._scalar(math.inf), "level_gap": self._scalar(0.0),
+                "level_aimed": self._scalar(math.inf)}
 
     def _buffers(self, p: Tensor, first_moment: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
         """The local parts of p's buffers (kept as p is, a DTensor when p is one, so that sharded
@@ -341,9 +344,9 @@ class TunelessStep(TunelessOptimizer):
             # The target level of Polyak's method with an unknown minimum (Brannlund 1995;
             # Nedic & Bertsekas 2001): aim at the record minus a gap, never below the given
             # bound; the gap grows when the last level was reached and shrinks when it was not.
-            # It starts at the whole gap to the bound, so the first steps aim at the bound (also
-            # after a state without a level: its record is infinite).
-            starting = torch.as_tensor(plan.starting, device=model.device) | ~torch.isfinite(first["level_record"])
+            # It starts at the whole gap to the bound, so the first steps aim at the bound: at the
+            # first step that counts, and after a state without a level (its record is infinite).
+            starting = ~torch.isfinite(first["level_record"])
             reached = model <= first["level_aimed"]
             new_gap = torch.where(starting, torch.clamp(model - first["lower_bound"], min=0.0),
                                   first["level_gap"] * torch.where(reached, torch.full_like(model, self._level_factors[0]),
