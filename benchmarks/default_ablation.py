@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
                      "seen when it is not reached (Polyak's method for an unknown minimum)"),
     "target level, no cap": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak',bound='target_level'",
                              "the target level with the Polyak step alone: no distance estimate"),
+    "capped level": (f"{_SF_VARIANT}:r=8.0,bound='capped_level'",
+                     "the target level, whose gap shrinks on a miss only while the Polyak step aimed at "
+                     "lower_bound is longer than the distance estimate (the level rises only while the cap decides)"),
     "learned lower bound (MoMo*)": (f"{_SF_VARIANT}:r=8.0,bound='momo_star'",
                                     "the Polyak step aims at a level learned online (MoMo*'s rule), not at lower_bound"),
 }
@@ -131,7 +134,8 @@ ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus
                                        f"{_SF_VARIANT}:r=8.0,step_rule='polyak'",
                                        f"{_SF_VARIANT}:r=8.0,bound='target_level'",
                                        f"{_SF_VARIANT}:r=8.0,step_rule='polyak',bound='target_level'",
-                                       f"{_SF_VARIANT}:r=8.0,bound='momo_star'")
+                                       f"{_SF_VARIANT}:r=8.0,bound='momo_star'",
+                                       f"{_SF_VARIANT}:r=8.0,bound='capped_level'")
 
 
 def robustness(db: Path, workers: int | None, render_only: bool) -> str:

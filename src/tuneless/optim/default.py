@@ -71,7 +71,9 @@ COMBINES = ("soft", "hard")
 STARTS = ("polyak", "tiny")
 #: the level the Polyak step aims at: the given bound (the default's), a target level that starts there and
 #: rises towards the best loss seen when it is not reached, or a level learned online (MoMo*'s rule)
-BOUNDS = ("fixed", "target_level", "momo_star")
+BOUNDS = ("fixed", "target_level", "capped_level", "momo_star")
+#: the bounds that aim at a target level (record - gap)
+LEVELS = ("target_level", "capped_level")
 #: Prodigy's starting distance
 TINY_D0 = 1e-6
 
@@ -181,7 +183,7 @@ class TunelessStep(TunelessOptimizer):
         so that ``state_dict`` and checkpointing keep them)."""
         first = self.param_groups[0]
         if "tuneless_step" in first:
-            if self._bound == "target_level" and "level_record" not in first:
+            if self._bound in LEVELS and "level_record" not in first:
                 # a state from before the target level (or from another bound): the level starts
                 # again at the bound at the next step
                 for group in self.param_groups:
@@ -196,7 +198,7 @@ class TunelessStep(TunelessOptimizer):
         }
         if self._bound == "momo_star":  # l_k, learned from the given lower bound
             shared["lower_bound_estimate"] = self._scalar(first["lower_bound"])
-        if self._bound == "target_level":
+        if self._bound in LEVELS:
             shared.update(self._unset_level())
         for group in self.param_groups:
             for key, value in shared.items():
@@ -340,7 +342,7 @@ class TunelessStep(TunelessOptimizer):
                             torch.zeros_like(s_l1))
         new_d = torch.maximum(d, torch.where(torch.isfinite(d_hat), d_hat, torch.zeros_like(d_hat)))
 
-        if self._bound == "target_level":
+        if self._bound in LEVELS:
             # The target level of Polyak's method with an unknown minimum (Brannlund 1995;
             # Nedic & Bertsekas 2001): aim at the record minus a gap, never below the given
             # bound; the gap grows when the last level was reached and shrinks when it was not.
@@ -348,9 +350,16 @@ class TunelessStep(TunelessOptimizer):
             # first step that counts, and after a state without a level (its record is infinite).
             starting = ~torch.isfinite(first["level_record"])
             reached = model <= first["level_aimed"]
+            shrink = torch.full_like(model, self._level_factors[1])
+            if self._bound == "capped_level":
+                # the gap shrinks (the level rises) only while the Polyak step aimed at the given
+                # bound is longer than the distance estimate: the cap decides the step, so the
+                # bound may be too low; while the Polyak step decides, the level stays
+                tau_bound = torch.clamp(model - first["lower_bound"], min=0.0) / safe_m_sq
+                shrink = torch.where(tau_bound > new_d, shrink, torch.ones_like(shrink))
             new_gap = torch.where(starting, torch.clamp(model - first["lower_bound"], min=0.0),
                                   first["level_gap"] * torch.where(reached, torch.full_like(model, self._level_factors[0]),
-                                                                   torch.full_like(model, self._level_factors[1])))
+                                                                   shrink))
             new_record = torch.where(starting, model, torch.minimum(first["level_record"], model))
             # (a gap wider than the record's height above the bound aims at the bound all the
             # same: kept at most that, so that it stays finite over any run)
@@ -359,7 +368,7 @@ class TunelessStep(TunelessOptimizer):
         etas = []
         for group in self.param_groups:
             level: Any = group["lower_bound"]
-            if self._bound == "target_level":
+            if self._bound in LEVELS:
                 level = target
             if self._bound == "momo_star":
                 # MoMo*'s estimate (Schaipp et al. 2024, Alg. 3): reset to max(h/2, l_0) when the
@@ -385,7 +394,7 @@ class TunelessStep(TunelessOptimizer):
             group["distance_numerator"] = torch.where(keep, numerator, group["distance_numerator"])
             group["loss_avg"] = torch.where(keep, loss_avg, group["loss_avg"])
             group["grad_dot_x_avg"] = torch.where(keep, gx_avg, group["grad_dot_x_avg"])
-            if self._bound == "target_level":
+            if self._bound in LEVELS:
                 group["level_aimed"] = torch.where(ok, target, group["level_aimed"])
                 group["level_record"] = torch.where(ok, new_record, group["level_record"])
                 group["level_gap"] = torch.where(ok, new_gap, group["level_gap"])
@@ -417,7 +426,10 @@ class TunelessVariant(TunelessStep):
             Brännlund 1995, Nedić & Bertsekas 2001: the level max(lower_bound, record - gap),
             the record the lowest loss seen, the gap starting at h_1 - lower_bound, times 1.1
             when the last level was reached and 0.99 when not, at most record - lower_bound;
-            measured and not kept, docs/default.md) or ``"momo_star"`` (the level learned
+            measured and not kept, docs/default.md), ``"capped_level"`` (the same, but the gap
+            shrinks on a miss only while the Polyak step aimed at ``lower_bound`` is longer than
+            the distance estimate, so that the level rises only while the cap decides the step)
+            or ``"momo_star"`` (the level learned
             online from it, MoMo*'s rule: reset to max(h/2, lower_bound) when the model falls
             below it, then the model's minimum along the step taken, h - eta ||u||^2 / 2).
         level_factors: the target level's (grow, shrink) factors of its gap (default (1.1, 0.99)).
