@@ -45,28 +45,30 @@ HELD_OUT_PROBLEMS: tuple[str, ...] = (
 
 _VARIANT = "tuneless.optim.default.TunelessVariant"
 _SF_VARIANT = "tuneless.optim.default.TunelessScheduleFreeVariant"
+#: the default's level, spelled out in the variants (whose own default is the fixed level)
+_LEVEL = "bound='capped_level'"
 
 #: name -> (spec, what it tests). The first row is the default itself; each other row changes
-#: one ingredient of it (the Schedule-Free variant with r=8 is the default, spelled out).
+#: one ingredient of it (the Schedule-Free variant with r=8 and the capped level is the default, spelled out).
 VARIANTS: dict[str, tuple[str, str]] = {
-    "tuneless (default)": ("tuneless", "Schedule-Free (r=8) around the soft-capped Polyak step, d started at tau_1"),
-    "no averaging": (f"{_VARIANT}", "the same step with Adam's momentum (beta1 0.9) instead of averaging"),
-    "no averaging, Polyak step alone": (f"{_VARIANT}:step_rule='polyak'", "MoMo-Adam's model with no cap"),
-    "averaging r=0": (f"{_SF_VARIANT}", "Schedule-Free's own weights (all iterates, weighted by step size)"),
-    "averaging r=2": (f"{_SF_VARIANT}:r=2.0", "polynomial weights (t+1)^2"),
-    "base momentum 0.9": (f"{_SF_VARIANT}:r=8.0,beta1=0.9", "Adam's first moment kept inside the average"),
-    "hard minimum": (f"{_SF_VARIANT}:r=8.0,combine='hard'", "min(tau, d) instead of 1/(1/tau + 1/d)"),
-    "no cap (Polyak step alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak'", "no distance estimate"),
-    "no error (distance alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='distance'", "no Polyak step: Prodigy-like"),
-    "tiny start": (f"{_SF_VARIANT}:r=8.0,start='tiny'", "d starts at Prodigy's 1e-6"),
+    "tuneless (default)": ("tuneless", "Schedule-Free (r=8) around the soft-capped Polyak step aimed at the capped level, "
+                                       "d started at tau_1"),
+    "no averaging": (f"{_VARIANT}:{_LEVEL}", "the same step with Adam's momentum (beta1 0.9) instead of averaging"),
+    "no averaging, Polyak step alone": (f"{_VARIANT}:step_rule='polyak',{_LEVEL}", "MoMo-Adam's model with no cap"),
+    "averaging r=0": (f"{_SF_VARIANT}:{_LEVEL}", "Schedule-Free's own weights (all iterates, weighted by step size)"),
+    "averaging r=2": (f"{_SF_VARIANT}:r=2.0,{_LEVEL}", "polynomial weights (t+1)^2"),
+    "base momentum 0.9": (f"{_SF_VARIANT}:r=8.0,beta1=0.9,{_LEVEL}", "Adam's first moment kept inside the average"),
+    "hard minimum": (f"{_SF_VARIANT}:r=8.0,combine='hard',{_LEVEL}", "min(tau, d) instead of 1/(1/tau + 1/d)"),
+    "no cap (Polyak step alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak',{_LEVEL}", "no distance estimate"),
+    "no error (distance alone)": (f"{_SF_VARIANT}:r=8.0,step_rule='distance',{_LEVEL}", "no Polyak step: Prodigy-like"),
+    "tiny start": (f"{_SF_VARIANT}:r=8.0,start='tiny',{_LEVEL}", "d starts at Prodigy's 1e-6"),
+    "fixed level (the default until 2026-12-04)": (f"{_SF_VARIANT}:r=8.0",
+                                                   "the Polyak step aims at lower_bound itself, always"),
     "target level": (f"{_SF_VARIANT}:r=8.0,bound='target_level'",
-                     "the Polyak step aims at a level that starts at lower_bound and rises towards the best loss "
-                     "seen when it is not reached (Polyak's method for an unknown minimum)"),
+                     "the level rises towards the best loss seen on every miss, not only while the cap decides "
+                     "(Polyak's method for an unknown minimum)"),
     "target level, no cap": (f"{_SF_VARIANT}:r=8.0,step_rule='polyak',bound='target_level'",
                              "the target level with the Polyak step alone: no distance estimate"),
-    "capped level": (f"{_SF_VARIANT}:r=8.0,bound='capped_level'",
-                     "the target level, whose gap shrinks on a miss only while the Polyak step aimed at "
-                     "lower_bound is longer than the distance estimate (the level rises only while the cap decides)"),
     "learned lower bound (MoMo*)": (f"{_SF_VARIANT}:r=8.0,bound='momo_star'",
                                     "the Polyak step aims at a level learned online (MoMo*'s rule), not at lower_bound"),
 }
@@ -131,11 +133,12 @@ def render(db: Path, problems: list[str], labels: dict[str, str]) -> str:
 LOSS_TRANSFORMS: tuple[tuple[str, float, float], ...] = (("x1e-3", 1e-3, 0.0), ("x1e3", 1e3, 0.0), ("+1", 1.0, 1.0))
 #: the methods of the robustness table: the default and the loss-based anchors (and Prodigy, which reads no loss)
 ROBUSTNESS_METHODS: tuple[str, ...] = ("tuneless", "momo", "momo_adam", "sf_plus", "prodigy",
+                                       f"{_SF_VARIANT}:r=8.0,step_rule='polyak',{_LEVEL}",
+                                       f"{_SF_VARIANT}:r=8.0",
                                        f"{_SF_VARIANT}:r=8.0,step_rule='polyak'",
                                        f"{_SF_VARIANT}:r=8.0,bound='target_level'",
                                        f"{_SF_VARIANT}:r=8.0,step_rule='polyak',bound='target_level'",
-                                       f"{_SF_VARIANT}:r=8.0,bound='momo_star'",
-                                       f"{_SF_VARIANT}:r=8.0,bound='capped_level'")
+                                       f"{_SF_VARIANT}:r=8.0,bound='momo_star'")
 
 
 def robustness(db: Path, workers: int | None, render_only: bool) -> str:

@@ -1,8 +1,9 @@
 """Rosenbrock from (-1.2, 1), with the loss as is and shifted by +1, for the default (its Polyak
-step aims at lower_bound = 0) and for two of the ablation's levels: a target level that starts
-at the bound and rises towards the best loss seen when it is not reached, and a lower bound
-learned online (MoMo*'s rule): the numbers behind docs/default.md's reading of the shifted loss
-(float64, deterministic, a few seconds on a CPU).
+step aims at a level that starts at lower_bound = 0 and rises only while the distance estimate
+caps the step: the capped level) and for three of the ablation's levels: the fixed level (the
+bound itself: the default until 2026-12-04), a target level that rises towards the best loss
+seen on every miss, and a lower bound learned online (MoMo*'s rule): the numbers behind
+docs/default.md's reading of the shifted loss (float64, deterministic, a few seconds on a CPU).
 
     python benchmarks/shifted_rosenbrock.py [--steps 3000]
 
@@ -26,10 +27,11 @@ def rosenbrock(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(bound: str, shift: float, steps: int) -> list[str]:
-    """``bound``: "fixed" (the default, ``tuneless.Tuneless``), "target_level" or "momo_star" (the
-    ablation's variants)."""
+    """``bound``: "default" (``tuneless.Tuneless``: the capped level), or one of the ablation's
+    variants: "fixed" (the Polyak step aims at the bound itself: the default until 2026-12-04),
+    "target_level" or "momo_star"."""
     x = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
-    opt = tuneless.Tuneless([x]) if bound == "fixed" else TunelessScheduleFreeVariant([x], r=8.0, bound=bound)
+    opt = tuneless.Tuneless([x]) if bound == "default" else TunelessScheduleFreeVariant([x], r=8.0, bound=bound)
     marks = sorted({m for m in (10, 100, 300, 1000, 2000, steps) if m <= steps})
     lines = []
     for t in range(1, steps + 1):
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps = {args.steps}: must be at least 1")
-    for bound, name in (("fixed", "Tuneless (lower_bound = 0)"),
+    for bound, name in (("default", "Tuneless (its capped level, which starts at lower_bound = 0)"),
+                        ("fixed", "fixed level (lower_bound = 0; the default until 2026-12-04)"),
                         ("target_level", "target level (starts at lower_bound = 0)"),
                         ("momo_star", "learned lower bound (MoMo*'s rule)")):
         for shift in (0.0, 1.0):

@@ -171,27 +171,35 @@ def test_the_learned_lower_bound_follows_momo_stars_rule():
             assert eta == pytest.approx(tau * d / (tau + d), rel=1e-9)
         level = max(f - 0.5 * eta * u_sq, 0.0)
         assert float(group["lower_bound_estimate"]) == pytest.approx(level, rel=1e-9)
-    # the default keeps the given bound: no learned level in its state
+    # the default aims at its capped level: no MoMo* estimate in its state
     w = torch.nn.Parameter(torch.ones(3))
     default = tuneless.Tuneless([w])
     (w ** 2).sum().backward()
     default.step(loss=(w ** 2).sum().detach())
     group = default.base.param_groups[0]
-    assert "lower_bound_estimate" not in group and "level_aimed" not in group and "distance" in group
+    assert "lower_bound_estimate" not in group and "level_aimed" in group and "distance" in group
 
 
 @pytest.mark.parametrize("shift", [0.0, 1.0])
-def test_the_target_level_follows_its_rule(shift):
-    """The ablation's target level (``bound="target_level"``): it starts at the bound (gap = h_1 - bound),
-    the record is the lowest loss seen, the gap grows by 1.1 when the last level was reached and
-    shrinks by 0.99 when not (at most the record's height above the bound), and the Polyak step
-    aims at max(bound, record - gap). Checked by hand from the published step sizes on f(x) =
-    ||x||^2 + shift (beta1 = 0: h is the loss, up to rounding), around the default's step; shift 1 is a minimum
-    above the bound, where the level must rise."""
+@pytest.mark.parametrize("bound", ["target_level", "capped_level"])
+def test_the_target_level_follows_its_rule(bound, shift):
+    """The target level: it starts at the bound (gap = h_1 - bound), the record is the lowest loss
+    seen, the gap grows by 1.1 when the last level was reached and shrinks by 0.99 when not (at
+    most the record's height above the bound), and the Polyak step aims at max(bound, record -
+    gap). The capped level (the default's, ``Tuneless`` itself here) shrinks the gap on a miss
+    only while the Polyak step aimed at the bound, h / ||g||^2_D, is longer than the distance
+    estimate d; the ablation's ``bound="target_level"`` on every miss. Checked by hand from the
+    published step sizes on f(x) = ||x||^2 + shift (beta1 = 0: h is the loss, up to rounding);
+    shift 1 is a minimum above the bound, where the level must rise."""
     x = torch.nn.Parameter(torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64))
-    opt = TunelessScheduleFreeVariant([x], r=8.0, bound="target_level")
+    if bound == "capped_level":
+        opt = tuneless.Tuneless([x])
+        assert opt.base._bound == "capped_level"
+    else:
+        opt = TunelessScheduleFreeVariant([x], r=8.0, bound=bound)
     group = opt.base.param_groups[0]
     record, gap, aimed = math.inf, 0.0, math.inf
+    shrunk = held = 0
     for step in range(1, 60):
         opt.zero_grad()
         loss = (x ** 2).sum() + shift
@@ -201,20 +209,30 @@ def test_the_target_level_follows_its_rule(shift):
         state = opt.base.state.get(x, {})
         v = (1 - 0.999) * g * g if step == 1 else 0.999 * state["exp_avg_sq"] + (1 - 0.999) * g * g
         u_sq = float((g * g / ((v / (1 - 0.999 ** step)).sqrt() + 1e-8)).sum())
-        gap = f if step == 1 else gap * (1.1 if f <= aimed else 0.99)
+        opt.step(loss=loss.detach())
+        d = float(group["distance"])  # this step's distance estimate (the cap of its step)
+        if step == 1:
+            gap = f
+        elif f <= aimed:
+            gap *= 1.1
+        elif bound == "target_level" or f / u_sq > d:
+            gap, shrunk = gap * 0.99, shrunk + 1
+        else:
+            held += 1
         record = min(record, f)
         gap = max(min(gap, record), 0.0)
         aimed = max(record - gap, 0.0)
-        opt.step(loss=loss.detach())
         eta = float(group[tuneless.STEP_SIZE_KEY])
         # (the code's h is f + <g, x> - <g, x>, f within rounding of <g, x>: hence the tolerances)
         if step > 1:  # (the first step's distance starts at the Polyak step: eta = tau / 2)
-            tau, d = (f - aimed) / u_sq, float(group["distance"])
+            tau = (f - aimed) / u_sq
             assert eta == pytest.approx(tau * d / (tau + d), rel=1e-6)
         for key, value in (("level_aimed", aimed), ("level_record", record), ("level_gap", gap)):
             assert float(group[key]) == pytest.approx(value, rel=1e-9, abs=1e-12), key
     if shift:  # a minimum above the bound: the level has left the bound, and stays below the minimum
-        assert 0.2 < aimed < 1.0
+        assert 0.2 < aimed < 1.0 and shrunk > 0
+    if bound == "capped_level" and not shift:  # the minimum is the bound: the gate held the level on a miss
+        assert held > 0
 
 
 def test_ablation_switches_are_checked_and_not_on_the_default():
@@ -266,7 +284,8 @@ def test_the_fused_step_is_the_unfused_step_in_every_kind_of_group():
 def test_momo_stars_level_overshoots_on_rosenbrock_where_the_given_bound_converges():
     """docs/default.md's reading of the learned lower bound (``benchmarks/shifted_rosenbrock.py``):
     on Rosenbrock from (-1.2, 1), whose minimum is 0, MoMo*'s level climbs above the minimum and
-    the run stalls at it, while the default with lower_bound = 0 converges far below it."""
+    the run stalls at it, while the fixed level and the default's capped level stay at
+    lower_bound = 0 and converge far below it."""
     import importlib.util
     from pathlib import Path
 
@@ -285,13 +304,16 @@ def test_momo_stars_level_overshoots_on_rosenbrock_where_the_given_bound_converg
     assert level > 1e-3 and error > 1e-3 and error == pytest.approx(level, rel=0.05)
     error, level = final("fixed")
     assert level == 0.0 and error < 1e-9
+    error, level = final("default")  # the capped level: at most a hair above the bound, which is the minimum
+    assert 0.0 <= level < 1e-12 and error < 1e-9
 
 
 def test_the_target_level_solves_the_shifted_rosenbrock_where_the_fixed_level_does_not():
     """docs/default.md's reading of the target level (``benchmarks/shifted_rosenbrock.py``): with
-    the loss shifted by +1 (an unknown minimum of 1 above the bound 0), its level climbs to the
-    minimum from below and the average reaches it; the default, which aims at the bound, ends
-    far above the solved floor. As is, both converge."""
+    the loss shifted by +1 (an unknown minimum of 1 above the bound 0), the target level and the
+    default's capped level climb to the minimum from below and the average reaches it; the fixed
+    level (the default until 2026-12-04), which aims at the bound, ends far above the solved
+    floor. As is, all three converge."""
     import importlib.util
     from pathlib import Path
 
@@ -306,11 +328,12 @@ def test_the_target_level_solves_the_shifted_rosenbrock_where_the_fixed_level_do
         level = float(lines[-1].split(":")[1].split("(")[0])
         return error, level
 
-    error, level = final("target_level", 1.0)
-    assert error < 1e-9 and 0.999 < level <= 1.0
+    for bound in ("target_level", "default"):  # the default: the capped level
+        error, level = final(bound, 1.0)
+        assert error < 1e-9 and 0.999 < level <= 1.0, bound
     error, level = final("fixed", 1.0)
     assert error > 1e-5 and level == 0.0
-    for bound in ("target_level", "fixed"):
+    for bound in ("target_level", "fixed", "default"):
         assert final(bound, 0.0)[0] < 1e-9
 
 

@@ -15,6 +15,14 @@ split of problems, the table and its reading are in ``docs/default.md``):
             \qquad \|\hat m\|^2_{D^{-1}} = \sum_i \hat m_i^2 / D_i,\ D = \sqrt{\hat v} + \epsilon,
 
   with :math:`\ell` a known lower bound of the loss (``lower_bound``, 0 by default).
+* **A level for an unknown minimum** (Polyak's target level, Brännlund 1995; Nedić & Bertsekas
+  2001, gated): the step aims at :math:`\ell_k = \max(\ell, f^{rec}_k - \delta_k)`, with
+  :math:`f^{rec}` the lowest :math:`h` seen and :math:`\delta_1 = h_1 - \ell` (the first steps
+  aim at :math:`\ell`), :math:`\delta` times 1.1 when the last level was reached, times 0.99 when
+  it was missed *while the Polyak step aimed at* :math:`\ell` *is longer than the distance
+  estimate* (the cap decides, so :math:`\ell` may be below the minimum), unchanged otherwise, and
+  never above :math:`f^{rec} - \ell`. Where the minimum is :math:`\ell` the level stays there;
+  where it is above (a loss shifted by + 1), the level climbs to it.
 * **A cap that is not a hyperparameter**: Prodigy's distance estimate (Mishchenko & Defazio,
   ICML 2024), :math:`r_{k} = \sqrt{\beta_2} r_{k-1} + (1-\sqrt{\beta_2}) d_k^2 \langle g_k, x_0 - x_k\rangle`,
   :math:`s_k = \sqrt{\beta_2} s_{k-1} + (1-\sqrt{\beta_2}) d_k^2 g_k`,
@@ -69,8 +77,9 @@ STEP_RULES = ("both", "polyak", "distance")
 COMBINES = ("soft", "hard")
 #: where the distance estimate starts: the first Polyak step, or Prodigy's 1e-6
 STARTS = ("polyak", "tiny")
-#: the level the Polyak step aims at: the given bound (the default's), a target level that starts there and
-#: rises towards the best loss seen when it is not reached, or a level learned online (MoMo*'s rule)
+#: the level the Polyak step aims at: the given bound, a target level that starts there and rises towards
+#: the best loss seen when it is not reached, the same level rising only while the cap decides the step
+#: (the default's), or a level learned online (MoMo*'s rule)
 BOUNDS = ("fixed", "target_level", "capped_level", "momo_star")
 #: the bounds that aim at a target level (record - gap)
 LEVELS = ("target_level", "capped_level")
@@ -109,8 +118,10 @@ class TunelessStep(TunelessOptimizer):
             and :math:`\langle g, x\rangle` averages use the first.
         weight_decay: decoupled weight decay :math:`\lambda`, scaled by the step size (default 0).
         lower_bound: a known lower bound of the loss (default 0.0, right for every
-            non-negative loss); a wrong one slows the end of training but cannot make it
-            diverge, since the distance estimate caps the step.
+            non-negative loss). The Polyak step aims at a level that starts there and rises
+            towards the lowest loss seen while the step is capped and the level is missed, so a
+            loss whose minimum is above it (a shifted loss, label smoothing, an L2 term) is
+            still reached; it cannot make the step diverge, since the distance estimate caps it.
         eps: Adam's :math:`\epsilon` (default 1e-8).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
         skip_nonfinite: a step whose gradients or loss are not all finite leaves the parameters
@@ -136,7 +147,8 @@ class TunelessStep(TunelessOptimizer):
     def __init__(self, params: Any, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lower_bound: float = 0.0, eps: float = 1e-8,
                  foreach: bool | None = None, skip_nonfinite: bool = True) -> None:
-        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, "both", "soft", "polyak", skip_nonfinite)
+        self._init(params, lr, betas, weight_decay, lower_bound, eps, foreach, "both", "soft", "polyak", skip_nonfinite,
+                   "capped_level")
 
     def _init(self, params: Any, lr: float, betas: Any, weight_decay: float, lower_bound: float, eps: float,
               foreach: bool | None, step_rule: str, combine: str, start: str, skip_nonfinite: bool,
@@ -468,8 +480,10 @@ class Tuneless(ScheduleFree):
         weight_decay: weight decay computed at :math:`y` and applied to :math:`z` with the
             step size (Schedule-Free AdamW's form; default 0).
         lower_bound: a known lower bound of the loss (default 0.0, right for every
-            non-negative loss); a wrong one slows the end of training but cannot make it
-            diverge, since the distance estimate caps the step.
+            non-negative loss). The Polyak step aims at a level that starts there and rises
+            towards the lowest loss seen while the step is capped and the level is missed, so a
+            loss whose minimum is above it (a shifted loss, label smoothing, an L2 term) is
+            still reached; it cannot make the step diverge, since the distance estimate caps it.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
         fused: the whole step as two compiled passes per group of tensors (default False; see
             :mod:`tuneless.optim._fused`: compiles at the first step, then runs near the
