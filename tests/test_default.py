@@ -368,3 +368,39 @@ def test_a_checkpoint_without_the_target_level_resumes_with_the_level_at_the_bou
     assert float(group["level_aimed"]) == 0.0
     assert float(group["level_record"]) == pytest.approx(float(loss), rel=1e-6)
     assert float(group["level_gap"]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_the_capped_levels_gap_cannot_round_to_zero_and_freeze():
+    """A long run of misses shrinks the gap by 0.99 each; at 0 it could never grow back (1.1 x 0),
+    and a deterministic run sitting at its record would aim at the record and stand still for good.
+    The gap is floored at the dtype's smallest normal number: from a state whose gap is 0 at a
+    record above the bound, the level comes off the record again and the run moves."""
+    x = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+    opt = tuneless.Tuneless([x])
+
+    def loss_fn():
+        return ((x - 1.0) ** 2).sum() + 1.0  # minimum 1, above the bound 0
+
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    sd = opt.state_dict()
+    opt.zero_grad()
+    record = float(loss_fn().detach())
+    for group in sd["param_groups"]:
+        group["level_gap"] = torch.zeros_like(group["level_gap"])
+        group["level_record"] = torch.full_like(group["level_record"], record)
+        group["level_aimed"] = torch.full_like(group["level_aimed"], record)
+    opt.load_state_dict(sd)
+    start = x.detach().clone()
+    for _ in range(400):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    group = opt.base.param_groups[0]
+    assert float(group["level_gap"]) >= torch.finfo(torch.float32).tiny
+    assert not torch.equal(x.detach(), start)
+    assert float(loss_fn()) < record

@@ -374,8 +374,12 @@ class TunelessStep(TunelessOptimizer):
                                                                    shrink))
             new_record = torch.where(starting, model, torch.minimum(first["level_record"], model))
             # (a gap wider than the record's height above the bound aims at the bound all the
-            # same: kept at most that, so that it stays finite over any run)
-            new_gap = torch.clamp(torch.minimum(new_gap, new_record - first["lower_bound"]), min=0.0)
+            # same: kept at most that, so that it stays finite over any run; and at least the
+            # dtype's smallest normal number, so that a long run of misses cannot round it to 0,
+            # where growing by a factor could never bring it back)
+            tiny = torch.finfo(new_gap.dtype).tiny
+            new_gap = torch.clamp(torch.minimum(torch.clamp(new_gap, min=tiny), new_record - first["lower_bound"]),
+                                  min=0.0)
             target = torch.clamp(new_record - new_gap, min=first["lower_bound"])
         etas = []
         for group in self.param_groups:
