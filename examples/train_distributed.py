@@ -144,6 +144,9 @@ def main() -> None:
                  storage_writer=dcp.FileSystemWriter(args.checkpoint, overwrite=True))
         if rank == 0:
             print(f"saved {args.checkpoint} at step {args.steps}", flush=True)
+    # every rank done with its collectives before any tears the group down (a rank that destroys
+    # it while the other still talks to it can abort in gloo's threads at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
