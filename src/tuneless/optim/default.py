@@ -469,7 +469,9 @@ class Tuneless(ScheduleFree):
     step on :math:`z` takes Adam's direction (no first moment: the interpolation plays its
     part) with the step size :math:`\eta_t = 1 / (1/\tau_t + 1/d_t)`, the soft minimum of the
     Polyak step :math:`\tau_t` in Adam's norm and Prodigy's distance estimate :math:`d_t`
-    (started at the first Polyak step). The gradient is taken at
+    (started at the first Polyak step). The Polyak step aims at a level that starts at
+    ``lower_bound`` and rises towards the lowest loss seen only while the distance estimate caps
+    the step (the capped level), so that a minimum above the bound is still reached. The gradient is taken at
     :math:`y = (1-\beta) z + \beta x`, and :math:`x` averages the :math:`z`'s with weights
     :math:`(t+1)^8 \eta_{\max,t}^2`, so that it follows the last ninth of the run: the last
     iterate's fast convergence where there is no noise (a minimum of 0 is reached to 1e-10),
