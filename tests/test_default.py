@@ -404,3 +404,19 @@ def test_the_capped_levels_gap_cannot_round_to_zero_and_freeze():
     assert float(group["level_gap"]) >= torch.finfo(torch.float32).tiny
     assert not torch.equal(x.detach(), start)
     assert float(loss_fn()) < record
+
+
+def test_param_groups_with_different_lower_bounds_are_refused():
+    """The loss is one number, and the level it aims at is shared by every group: a group with
+    another lower_bound (for example added by add_param_group) is refused at the step, by name,
+    not silently given the first group's."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = tuneless.Tuneless([{"params": [a]}, {"params": [b], "lower_bound": 0.5}])
+    loss = (a ** 2).sum() + (b ** 2).sum()
+    loss.backward()
+    with pytest.raises(tuneless.InvalidArgumentError,
+                       match=r"TunelessStep: lower_bound = \[0\.0, 0\.5\] is invalid; allowed: one value for every param group"):
+        opt.step(loss=loss.detach())
+    assert torch.equal(a.detach(), torch.ones(2)) and torch.equal(b.detach(), torch.ones(2))
+    same = tuneless.Tuneless([{"params": [a]}, {"params": [b], "lower_bound": 0.0}])
+    same.step(loss=loss.detach())

@@ -286,6 +286,10 @@ class TunelessStep(TunelessOptimizer):
         """What a step knows before its statistics: the constants, the counter, the bias
         corrections and the weight d_k^2 of the gradient sums (``checked``: the step is under a
         non-finite flag, so the counter lives on the device)."""
+        bounds = sorted({float(g["lower_bound"]) for g in self.param_groups})
+        if len(bounds) > 1:  # the loss is one number: so is its bound (a group added later could differ)
+            v.fail(type(self).__name__, "lower_bound", bounds, "one value for every param group (the loss's lower "
+                   "bound, which all groups share)", self.param_groups[0]["lower_bound"])
         self._init_state()
         dtype, device = self._stat_dtype(), self._stat_device()
         first = self.param_groups[0]
