@@ -122,6 +122,7 @@ class TunelessStep(TunelessOptimizer):
             towards the lowest loss seen while the step is capped and the level is missed, so a
             loss whose minimum is above it (a shifted loss, label smoothing, an L2 term) is
             still reached; it cannot make the step diverge, since the distance estimate caps it.
+            One value for every param group: the loss is one number.
         eps: Adam's :math:`\epsilon` (default 1e-8).
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
         skip_nonfinite: a step whose gradients or loss are not all finite leaves the parameters
@@ -494,6 +495,7 @@ class Tuneless(ScheduleFree):
             towards the lowest loss seen while the step is capped and the level is missed, so a
             loss whose minimum is above it (a shifted loss, label smoothing, an L2 term) is
             still reached; it cannot make the step diverge, since the distance estimate caps it.
+            One value for every param group: the loss is one number.
         foreach: vectorized implementation (None or True) or the per-parameter loop (False).
         fused: the whole step as two compiled passes per group of tensors (default False; see
             :mod:`tuneless.optim._fused`: compiles at the first step, then runs near the
