@@ -108,7 +108,8 @@ def test_scaling_the_loss_barely_changes_the_run():
 
 
 def test_a_shifted_loss_does_not_diverge_and_still_trains():
-    # loss + 1 makes the Polyak step aim at -1: the distance cap keeps the run stable.
+    # loss + 1: the Polyak step first aims 1 below the minimum; the distance cap keeps the run
+    # stable while the capped level climbs towards the minimum.
     model = _mlp(torch.float64)
     losses = _train(model, tuneless.Tuneless(model.parameters()), 60, shift=1.0)
     assert all(math.isfinite(v) for v in losses)
