@@ -32,6 +32,7 @@ CUDA/NCCL is the same code with another device and backend; it is untested here.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -92,6 +93,17 @@ def main() -> None:
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    train(args, use_cuda)
+    # The model, the optimizer and the collectives' handles they hold are freed (train returned)
+    # while the interpreter is fully alive; then every rank waits for the others before the group
+    # is torn down. Freed only at interpreter exit, gloo's tensors made a rank abort there now and
+    # then ("terminate called without an active exception"; torch 2.13, CPU, FSDP2).
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, use_cuda: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if GLOBAL_BATCH % world:
         raise SystemExit(f"{GLOBAL_BATCH} examples a step do not split over {world} processes")
@@ -144,10 +156,6 @@ def main() -> None:
                  storage_writer=dcp.FileSystemWriter(args.checkpoint, overwrite=True))
         if rank == 0:
             print(f"saved {args.checkpoint} at step {args.steps}", flush=True)
-    # every rank done with its collectives before any tears the group down (a rank that destroys
-    # it while the other still talks to it can abort in gloo's threads at exit)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

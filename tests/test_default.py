@@ -416,7 +416,7 @@ def test_param_groups_with_different_lower_bounds_are_refused():
     loss = (a ** 2).sum() + (b ** 2).sum()
     loss.backward()
     with pytest.raises(tuneless.InvalidArgumentError,
-                       match=r"TunelessStep: lower_bound = \[0\.0, 0\.5\] is invalid; allowed: one value for every param group"):
+                       match=r"^Tuneless: lower_bound = \[0\.0, 0\.5\] is invalid; allowed: one value for every param group"):
         opt.step(loss=loss.detach())
     assert torch.equal(a.detach(), torch.ones(2)) and torch.equal(b.detach(), torch.ones(2))
     same = tuneless.Tuneless([{"params": [a]}, {"params": [b], "lower_bound": 0.0}])

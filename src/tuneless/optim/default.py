@@ -289,7 +289,7 @@ class TunelessStep(TunelessOptimizer):
         non-finite flag, so the counter lives on the device)."""
         bounds = sorted({float(g["lower_bound"]) for g in self.param_groups})
         if len(bounds) > 1:  # the loss is one number: so is its bound (a group added later could differ)
-            v.fail(type(self).__name__, "lower_bound", bounds, "one value for every param group (the loss's lower "
+            v.fail(getattr(self, "_owner", type(self).__name__), "lower_bound", bounds, "one value for every param group (the loss's lower "
                    "bound, which all groups share)", self.param_groups[0]["lower_bound"])
         self._init_state()
         dtype, device = self._stat_dtype(), self._stat_device()
@@ -537,6 +537,7 @@ class Tuneless(ScheduleFree):
         v.check_bool(owner, "skip_nonfinite", skip_nonfinite)
         base = TunelessStep(params, lr=lr, betas=(0.0, self.BETA2), lower_bound=lower_bound, eps=self.EPS,
                             foreach=foreach, skip_nonfinite=skip_nonfinite)
+        base._owner = owner  # errors at the step name the class the user built
         super().__init__(base, momentum=self.MOMENTUM, weight_decay_at_y=float(weight_decay), r=self.AVERAGE_POWER,
                          weight_lr_power=self.WEIGHT_LR_POWER, foreach=foreach, fused=fused,
                          skip_nonfinite=skip_nonfinite)
