@@ -53,10 +53,6 @@ class Minimum:
     held_out_loss: float
     iterations: int
 
-    @property
-    def converged(self) -> bool:
-        return math.isfinite(self.grad_norm)
-
 
 def minimize(problem: str, seed: int, *, tolerance: float = 1e-8, max_iter: int = 20000) -> Minimum:
     """Full-batch L-BFGS on ``problem``'s training objective from ``seed``'s initialisation, in
@@ -92,7 +88,7 @@ def minimize(problem: str, seed: int, *, tolerance: float = 1e-8, max_iter: int 
     norm = grad_norm()
     while norm > tolerance and iterations < max_iter:
         opt.step(closure)
-        done = opt.state[opt._params[0]]["n_iter"]
+        done = opt.state[params[0]]["n_iter"]  # L-BFGS keeps its count with the first parameter
         if done == iterations:  # no progress left (the line search found no decrease)
             break
         iterations = done

@@ -338,13 +338,15 @@ class TunelessStep(TunelessOptimizer):
         gx_avg = beta1 * first["grad_dot_x_avg"] + (1 - beta1) * g_dot_x
         model = loss_avg / plan.bc1 + m_dot_x - gx_avg / plan.bc1
         safe_m_sq = torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq))
+        height = torch.clamp(model - first["lower_bound"], min=0.0)  # above the given bound
+        tau_bound = height / safe_m_sq  # the Polyak step aimed at the given bound
         sqrt_b2 = math.sqrt(beta2)
         numerator = sqrt_b2 * first["distance_numerator"] + (1 - sqrt_b2) * weight * g_dot_x0_minus_x
         if plan.on_device or plan.starting:
             # d_1 from the first Polyak step (or Prodigy's 1e-6): the sums above used weight 1,
             # so the numerator is rescaled to d_1^2 (s is rescaled the same way in step 3).
-            tau1 = torch.clamp(model - first["lower_bound"], min=0.0) / safe_m_sq
-            tau1 = torch.where(torch.isfinite(tau1) & (tau1 > 0), tau1, torch.full_like(tau1, TINY_D0))
+            tau1 = torch.where(torch.isfinite(tau_bound) & (tau_bound > 0), tau_bound,
+                               torch.full_like(tau_bound, TINY_D0))
             d = tau1 if self._start == "polyak" else torch.full_like(tau1, TINY_D0)
             if plan.on_device:  # the first finite step is known on the device only: 1 on the others (exact)
                 d = torch.where(plan.starting, d, d_before)
@@ -372,9 +374,8 @@ class TunelessStep(TunelessOptimizer):
                 # the gap shrinks (the level rises) only while the Polyak step aimed at the given
                 # bound is longer than the distance estimate: the cap decides the step, so the
                 # bound may be too low; while the Polyak step decides, the level stays
-                tau_bound = torch.clamp(model - first["lower_bound"], min=0.0) / safe_m_sq
                 shrink = torch.where(tau_bound > new_d, shrink, torch.ones_like(shrink))
-            new_gap = torch.where(starting, torch.clamp(model - first["lower_bound"], min=0.0),
+            new_gap = torch.where(starting, height,
                                   first["level_gap"] * torch.where(reached, torch.full_like(model, self._level_factors[0]),
                                                                    shrink))
             new_record = torch.where(starting, model, torch.minimum(first["level_record"], model))
