@@ -298,13 +298,16 @@ def test_a_skipped_first_step_moves_nothing_and_the_next_step_is_a_first_step(na
 def test_known_finite_reads_the_flag_only_on_the_cpu_paths_and_is_the_one_exempted_read() -> None:
     from tests.test_contract import SyncCounter
     from tuneless.optim import _batched as batched
-    from tuneless.optim.base import known_finite
+    from tuneless.optim.base import known_finite, known_true
 
     with SyncCounter() as counter:
         assert known_finite(torch.tensor(True)) and not known_finite(torch.tensor(False)) and not known_finite(None)
     assert (counter.count, counter.exempted) == (0, 2), counter.sites
+    with SyncCounter() as counter:  # (the read is known_true's, which known_finite calls)
+        assert known_true(torch.tensor(True)) and not known_true(torch.tensor(False)) and not known_true(None)
+    assert (counter.count, counter.exempted) == (0, 2), counter.sites
     with batched.device_paths_on_cpu(), SyncCounter() as counter:
-        assert not known_finite(torch.tensor(True))  # the device paths never read it
+        assert not known_finite(torch.tensor(True)) and not known_true(torch.tensor(True))  # never read there
     assert (counter.count, counter.exempted) == (0, 0)
     with SyncCounter() as counter:
         bool(torch.tensor(True))  # the same read anywhere else is counted

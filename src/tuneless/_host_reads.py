@@ -22,8 +22,9 @@ in their step: no device synchronization even with parameters on a GPU. Such a r
 exempted (counted in :attr:`HostReadCounter.exempted`) when the code that made it, the
 innermost frame outside torch's own machinery, is in ``torch/optim/``. A read made by any
 other code, even when called from a torch.optim step, is counted, with one exception in
-tuneless: ``tuneless.optim.base.known_finite``, which reads a step's finiteness flag on the CPU
-paths only (a CPU tensor: its value is in host memory) and never on a GPU.
+tuneless: ``tuneless.optim.base.known_true``, which reads a flag (a step's finiteness, through
+``known_finite``) on the CPU paths only (a CPU tensor: its value is in host memory) and never on
+a GPU.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ ATEN_READS = (
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _TORCH_OPTIM_DIR = os.path.join(_TORCH_DIR, "optim") + os.sep
 _THIS_FILE = os.path.abspath(__file__)
-#: tuneless's one exempted read: ``tuneless.optim.base.known_finite``, the CPU paths' read of a
-#: step's finiteness flag (in host memory: nothing waits), never made on a GPU
+#: tuneless's one exempted read: ``tuneless.optim.base.known_true``, the CPU paths' read of a
+#: flag such as a step's finiteness (in host memory: nothing waits), never made on a GPU
 _BASE_FILE = os.path.join(os.path.dirname(_THIS_FILE), "optim", "base.py")
 
 
@@ -77,7 +78,7 @@ def _reader() -> tuple[str, bool]:
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
         if name != _THIS_FILE and (not name.startswith(_TORCH_DIR) or name.startswith(_TORCH_OPTIM_DIR)):
-            exempt = name.startswith(_TORCH_OPTIM_DIR) or (name == _BASE_FILE and frame.f_code.co_name == "known_finite")
+            exempt = name.startswith(_TORCH_OPTIM_DIR) or (name == _BASE_FILE and frame.f_code.co_name == "known_true")
             return f"{name}:{frame.f_lineno}", exempt
         frame = frame.f_back
     return "<unknown>", False

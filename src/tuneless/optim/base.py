@@ -744,12 +744,22 @@ def known_finite(finite: Tensor | None) -> bool:
     zero-or-gradient copy (:meth:`TunelessOptimizer._finite_grads`) and no snapshot of a
     foreign base (:class:`OptimizerSnapshot`); a step that is not finite takes them as ever.
     On a GPU (and on the device paths forced on the CPU by the tests) the flag is never read:
-    False. :class:`~tuneless._host_reads.HostReadCounter` exempts this one read by name."""
-    if finite is None:
+    False. The read is :func:`known_true`'s."""
+    return known_true(finite)
+
+
+def known_true(flag: Tensor | None) -> bool:
+    """True when ``flag`` (a 0-d bool tensor) lies on the CPU paths and is True; False on a GPU
+    (and on the device paths forced on the CPU by the tests), where it is never read, and for
+    None. A CPU tensor's value is in host memory: reading it waits for no device, so the CPU
+    paths may skip work that a flag on the host says is not needed (:func:`known_finite`; the
+    first step's rescaling of Tuneless's s). :class:`~tuneless._host_reads.HostReadCounter`
+    exempts this one read by name."""
+    if flag is None:
         return False
     from ._batched import cpu_paths
 
-    return cpu_paths(finite.device) and bool(finite)
+    return cpu_paths(flag.device) and bool(flag)
 
 
 def zeros_unless(finite: Tensor, tensors: Sequence[Tensor], buffers: dict[Any, Tensor] | None = None,

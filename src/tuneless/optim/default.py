@@ -62,9 +62,9 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (cache_blocks, coefficient_dtype, total_abs_sum, total_abs_sum_loop, total_dot_loop,
-                       total_dots)
-from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, known_finite, local_tensor
+from ._batched import (CPU_BLOCK_NUMEL, cache_blocks, coefficient_dtype, cpu_paths, total_abs_sum,
+                       total_abs_sum_loop, total_dot_loop, total_dots)
+from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, known_finite, known_true, local_tensor
 from ._fused import FusedKernel
 from .polyak import momo_star_level, momo_star_reset
 from .schedule_free import ScheduleFree, _count_on, _decay_step
@@ -558,8 +558,76 @@ class Tuneless(ScheduleFree):
     def _step_with(self, loss: Any, finite: Tensor | None) -> None:
         if self._fused_everywhere():
             self._fused_step(loss, finite)
-        else:
+        elif self.param_groups and all(self._use_foreach(g) and not g.get("sf_fused", False)
+                                       for g in self.param_groups):
+            self._vectorized_step(loss, finite)
+        else:  # the per-parameter truth: the wrapper's passes around the base's step
             super()._step_with(loss, finite)
+
+    def _vectorized_step(self, loss: Any, finite: Tensor | None) -> None:
+        """The whole step with ``torch._foreach_*`` in two sweeps over the tensors (block by
+        block on the CPU, so that each sweep's passes after the first read from the cache): the
+        base's statistics at z (which also update v and s, as :class:`TunelessStep`'s do), then
+        one sweep that steps z and moves y. The wrapper's swap of y and z around the base's step
+        (two more sweeps over y and z) is folded into the second sweep by the recursion's algebra:
+        with x = (y - (1 - beta) z) / beta, z' = z - eta u, x' = lerp(x, z', c) and
+        y' = lerp(z', x', beta),
+
+            y' = lerp(y, z, c) - (1 - beta (1 - c)) eta u,
+
+        so x is never formed. The same math as :class:`TunelessStep` on z inside
+        :class:`~tuneless.optim.schedule_free.ScheduleFree` (the per-parameter path, ``foreach=False``),
+        rounded in another order; the same state, so checkpoints move between the paths.
+
+        A step that is not finite (``finite`` False: the gradients are zeros here, the decays 1,
+        the step size and the decay at y 0) moves nothing: c is taken as 0 there, so y' = y."""
+        base = self.base
+        loss_t = base._as_loss_tensor(loss)  # (step averaged it over the ranks)
+        plan = base._plan(checked=finite is not None)
+        work = []
+        stats = torch.zeros(5, dtype=plan.dtype, device=plan.device)
+        scratch = base._scratch()
+        for group in self.param_groups:
+            params, grads = base._params_with_grad(group)
+            if not params:
+                work.append(None)
+                continue
+            grads = self._finite_grads(grads)
+            bufs = [base._buffers(p, False) for p in params]
+            vs, ss, x0s = ([b[i] for b in bufs] for i in (1, 2, 3))
+            ys = [local_tensor(p) for p in params]
+            frozen = self._frozen(group)
+            if frozen:  # lr = 0: the base sees y, and only its moments move (as the per-parameter path)
+                zs = ys
+            else:
+                for p in params:
+                    if self._z_key not in self.state[p]:
+                        self.state[p][self._z_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
+                zs = [local_tensor(self.state[p][self._z_key]) for p in params]
+                wd = group["sf_weight_decay_at_y"]
+                if wd != 0:  # the decay at y, as the wrapper's first pass takes it (a sweep of its own)
+                    _multi_tensor_decay_at_y(ys, zs, group["sf_momentum"],
+                                             _decay_step(self._decay_step_size(group), wd, finite))
+            work.append((ys, zs, grads, vs, ss, frozen))
+            stats = stats + _multi_tensor_statistics(
+                zs, grads, None, vs, ss, x0s, beta1=0.0, beta2=plan.beta2, bc1=plan.bc1, bc2=plan.bc2, eps=plan.eps,
+                weight=plan.weight, dtype=plan.dtype, device=plan.device, finite=finite, scratch=scratch, lean=True)
+        etas, rescale = base._learn(loss_t, base._global_sum(stats), plan, finite)
+        for group, eta, item in zip(self.param_groups, etas, work):
+            ckp1 = self._averaging_weight(group, finite)
+            if item is None:
+                continue
+            ys, zs, grads, vs, ss, frozen = item
+            # d_1^2 at the first step; 1 on the others of a checked step, where the CPU paths,
+            # which know it on the host, skip the pass over s
+            if rescale is not None and not known_true(rescale == 1):
+                torch._foreach_mul_(ss, rescale.to(coefficient_dtype(ss[0])))
+            if frozen:
+                continue
+            if finite is not None and not known_finite(finite):
+                ckp1 = torch.where(finite, ckp1, 0.0)  # (c = 0: y' = y exactly)
+            _multi_tensor_schedule_free_step(ys, zs, grads, vs, eta=eta, ckp1=ckp1, beta=group["sf_momentum"],
+                                             bc2=plan.bc2, eps=plan.eps)
 
     def _fused_step(self, loss: Any, finite: Tensor | None) -> None:
         """The whole step, the wrapper's passes and the base's, in two compiled passes per group
@@ -712,13 +780,21 @@ def _single_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_
 
 
 def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, bc2, eps, weight, dtype,
-                             device, finite=None, scratch=None) -> Tensor:
+                             device, finite=None, scratch=None, lean=False) -> Tensor:
     """:func:`_single_tensor_statistics` with ``torch._foreach_*`` (same dtype per call site),
     block by block on the CPU: cache-sized blocks, so that the passes after the first read from
     the cache and the temporaries (the denominators, the direction, x0 - x) are a block's, not
     the model's (model-sized temporaries cost page faults at every step), and the dots are BLAS
     dots over the blocks (:func:`~tuneless.optim._batched.total_dots`). With beta1 = 0 (the
-    default) m_hat is the gradient itself: no copy, and <m_hat, x> is <g, x>."""
+    default) m_hat is the gradient itself: no copy, and <m_hat, x> is <g, x>.
+
+    ``lean`` (:meth:`Tuneless._vectorized_step`'s): the bias corrections are applied to the
+    sums, not to each entry: with D' = sqrt(v) + eps sqrt(bc2) = sqrt(bc2) D
+    (:func:`_scaled_denominators`), ||m_hat||^2_{D^-1} = sqrt(bc2) / bc1^2 sum m^2 / D' and
+    <m_hat, x> = <m, x> / bc1, two passes per block fewer than dividing v and m; and ||s||_1 is
+    summed through the scratch buffer (:func:`_abs_sum`). The same numbers, rounded in another
+    order: off (the default), the sums are rounded as they always were, so that the ablation's
+    variants and the other optimizers built on this function reproduce their stored runs."""
     sqrt_b2 = math.sqrt(beta2)
     if known_finite(finite):  # the decays as numbers, as unchecked: the same values, rounded where used
         finite = None
@@ -727,6 +803,7 @@ def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, b
         decay2, decay_s = decay2.to(coefficient_dtype(vs[0])), decay_s.to(coefficient_dtype(ss[0]))
     s_weight = [(weight * (1 - sqrt_b2)).to(ss[0].dtype)]
     sums = torch.zeros(5, dtype=dtype, device=device)
+    blocks = []
     for x, g, m, v_, s, x0 in cache_blocks(xs, grads, ms, vs, ss, x0s):
         g = [gi.to(vi.dtype) for gi, vi in zip(g, v_)]
         if m is None:
@@ -740,24 +817,70 @@ def _multi_tensor_statistics(xs, grads, ms, vs, ss, x0s, *, beta1, beta2, bc1, b
         torch._foreach_addcmul_(v_, g, g, value=1 - beta2)
         torch._foreach_mul_(s, decay_s)
         torch._foreach_addcmul_(s, g, s_weight * len(s))
-        denom = _denominators(v_, bc2, eps)
-        m_hat = g if ms is None else torch._foreach_div(m, bc1)
-        u = torch._foreach_div(m_hat, denom)
+        if lean:
+            m_hat = m  # (m / D': the bias corrections are applied to the sums below)
+            u = torch._foreach_div(m, _scaled_denominators(v_, bc2, eps))
+        else:
+            m_hat = m if ms is None else torch._foreach_div(m, bc1)
+            u = torch._foreach_div(m_hat, _denominators(v_, bc2, eps))
         diff = torch._foreach_sub(x0, x)
         if ms is None:  # m_hat = g: <m_hat, x> = <g, x>
             dots = total_dots((g, x, diff, u), ((0, 1), (0, 2), (0, 3)), dtype, device, scratch)
             dots = torch.stack([dots[0], dots[1], dots[0], dots[2]])
         else:
             dots = total_dots((g, x, diff, m_hat, u), ((0, 1), (0, 2), (3, 1), (3, 4)), dtype, device, scratch)
-        sums = sums + torch.cat([dots, total_abs_sum(s, dtype, device).reshape(1)])
-    return sums
+        if not lean:
+            sums = sums + torch.cat([dots, total_abs_sum(s, dtype, device).reshape(1)])
+            continue
+        blocks.append(torch.cat([dots, _abs_sum(s, dtype, device, scratch).reshape(1)]))
+    if not lean:
+        return sums
+    if not blocks:
+        return torch.zeros(5, dtype=dtype, device=device)
+    g_dot_x, g_dot_diff, m_dot_x, m_sq, s_l1 = torch.stack(blocks).sum(0).unbind(0)
+    root_bc2 = math.sqrt(bc2) if not isinstance(bc2, Tensor) else torch.sqrt(bc2.to(dtype))
+    if ms is None:
+        m_sq = m_sq * root_bc2
+    else:
+        m_dot_x, m_sq = m_dot_x / bc1, m_sq * (root_bc2 / (bc1 * bc1))
+    return torch.stack([g_dot_x, g_dot_diff, m_dot_x, m_sq, s_l1])
+
+
+#: the scratch slot of :func:`_abs_sum` (after the slots :func:`~tuneless.optim._batched.chunked_dots` packs into)
+_ABS_SLOT = 8
+
+
+def _abs_sum(tensors: list[Tensor], dtype: torch.dtype, device: torch.device, scratch: Any) -> Tensor:
+    """sum_i ||t_i||_1 over one block: on the CPU, the absolute values into the scratch buffer
+    and one sum (in cache, about 4x faster there than ``torch._foreach_norm(ord=1)``, torch
+    2.13); elsewhere :func:`~tuneless.optim._batched.total_abs_sum`."""
+    first = tensors[0]
+    if (scratch is None or not cpu_paths(first.device) or first.dtype != coefficient_dtype(first)
+            or sum(t.numel() for t in tensors) > CPU_BLOCK_NUMEL):
+        return total_abs_sum(tensors, dtype, device)
+    flat, views = scratch.views(tensors, slot=_ABS_SLOT)
+    for t, view in zip(tensors, views):
+        torch.abs(t, out=view)
+    return flat.sum(dtype=dtype)
 
 
 def _denominators(vs: list[Tensor], bc2: Any, eps: float) -> list[Tensor]:
-    """sqrt(v / bc2) + eps, a new list (both passes compute it the same way)."""
+    """sqrt(v / bc2) + eps, a new list (Adam's denominator, as the per-parameter path writes it)."""
     denom = torch._foreach_div(vs, bc2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
+    return denom
+
+
+def _scaled_denominators(vs: list[Tensor], bc2: Any, eps: float) -> list[Tensor]:
+    """D' = sqrt(v) + eps sqrt(bc2) = sqrt(bc2) (sqrt(v / bc2) + eps), a new list: Adam's
+    denominator times sqrt(bc2), in two passes (no division of v); the callers fold sqrt(bc2)
+    into their scalars."""
+    denom = torch._foreach_sqrt(vs)
+    if isinstance(bc2, Tensor):
+        torch._foreach_add_(denom, [(eps * torch.sqrt(bc2)).to(coefficient_dtype(vs[0]))] * len(denom))
+    else:
+        torch._foreach_add_(denom, eps * math.sqrt(bc2))
     return denom
 
 
@@ -773,6 +896,37 @@ def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_d
             torch._foreach_mul_(x, 1 - e * weight_decay)
         u = torch._foreach_div(m, _denominators(v_, bc2, eps))
         torch._foreach_addcmul_(x, u, [-e / bc1] * len(x))
+
+
+def _multi_tensor_decay_at_y(ys: list[Tensor], zs: list[Tensor], beta: float, step: Tensor | float) -> None:
+    """The wrapper's decay at y in place: z <- z - step y, y <- y (1 - step (1 - beta)) (so that
+    y = (1 - beta) z + beta x still holds), block by block."""
+    for y, z in cache_blocks(ys, zs):
+        if isinstance(step, Tensor):
+            s = step.to(coefficient_dtype(y[0]))
+            torch._foreach_addcmul_(z, y, [-s] * len(y))
+            torch._foreach_mul_(y, [1 - s * (1 - beta)] * len(y))
+        else:
+            torch._foreach_add_(z, y, alpha=-step)
+            torch._foreach_mul_(y, 1 - step * (1 - beta))
+
+
+def _multi_tensor_schedule_free_step(ys: list[Tensor], zs: list[Tensor], grads: list[Tensor], vs: list[Tensor], *,
+                                     eta: Tensor, ckp1: Tensor, beta: float, bc2: Any, eps: float) -> None:
+    """The second sweep of :meth:`Tuneless._vectorized_step`, block by block: u = g / D (D
+    recomputed from v, as the statistics computed it), y <- lerp(y, z, c) - (1 - beta (1 - c)) eta u,
+    z <- z - eta u."""
+    cd = coefficient_dtype(ys[0])
+    c = ckp1.to(cd)
+    # u = g / D = sqrt(bc2) g / D' (:func:`_scaled_denominators`): sqrt(bc2) goes into the step
+    step_z = -(eta.to(cd) * (math.sqrt(bc2) if not isinstance(bc2, Tensor) else torch.sqrt(bc2.to(cd))))
+    step_y = step_z * (1 - beta * (1 - c))
+    for y, z, g, v_ in cache_blocks(ys, zs, grads, vs):
+        g = [gi.to(vi.dtype) for gi, vi in zip(g, v_)]
+        u = torch._foreach_div(g, _scaled_denominators(v_, bc2, eps))
+        torch._foreach_lerp_(y, z, [c] * len(y))
+        torch._foreach_addcmul_(y, u, [step_y] * len(y))
+        torch._foreach_addcmul_(z, u, [step_z] * len(z))
 
 
 # ---------------------------------------------------------------------------- fused (compiled)
