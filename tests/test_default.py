@@ -4,6 +4,9 @@ loss's scale, no divergence when the loss is shifted) and its ablation variants.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import math
 
 import pytest
@@ -279,6 +282,59 @@ def test_the_fused_step_is_the_unfused_step_in_every_kind_of_group():
         learned = [k for k, value in g0.items() if isinstance(value, torch.Tensor)]
         assert {"distance", "effective_lr", "tuneless_step", "sf_k"} <= set(learned)
         for key in learned:
+            torch.testing.assert_close(g1[key], g0[key], rtol=1e-9, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("paths", ["cpu", "other devices'"])
+def test_the_two_sweep_vectorized_step_is_the_per_parameter_step_in_every_kind_of_group(paths):
+    """``Tuneless._vectorized_step`` (the base's statistics, then one sweep that steps z and moves
+    y, the wrapper's swap folded in) against the per-parameter path (``foreach=False``: the
+    wrapper's passes around :class:`TunelessStep`), float64, over a plain group, one frozen by
+    lr = 0, one with decay at y and a parameter without a gradient, through a step whose gradient
+    is NaN (skipped: nothing moves) and a resume from a checkpoint; on the CPU's paths and on the
+    paths written for other devices (the finiteness flag never read on the host)."""
+    from tuneless.optim import _batched as batched
+
+    context = batched.device_paths_on_cpu if paths != "cpu" else contextlib.nullcontext
+    x, y = _data()
+    runs = {}
+    for foreach in (True, False):
+        with context():
+            model = _mlp(torch.float64)
+            first, second = model[0], model[2]
+            idle = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # never has a gradient
+            groups = [{"params": [first.weight]}, {"params": [first.bias], "lr": 0.0},
+                      {"params": list(second.parameters()) + [idle], "sf_weight_decay_at_y": 0.05}]
+            opt = tuneless.Tuneless(groups, foreach=foreach)
+            for step in range(30):
+                if step == 12:  # a checkpoint taken and loaded into a new optimizer
+                    state = copy.deepcopy(opt.state_dict())
+                    opt = tuneless.Tuneless(groups, foreach=foreach)
+                    opt.load_state_dict(state)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x.double()), y)
+                loss.backward()
+                if step == 7:
+                    first.weight.grad[0, 0] = float("nan")
+                before = [p.detach().clone() for p in model.parameters()]
+                opt.step(loss=loss)
+                if step == 7:
+                    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "a skipped step moved"
+            with opt.evaluation_point():
+                averaged = [p.detach().clone() for p in model.parameters()]
+        runs[foreach] = ([p.detach().clone() for p in model.parameters()], averaged, opt.state_dict(),
+                         opt.skipped_steps())
+    (y0, x0, sd0, skipped0), (y1, x1, sd1, skipped1) = runs[False], runs[True]
+    assert skipped0 == skipped1 == [1, 1, 1]
+    assert torch.equal(y1[1], _mlp(torch.float64)[0].bias), "the frozen group moved"
+    for a, b in zip(y0 + x0, y1 + x1):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert sd0["state"].keys() == sd1["state"].keys()
+    for i, state in sd0["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(sd1["state"][i][key], value, rtol=1e-9, atol=1e-12, msg=key)
+    for g0, g1 in zip(sd0["param_groups"], sd1["param_groups"]):
+        for key in [k for k, value in g0.items() if isinstance(value, torch.Tensor)]:
             torch.testing.assert_close(g1[key], g0[key], rtol=1e-9, atol=0, msg=key)
 
 
