@@ -303,10 +303,15 @@ def flat_dot(a: Sequence[Tensor], b: Sequence[Tensor], scratch: Scratch, dtype: 
 
 
 def flat_abs_sum(a: Sequence[Tensor], scratch: Scratch, dtype: torch.dtype, slot: int = 0) -> Tensor:
-    """sum_i ||a_i||_1 over one block, through the scratch."""
+    """sum_i ||a_i||_1 over one block, through the scratch: the absolute values written straight
+    into it (16-bit tensors: copied into the float32 scratch first), then one sum."""
     flat, views = scratch.views(a, slot)
-    torch._foreach_copy_(views, list(a))
-    return flat.abs_().sum(dtype=dtype)
+    if flat.dtype != a[0].dtype:
+        torch._foreach_copy_(views, list(a))
+        return flat.abs_().sum(dtype=dtype)
+    for t, view in zip(a, views):
+        torch.abs(t, out=view)
+    return flat.sum(dtype=dtype)
 
 
 def flat_sum_of_squares(a: Sequence[Tensor], scratch: Scratch, dtype: torch.dtype, slot: int = 0) -> Tensor:

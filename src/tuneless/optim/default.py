@@ -62,12 +62,12 @@ import torch
 from torch import Tensor
 
 from .. import _validate as v
-from ._batched import (CPU_BLOCK_NUMEL, cache_blocks, coefficient_dtype, cpu_paths, total_abs_sum,
+from ._batched import (CPU_BLOCK_NUMEL, cache_blocks, coefficient_dtype, cpu_paths, flat_abs_sum, total_abs_sum,
                        total_abs_sum_loop, total_dot_loop, total_dots)
 from .base import STEP_SIZE_KEY, TunelessOptimizer, gate, known_finite, known_true, local_tensor
 from ._fused import FusedKernel
 from .polyak import momo_star_level, momo_star_reset
-from .schedule_free import ScheduleFree, _count_on, _decay_step
+from .schedule_free import ScheduleFree, _count_on, _decay_step, decay_at_y_
 
 __all__ = ["Tuneless", "TunelessStep", "TunelessVariant", "TunelessScheduleFreeVariant"]
 
@@ -564,6 +564,20 @@ class Tuneless(ScheduleFree):
         else:  # the per-parameter truth: the wrapper's passes around the base's step
             super()._step_with(loss, finite)
 
+    def _group_tensors(self, group: dict[str, Any]) -> tuple[bool, list[Tensor], list[Tensor], list[Tensor],
+                                                             list[Tensor], list[Tensor], list[Tensor]]:
+        """What the vectorized and the fused step read of one group: (frozen, g, y, z, v, s, x0),
+        the local parts of the parameters that have a gradient and of their buffers (created at
+        the first step). A group frozen by lr = 0 has no z list: the base sees y there, and only
+        its moments move, as on the per-parameter path."""
+        base = self.base
+        params, grads = base._params_with_grad(group)
+        bufs = [base._buffers(p, False) for p in params]
+        vs, ss, x0s = ([b[i] for b in bufs] for i in (1, 2, 3))
+        frozen = self._frozen(group)
+        zs = [] if frozen else self._z_tensors(params)
+        return frozen, grads, [local_tensor(p) for p in params], zs, vs, ss, x0s
+
     def _vectorized_step(self, loss: Any, finite: Tensor | None) -> None:
         """The whole step with ``torch._foreach_*`` in two sweeps over the tensors (block by
         block on the CPU, so that each sweep's passes after the first read from the cache): the
@@ -588,26 +602,19 @@ class Tuneless(ScheduleFree):
         stats = torch.zeros(5, dtype=plan.dtype, device=plan.device)
         scratch = base._scratch()
         for group in self.param_groups:
-            params, grads = base._params_with_grad(group)
-            if not params:
+            frozen, grads, ys, zs, vs, ss, x0s = self._group_tensors(group)
+            if not ys:
                 work.append(None)
                 continue
             grads = self._finite_grads(grads)
-            bufs = [base._buffers(p, False) for p in params]
-            vs, ss, x0s = ([b[i] for b in bufs] for i in (1, 2, 3))
-            ys = [local_tensor(p) for p in params]
-            frozen = self._frozen(group)
-            if frozen:  # lr = 0: the base sees y, and only its moments move (as the per-parameter path)
+            if frozen:  # the base sees y
                 zs = ys
             else:
-                for p in params:
-                    if self._z_key not in self.state[p]:
-                        self.state[p][self._z_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
-                zs = [local_tensor(self.state[p][self._z_key]) for p in params]
                 wd = group["sf_weight_decay_at_y"]
                 if wd != 0:  # the decay at y, as the wrapper's first pass takes it (a sweep of its own)
-                    _multi_tensor_decay_at_y(ys, zs, group["sf_momentum"],
-                                             _decay_step(self._decay_step_size(group), wd, finite))
+                    step = _decay_step(self._decay_step_size(group), wd, finite)
+                    for y, z in cache_blocks(ys, zs):
+                        decay_at_y_(y, z, group["sf_momentum"], step)
             work.append((ys, zs, grads, vs, ss, frozen))
             stats = stats + _multi_tensor_statistics(
                 zs, grads, None, vs, ss, x0s, beta1=0.0, beta2=plan.beta2, bc1=plan.bc1, bc2=plan.bc2, eps=plan.eps,
@@ -649,20 +656,8 @@ class Tuneless(ScheduleFree):
         work = []
         partial = torch.zeros(5, dtype=sum_dtype, device=plan.device)
         for group in self.param_groups:
-            params, grads = base._params_with_grad(group)
-            frozen = self._frozen(group)
-            bufs = [base._buffers(p, False) for p in params]
-            vs, ss, x0s = ([b[i] for b in bufs] for i in (1, 2, 3))
-            ys = [local_tensor(p) for p in params]
-            if frozen:  # lr = 0: the base sees y, and only its moments move (as unfused)
-                zs: list[Tensor] = []
-                gamma: Any = 0.0
-            else:
-                for p in params:
-                    if self._z_key not in self.state[p]:
-                        self.state[p][self._z_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
-                zs = [local_tensor(self.state[p][self._z_key]) for p in params]
-                gamma = self._decay_step_size(group)
+            frozen, grads, ys, zs, vs, ss, x0s = self._group_tensors(group)
+            gamma: Any = 0.0 if frozen else self._decay_step_size(group)
             wd = 0.0 if frozen else group["sf_weight_decay_at_y"]
             work.append((group, ys, zs, grads, vs, ss, gamma, wd))
             if ys:
@@ -858,10 +853,7 @@ def _abs_sum(tensors: list[Tensor], dtype: torch.dtype, device: torch.device, sc
     if (scratch is None or not cpu_paths(first.device) or first.dtype != coefficient_dtype(first)
             or sum(t.numel() for t in tensors) > CPU_BLOCK_NUMEL):
         return total_abs_sum(tensors, dtype, device)
-    flat, views = scratch.views(tensors, slot=_ABS_SLOT)
-    for t, view in zip(tensors, views):
-        torch.abs(t, out=view)
-    return flat.sum(dtype=dtype)
+    return flat_abs_sum(tensors, scratch, dtype, slot=_ABS_SLOT)
 
 
 def _denominators(vs: list[Tensor], bc2: Any, eps: float) -> list[Tensor]:
@@ -896,19 +888,6 @@ def _multi_tensor_apply(xs, ms, vs, ss, *, eta, rescale, bc1, bc2, eps, weight_d
             torch._foreach_mul_(x, 1 - e * weight_decay)
         u = torch._foreach_div(m, _denominators(v_, bc2, eps))
         torch._foreach_addcmul_(x, u, [-e / bc1] * len(x))
-
-
-def _multi_tensor_decay_at_y(ys: list[Tensor], zs: list[Tensor], beta: float, step: Tensor | float) -> None:
-    """The wrapper's decay at y in place: z <- z - step y, y <- y (1 - step (1 - beta)) (so that
-    y = (1 - beta) z + beta x still holds), block by block."""
-    for y, z in cache_blocks(ys, zs):
-        if isinstance(step, Tensor):
-            s = step.to(coefficient_dtype(y[0]))
-            torch._foreach_addcmul_(z, y, [-s] * len(y))
-            torch._foreach_mul_(y, [1 - s * (1 - beta)] * len(y))
-        else:
-            torch._foreach_add_(z, y, alpha=-step)
-            torch._foreach_mul_(y, 1 - step * (1 - beta))
 
 
 def _multi_tensor_schedule_free_step(ys: list[Tensor], zs: list[Tensor], grads: list[Tensor], vs: list[Tensor], *,

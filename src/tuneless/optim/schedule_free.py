@@ -978,19 +978,23 @@ class ScheduleFree(_ScheduleFreeBase):
         params = [] if self._frozen(group) else [p for p in group["params"] if p.grad is not None]
         if not params:
             return [], [], []
-        for p in params:
-            state = self.state[p]
-            if self._z_key not in state:
-                # The base iterate z (starts at the initial point, where x = y = z).
-                state[self._z_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
         ys = [local_tensor(p) for p in params]
-        zs = [local_tensor(self.state[p][self._z_key]) for p in params]
+        zs = self._z_tensors(params)
         beta, wd = group["sf_momentum"], group["sf_weight_decay_at_y"]
         gamma = self._decay_step_size(group)
         fn = _multi_tensor_to_base_iterate if self._use_foreach(group) else _single_tensor_to_base_iterate
         if group.get("sf_fused", False):
             fn = _fused_to_base_iterate
         return ys, zs, fn(ys, zs, beta, wd, gamma, finite)
+
+    def _z_tensors(self, params: list[Tensor]) -> list[Tensor]:
+        """The local parts of the base iterates z of ``params``, each created at the parameter
+        where it has none yet (the initial point, where x = y = z)."""
+        for p in params:
+            state = self.state[p]
+            if self._z_key not in state:
+                state[self._z_key] = torch.clone(p, memory_format=torch.preserve_format).detach()
+        return [local_tensor(self.state[p][self._z_key]) for p in params]
 
     def _decay_step_size(self, group: dict[str, Any]) -> Tensor | float:
         """The step size the decay at y is applied with (before the base steps): the base's
@@ -1142,6 +1146,18 @@ def _single_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: flo
     return xs
 
 
+def decay_at_y_(ys: list[Tensor], zs: list[Tensor], beta: float, step: Tensor | float) -> None:
+    """The decay at y on one block (lists of one dtype), in place: z <- z - step y and
+    y <- y (1 - step (1 - beta)), so that y = (1 - beta) z + beta x still holds."""
+    if isinstance(step, Tensor):
+        s = step.to(_weight_dtype(ys[0]))
+        torch._foreach_addcmul_(zs, ys, [-s] * len(ys))
+        torch._foreach_mul_(ys, 1 - s * (1 - beta))
+    else:
+        torch._foreach_add_(zs, ys, alpha=-step)
+        torch._foreach_mul_(ys, 1 - step * (1 - beta))
+
+
 def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: float, wd: float,
                                   gamma: Tensor | float, finite: Tensor | None = None) -> list[Tensor]:
     """The same over all tensors at once, on the CPU block by block (cache-sized) so that the
@@ -1158,13 +1174,7 @@ def _multi_tensor_to_base_iterate(ys: list[Tensor], zs: list[Tensor], beta: floa
     step = _decay_step(gamma, wd, finite) if wd != 0 else 0.0
     for y, z in cache_blocks(ys, zs):
         if wd != 0:
-            if isinstance(step, Tensor):
-                s = step.to(_weight_dtype(y[0]))
-                torch._foreach_addcmul_(z, y, [-s] * len(y))
-                torch._foreach_mul_(y, 1 - s * (1 - beta))
-            else:
-                torch._foreach_add_(z, y, alpha=-step)
-                torch._foreach_mul_(y, 1 - step * (1 - beta))
+            decay_at_y_(y, z, beta, step)
         x = torch._foreach_lerp(y, z, 1.0 - 1.0 / beta)
         if by_copy:
             torch._foreach_copy_(y, z)
